@@ -1,0 +1,140 @@
+"""The `gpuherd` command: the shell, database and user administration, and every /gpu command
+as a one-shot (`gpuherd status`, `gpuherd search 4090 "<\$0.5"`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+
+from core.errors import GpuherdError
+
+from . import grammar
+
+LOG = logging.getLogger("gpuherd")
+
+
+def _epilog() -> str:
+    lines = ["chat commands (also run one-shot: gpuherd <command> [args]):"]
+    lines += [f"  {c.name:<10} {c.summary}" for c in grammar.REGISTRY.all()]
+    lines += ["", "Quick start: gpuherd shell   (then: /gpu search 4090, /gpu boot budget, /gpu costs)"]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpuherd", description="Rent cloud GPUs from chat and notebooks without wasting money.",
+        epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--yes", "-y", action="store_true", help="accept confirmations (for scripts)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="log to stderr")
+    sub = parser.add_subparsers(dest="cmd", metavar="<command>")
+    shell = sub.add_parser("shell", help="interactive /gpu shell (reads stdin when piped)")
+    shell.add_argument("--yes", "-y", action="store_true", dest="shell_yes", help="accept confirmations")
+    db = sub.add_parser("db", help="database: upgrade (migrate) or show the current revision")
+    db.add_argument("action", choices=["upgrade", "current"])
+    users = sub.add_parser("users", help="set a user's role or team (admin)")
+    users.add_argument("action", choices=["set", "list"])
+    users.add_argument("principal", nargs="?", help="e.g. local:alice, slack:U123, discord:4242")
+    users.add_argument("--role", choices=["viewer", "member", "admin"])
+    users.add_argument("--team")
+    for cmd in grammar.REGISTRY.all():
+        p = sub.add_parser(cmd.name, help=cmd.summary, aliases=list(cmd.aliases), add_help=False)
+        p.add_argument("words", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _service():
+    from core.service import GpuService
+
+    return GpuService.from_settings()
+
+
+async def _one_shot(line: str, yes: bool) -> int:
+    from .shell import Shell
+
+    service = _service()
+    try:
+        shell = Shell(service, yes=yes, interactive=False)
+        shell.actor = service.local_actor("cli")
+        await shell.run_line(line)
+        return 1 if shell.errors else 0
+    finally:
+        await service.aclose()
+
+
+async def _shell(yes: bool) -> int:
+    from .shell import Shell
+
+    service = _service()
+    try:
+        return await Shell(service, yes=yes).run()
+    finally:
+        await service.aclose()
+
+
+def _db(action: str) -> int:
+    from core.config import load_settings
+    from core.db import Database, current_revision, head_revision
+
+    settings = load_settings()
+    db = Database(settings.resolved_database_url)
+    if action == "upgrade":
+        db.upgrade()
+    print(f"database revision {current_revision(db.engine) or 'none'} (latest {head_revision()})")
+    return 0
+
+
+def _users(args: argparse.Namespace) -> int:
+    from sqlalchemy import select
+
+    from core.models import User
+
+    service = _service()
+    actor = service.local_actor("cli")
+    if args.action == "set":
+        if not args.principal:
+            raise GpuherdError("Which user? gpuherd users set <principal> --role member --team ml")
+        user = service.set_user(actor, args.principal, role=args.role, team=args.team)
+        print(f"{user.principal}: {user.role}, team {user.team}")
+    else:
+        with service.db.session() as s:
+            for user in s.exec(select(User).order_by(User.principal)).scalars():  # type: ignore[call-overload]
+                print(f"{user.principal:<32} {user.role:<7} {user.team}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    console = Console(stderr=True)
+    try:
+        if args.cmd is None:
+            parser.print_help()
+            return 0
+        if args.cmd == "shell":
+            return asyncio.run(_shell(args.yes or args.shell_yes))
+        if args.cmd == "db":
+            return _db(args.action)
+        if args.cmd == "users":
+            return _users(args)
+        words = [w for w in args.words]
+        yes = args.yes or any(w in ("--yes", "-y") for w in words)
+        words = [w for w in words if w not in ("--yes", "-y")]
+        import shlex
+
+        return asyncio.run(_one_shot(" ".join([args.cmd, *(shlex.quote(w) for w in words)]), yes))
+    except GpuherdError as exc:
+        console.print(f"[red]{exc.message}[/red]")
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,337 @@
+"""The `/gpu` command grammar: one registry shared by Slack, Discord, the shell and `%gpu`.
+A command parses its words, calls the service and builds a Reply; help is generated from here.
+Nothing here decides a business rule: it only translates text to service calls."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import shlex
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from core.auth import Actor
+from core.errors import GpuherdError, InvalidInput
+from core.models import Role
+from core.service import GpuService, Progress
+from core.results import Confirmation
+
+from . import replies
+from .replies import Reply
+
+log = logging.getLogger(__name__)
+PREFIXES = ("/gpu", "gpu")
+Handler = Callable[["Context", "Args"], Awaitable[Reply]]
+
+
+@dataclass
+class Context:
+    """One delivery of one command. `delivery_id` is the surface's id for the message or button
+    press (Slack trigger id, Discord interaction id): the same delivery retried gets the same key."""
+
+    service: GpuService
+    actor: Actor
+    delivery_id: str | None = None
+    progress: Progress | None = None
+    wait: bool = True                      # wait for boots/starts to become healthy
+
+    def key(self, command: str) -> str | None:
+        return f"{self.actor.source}:{self.delivery_id}:{command}" if self.delivery_id else None
+
+
+@dataclass
+class Args:
+    positional: list[str] = field(default_factory=list)
+    options: dict[str, str] = field(default_factory=dict)
+    raw: str = ""                          # the text after the command name, untouched
+
+    def flag(self, name: str) -> bool:
+        value = self.options.get(name)
+        if value is None:
+            return False
+        if value.lower() in ("yes", "y", "true", "1", "on"):
+            return True
+        if value.lower() in ("no", "n", "false", "0", "off"):
+            return False
+        raise InvalidInput(f"{name}= takes yes or no, not '{value}'.")
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    summary: str
+    usage: str
+    handler: Handler
+    role: Role = Role.VIEWER
+    details: str = ""
+    examples: tuple[str, ...] = ()
+    options: tuple[str, ...] = ()          # allowed key=value options; ("*",) = any (boot overrides)
+    max_positional: int = 0
+    free_text: bool = False                # the rest of the line is one argument (search queries)
+    aliases: tuple[str, ...] = ()
+
+
+class Registry:
+    def __init__(self) -> None:
+        self._commands: dict[str, Command] = {}
+        self._aliases: dict[str, str] = {}
+
+    def command(self, name: str, **kw) -> Callable[[Handler], Handler]:
+        def register(fn: Handler) -> Handler:
+            cmd = Command(name=name, handler=fn, **kw)
+            self._commands[name] = cmd
+            for alias in cmd.aliases:
+                self._aliases[alias] = name
+            return fn
+        return register
+
+    def all(self) -> list[Command]:
+        return list(self._commands.values())
+
+    def find(self, name: str) -> Command:
+        key = self._aliases.get(name.lower(), name.lower())
+        if key in self._commands:
+            return self._commands[key]
+        close = difflib.get_close_matches(key, [*self._commands, *self._aliases], n=1)
+        hint = f" Did you mean `/gpu {close[0]}`?" if close else ""
+        raise InvalidInput(f"Unknown command '{name}'.{hint} `/gpu help` lists the commands.")
+
+
+REGISTRY = Registry()
+
+
+def tokenize(text: str) -> list[str]:
+    try:
+        return shlex.split(text)
+    except ValueError as exc:
+        raise InvalidInput(f"Cannot read that command: {exc} (check your quotes).") from None
+
+
+def strip_prefix(line: str) -> str:
+    text = line.strip()
+    for prefix in PREFIXES:
+        if text == prefix:
+            return ""
+        if text.lower().startswith(prefix + " "):
+            return text[len(prefix) + 1:].strip()
+    return text
+
+
+def parse_args(cmd: Command, rest: str) -> Args:
+    if cmd.free_text:
+        return Args(raw=rest)
+    args = Args(raw=rest)
+    for word in tokenize(rest):
+        if "=" in word and not word.startswith("="):
+            key, _, value = word.partition("=")
+            key = key.strip().lower()
+            if "*" not in cmd.options and key not in cmd.options:
+                allowed = ", ".join(f"{o}=" for o in cmd.options) or "none"
+                close = difflib.get_close_matches(key, cmd.options, n=1)
+                hint = f" Did you mean {close[0]}=?" if close else ""
+                raise InvalidInput(f"`/gpu {cmd.name}` has no option '{key}'.{hint} Options: {allowed}.")
+            if key in args.options:
+                raise InvalidInput(f"Option '{key}' is given twice.")
+            args.options[key] = value
+        elif word.startswith("--"):
+            flag = word[2:].lower()
+            if flag in ("yes", "confirm"):
+                args.options["confirm"] = "yes"
+            elif flag in cmd.options:
+                args.options[flag] = "yes"
+            else:
+                raise InvalidInput(f"`/gpu {cmd.name}` has no option '{word}'.")
+        else:
+            args.positional.append(word)
+    if len(args.positional) > cmd.max_positional:
+        extra = args.positional[cmd.max_positional]
+        raise InvalidInput(f"Unexpected '{extra}' in `/gpu {cmd.name}`. Usage: {cmd.usage}")
+    return args
+
+
+async def dispatch(ctx: Context, line: str) -> Reply:
+    """Run one command line; always returns a Reply, never raises, never leaks a traceback."""
+    try:
+        text = strip_prefix(line)
+        if not text:
+            return help_reply()
+        name, _, rest = text.partition(" ")
+        cmd = REGISTRY.find(name)
+        args = parse_args(cmd, rest.strip())
+        return await cmd.handler(ctx, args)
+    except GpuherdError as exc:
+        return replies.error(exc.message, exc.hint)
+    except Exception:
+        ref = uuid.uuid4().hex[:8]
+        log.exception("command failed (ref %s): %r", ref, line[:200])
+        return replies.error(f"Something went wrong on our side (ref {ref}); nothing was changed by this "
+                             "reply. The details are in gpuherd's log.", title="Internal error")
+
+
+# --- help -------------------------------------------------------------------------------------
+
+def help_reply(name: str | None = None) -> Reply:
+    if name:
+        cmd = REGISTRY.find(name)
+        text = cmd.summary + (f"\n\n{cmd.details}" if cmd.details else "")
+        fields = [replies.ReplyField(label="usage", value=cmd.usage, inline=False),
+                  replies.ReplyField(label="who", value=f"{cmd.role.value} and up", inline=False)]
+        if cmd.examples:
+            fields.append(replies.ReplyField(label="examples", value="\n".join(cmd.examples), inline=False))
+        return Reply(title=f"/gpu {cmd.name}", text=text, fields=fields, ephemeral=True)
+    rows = [[c.usage, c.summary] for c in REGISTRY.all()]
+    return Reply(title="gpuherd commands", tables=[replies.Table(columns=["command", "does"], rows=rows)],
+                 notes=["/gpu help <command> for details and examples."], ephemeral=True)
+
+
+@REGISTRY.command("help", summary="Usage of every command, or of one", usage="/gpu help [command]",
+                  max_positional=1)
+async def _help(ctx: Context, args: Args) -> Reply:
+    return help_reply(args.positional[0] if args.positional else None)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+@REGISTRY.command(
+    "search", summary="Live offers from every configured provider, cheapest first",
+    usage="/gpu search [query]", free_text=True,
+    details=("vast.ai query syntax (gpu_ram>=24 num_gpus=1 reliability>0.98 gpu_name=RTX_4090 dph<0.6; "
+             "operators = == != > >= < <= in notin; field=any drops a default; -o dph / order=dph- sorts) "
+             "plus shorthands: 4090, a100, h100 x2, 24gb, <$0.5, provider=sandbox, limit=10. "
+             "Memory and disk in GB, prices in USD/hour."),
+    examples=("/gpu search 4090 <$0.5", "/gpu search a100 x2 reliability>0.98", "/gpu search gpu_ram>=48 -o dph"))
+async def _search(ctx: Context, args: Args) -> Reply:
+    return replies.search_reply(await ctx.service.search(ctx.actor, args.raw))
+
+
+@REGISTRY.command("templates", summary="List templates, or show one in full", usage="/gpu templates [name]",
+                  max_positional=1, aliases=("template",))
+async def _templates(ctx: Context, args: Args) -> Reply:
+    if args.positional:
+        return replies.template_reply(ctx.service.show_template(ctx.actor, args.positional[0]))
+    return replies.templates_reply(ctx.service.list_templates(ctx.actor))
+
+
+def _result(result) -> Reply:  # noqa: ANN001
+    return replies.confirmation_reply(result) if isinstance(result, Confirmation) else None  # type: ignore[return-value]
+
+
+@REGISTRY.command(
+    "boot", role=Role.MEMBER, summary="Start an instance from a template (cheapest matching offer)",
+    usage="/gpu boot <template> [offer=<provider>:<id>] [provider=<name>] [key=value …]",
+    options=("*",), max_positional=1,
+    details=("Overrides are checked against the template (see /gpu templates <name>). Above the template's "
+             "max $/h you are asked to confirm, with the cost per hour, day and month."),
+    examples=("/gpu boot budget", "/gpu boot research max_model_len=4096 idle=45m",
+              "/gpu boot budget offer=sandbox:sb-0042"))
+async def _boot(ctx: Context, args: Args) -> Reply:
+    if not args.positional:
+        raise InvalidInput("Which template? Usage: /gpu boot <template> — /gpu templates lists them.")
+    opts = dict(args.options)
+    offer = opts.pop("offer", None)
+    provider = opts.pop("provider", None)
+    confirm = Args(options={"confirm": opts.pop("confirm")}).flag("confirm") if "confirm" in opts else False
+    key = opts.pop("key", None) or ctx.key("boot")
+    result = await ctx.service.boot(ctx.actor, args.positional[0], offer=offer, provider=provider, overrides=opts,
+                                    idempotency_key=key, confirm=confirm, wait=ctx.wait, progress=ctx.progress)
+    return _result(result) or replies.boot_reply(result)  # type: ignore[arg-type]
+
+
+def _instance_arg(args: Args, cmd: str) -> str:
+    if not args.positional:
+        raise InvalidInput(f"Which instance? Usage: /gpu {cmd} <id> (ids look like g-7f3a; /gpu status lists them).")
+    return args.positional[0]
+
+
+@REGISTRY.command("start", role=Role.MEMBER, summary="Resume a stopped instance and wait for its health check",
+                  usage="/gpu start <id>", max_positional=1, options=("key",))
+async def _start(ctx: Context, args: Args) -> Reply:
+    r = await ctx.service.start(ctx.actor, _instance_arg(args, "start"),
+                                idempotency_key=args.options.get("key") or ctx.key("start"),
+                                wait=ctx.wait, progress=ctx.progress)
+    return replies.start_reply(r)
+
+
+@REGISTRY.command("stop", role=Role.MEMBER, summary="Stop (disk kept, storage still billed); reports the session's cost",
+                  usage="/gpu stop <id>", max_positional=1, options=("key",))
+async def _stop(ctx: Context, args: Args) -> Reply:
+    r = await ctx.service.stop(ctx.actor, _instance_arg(args, "stop"),
+                               idempotency_key=args.options.get("key") or ctx.key("stop"))
+    return replies.stop_reply(r)
+
+
+@REGISTRY.command("destroy", role=Role.MEMBER, summary="Destroy (no further charges); asks for confirmation",
+                  usage="/gpu destroy <id>", max_positional=1, options=("confirm", "key"))
+async def _destroy(ctx: Context, args: Args) -> Reply:
+    r = await ctx.service.destroy(ctx.actor, _instance_arg(args, "destroy"), confirm=args.flag("confirm"),
+                                  idempotency_key=args.options.get("key") or ctx.key("destroy"))
+    return _result(r) or replies.destroy_reply(r)  # type: ignore[arg-type]
+
+
+@REGISTRY.command("status", summary="Instances: owner, template, state, uptime, $/h, accrued, idle for",
+                  usage="/gpu status [id] [all=yes]", max_positional=1, options=("all",), aliases=("list", "ls"))
+async def _status(ctx: Context, args: Args) -> Reply:
+    iid = args.positional[0] if args.positional else None
+    r = await ctx.service.status(ctx.actor, iid, include_ended=args.flag("all"))
+    return replies.status_reply(r, single=iid is not None)
+
+
+@REGISTRY.command("keep", role=Role.MEMBER, summary="Postpone idle shutdown (default 1 h, at most 7 days)",
+                  usage="/gpu keep <id> [duration]", max_positional=2, examples=("/gpu keep g-7f3a 2h",))
+async def _keep(ctx: Context, args: Args) -> Reply:
+    iid = _instance_arg(args, "keep")
+    return replies.keep_reply(await ctx.service.keep(ctx.actor, iid, args.positional[1] if len(args.positional) > 1 else None))
+
+
+@REGISTRY.command(
+    "costs", summary="Spend, budget use, run-rate and month-end projection; or one instance's cost",
+    usage="/gpu costs [today|week|month|YYYY-MM|<id>] [by=user|team|template|provider]",
+    max_positional=1, options=("by",), aliases=("cost",),
+    examples=("/gpu costs", "/gpu costs week by=template", "/gpu costs 2026-10 by=provider", "/gpu costs g-7f3a"))
+async def _costs(ctx: Context, args: Args) -> Reply:
+    what = args.positional[0] if args.positional else None
+    if what and (what.lower().startswith("g-")):
+        return replies.instance_cost_reply(ctx.service.instance_cost(ctx.actor, what))
+    return replies.costs_reply(ctx.service.costs(ctx.actor, what, args.options.get("by")))
+
+
+@REGISTRY.command("audit", role=Role.ADMIN, summary="Recent audit events (who did what, what it cost)",
+                  usage="/gpu audit [n] [id]", max_positional=2)
+async def _audit(ctx: Context, args: Args) -> Reply:
+    n, iid = 20, None
+    for word in args.positional:
+        if word.isdigit():
+            n = int(word)
+        elif word.lower().startswith("g-"):
+            iid = word
+        else:
+            raise InvalidInput(f"'{word}' is neither a count nor an instance id. Usage: /gpu audit [n] [id]")
+    return replies.audit_reply(ctx.service.audit(ctx.actor, n, iid))
+
+
+@REGISTRY.command(
+    "budget", summary="Show budgets; admins set or clear them",
+    usage="/gpu budget [set team=<team>|user=<user> <USD> [hard_cap=yes]] [clear team=<team>|user=<user>]",
+    max_positional=2, options=("team", "user", "hard_cap"),
+    examples=("/gpu budget", "/gpu budget set team=ml 500", "/gpu budget set user=local:alice 100 hard_cap=yes",
+              "/gpu budget clear team=ml"))
+async def _budget(ctx: Context, args: Args) -> Reply:
+    if not args.positional:
+        if args.options:
+            raise InvalidInput("To change a budget: /gpu budget set team=<team> <USD>.")
+        return replies.budget_reply(ctx.service.budgets(ctx.actor))
+    verb = args.positional[0].lower()
+    scopes = [(s, args.options[s]) for s in ("team", "user") if s in args.options]
+    if verb not in ("set", "clear"):
+        raise InvalidInput(f"Unknown budget action '{args.positional[0]}': use set or clear.")
+    if len(scopes) != 1:
+        raise InvalidInput(f"Name exactly one of team=<team> or user=<user>: /gpu budget {verb} team=ml"
+                           + (" 500" if verb == "set" else ""))
+    scope, name = scopes[0]
+    if verb == "clear":
+        return replies.budget_reply(ctx.service.clear_budget(ctx.actor, scope, name))
+    if len(args.positional) < 2:
+        raise InvalidInput(f"How much per month? /gpu budget set {scope}={name} 500")
+    hard = args.flag("hard_cap") if "hard_cap" in args.options else None
+    return replies.budget_reply(ctx.service.set_budget(ctx.actor, scope, name, args.positional[1], hard))

@@ -1,0 +1,321 @@
+"""Platform-neutral replies. Every command answers with a `Reply`; the shell renders it as text,
+Slack as Block Kit, Discord as an embed with buttons. Builders here turn core result objects into
+replies, so every surface shows the same figures with the same words."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from core.money import rate, usd
+from core.providers.sandbox import SIMULATED_NOTE
+from core.results import (
+    AuditResult,
+    BootResult,
+    BudgetResult,
+    BudgetUse,
+    Confirmation,
+    CostReport,
+    DestroyResult,
+    InstanceCost,
+    InstanceView,
+    KeepResult,
+    SearchResult,
+    StartResult,
+    StatusResult,
+    StopResult,
+    TemplateDetail,
+    TemplateList,
+)
+
+Level = Literal["info", "success", "warning", "error"]
+
+
+class ReplyField(BaseModel):
+    label: str
+    value: str
+    inline: bool = True
+
+
+class Table(BaseModel):
+    columns: list[str]
+    rows: list[list[str]]
+    align: list[Literal["left", "right"]] | None = None
+    caption: str | None = None
+
+
+class Confirm(BaseModel):
+    """What a confirm dialog says; the action carrying it runs only after a yes."""
+
+    title: str
+    text: str
+    yes: str = "Confirm"
+    no: str = "Cancel"
+
+
+class Action(BaseModel):
+    label: str
+    command: str                        # /gpu command line the button runs
+    style: Literal["default", "primary", "danger"] = "default"
+    confirm: Confirm | None = None
+
+
+class Reply(BaseModel):
+    title: str
+    text: str = ""
+    level: Level = "info"
+    fields: list[ReplyField] = Field(default_factory=list)
+    tables: list[Table] = Field(default_factory=list)
+    actions: list[Action] = Field(default_factory=list)
+    notes: list[str] = Field(default_factory=list)      # footer lines (simulated label, price age)
+    ephemeral: bool = False                              # only the asker sees it (errors, help)
+    confirmation: Action | None = None                   # set when the command waits for a yes
+
+    def with_note(self, note: str) -> Reply:
+        return self.model_copy(update={"notes": [*self.notes, note]})
+
+
+# --- formatting helpers -------------------------------------------------------------------------
+
+def duration(seconds: int | float | None) -> str:
+    if seconds is None:
+        return "—"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m"
+    h, m = divmod(m, 60)
+    if h < 48:
+        return f"{h}h {m:02d}m"
+    d, h = divmod(h, 24)
+    return f"{d}d {h}h"
+
+
+def when(ts: datetime | None) -> str:
+    return ts.strftime("%Y-%m-%d %H:%M UTC") if ts else "—"
+
+
+def bar(fraction: Decimal, width: int = 20) -> str:
+    f = max(Decimal(0), fraction)
+    filled = min(width, int((f * width).to_integral_value()))
+    return "█" * filled + "░" * (width - filled) + f" {int((f * 100).to_integral_value())}%"
+
+
+def who(principal: str) -> str:
+    """`local:alice` -> `alice`; chat ids stay as they are for the surface to turn into mentions."""
+    return principal.split(":", 1)[1] if principal.startswith("local:") else principal
+
+
+def _simulated(reply: Reply, simulated: bool) -> Reply:
+    return reply.with_note(SIMULATED_NOTE) if simulated else reply
+
+
+def error(message: str, hint: str | None = None, title: str = "Cannot do that") -> Reply:
+    return Reply(title=title, text=message + (f"\n{hint}" if hint else ""), level="error", ephemeral=True)
+
+
+# --- builders -----------------------------------------------------------------------------------
+
+def search_reply(r: SearchResult) -> Reply:
+    rows = [[o.ref, o.gpu_name, str(o.num_gpus), f"{o.gpu_ram:g}", rate(o.dph), f"{o.reliability:.3f}",
+             o.location or "—"] for o in r.offers]
+    reply = Reply(
+        title=f"{r.total_matches} offer{'s' if r.total_matches != 1 else ''} · {r.description}",
+        text="" if r.offers else "No offer matches. Loosen the query (e.g. drop a price limit) or try another GPU.",
+        tables=[Table(columns=["offer", "gpu", "n", "GB", "$/h", "rel.", "where"], rows=rows,
+                      align=["left", "left", "right", "right", "right", "right", "left"])] if rows else [],
+        actions=[Action(label=f"Boot {o.gpu_name} {rate(o.dph)}", command=f"/gpu boot budget offer={o.ref}")
+                 for o in r.offers[:3]],
+    )
+    if r.total_matches > len(r.offers):
+        reply = reply.with_note(f"Showing the cheapest {len(r.offers)}; add limit=N for more.")
+    for provider, message in r.failures.items():
+        reply = reply.with_note(f"⚠ {provider} did not answer: {message}")
+    reply = reply.with_note(f"Prices from {', '.join(r.providers)}, {r.price_age_s}s old.")
+    return _simulated(reply, r.simulated)
+
+
+def templates_reply(r: TemplateList) -> Reply:
+    rows = [[t.name, t.model or "—", f"{t.min_gpu_ram:g} GB", str(t.num_gpus),
+             rate(t.max_dph) if t.max_dph is not None else "—", f"{t.idle_minutes:g}m",
+             t.source] for t in r.templates]
+    return Reply(title="Templates", tables=[Table(columns=["name", "model", "GPU RAM", "GPUs", "max $/h", "idle",
+                                                            "from"], rows=rows)],
+                 notes=["/gpu templates <name> for details; /gpu boot <name> key=value to override."])
+
+
+def template_reply(r: TemplateDetail) -> Reply:
+    s = r.summary
+    return Reply(
+        title=f"Template {s.name}", text=s.description,
+        fields=[ReplyField(label=label, value=value) for label, value in r.fields],
+        tables=[Table(columns=["override", "takes"], rows=[[k, v] for k, v in r.overrides],
+                      caption="Overrides at boot: /gpu boot " + s.name + " key=value")],
+        actions=[Action(label=f"Boot {s.name}", command=f"/gpu boot {s.name}", style="primary")])
+
+
+def instance_fields(v: InstanceView) -> list[ReplyField]:
+    fields = [ReplyField(label="state", value=v.state), ReplyField(label="owner", value=who(v.owner)),
+              ReplyField(label="template", value=v.template),
+              ReplyField(label="machine", value=f"{v.gpu_name} x{v.num_gpus} on {v.provider}"),
+              ReplyField(label="rate", value=rate(v.current_dph)), ReplyField(label="accrued", value=usd(v.accrued))]
+    if v.uptime_s is not None:
+        fields.append(ReplyField(label="uptime", value=duration(v.uptime_s)))
+    if v.idle_for_s is not None:
+        fields.append(ReplyField(label="idle for", value=duration(v.idle_for_s)))
+    if v.keep_until:
+        fields.append(ReplyField(label="kept until", value=when(v.keep_until)))
+    if v.endpoint:
+        fields.append(ReplyField(label="endpoint", value=v.endpoint, inline=False))
+    if v.message:
+        fields.append(ReplyField(label="provider says", value=v.message, inline=False))
+    return fields
+
+
+def instance_actions(v: InstanceView) -> list[Action]:
+    if v.state in ("running", "loading", "provisioning", "starting"):
+        return [Action(label="Keep 1 h", command=f"/gpu keep {v.id} 1h"),
+                Action(label="Stop", command=f"/gpu stop {v.id}", style="primary"),
+                Action(label="Destroy", command=f"/gpu destroy {v.id}", style="danger")]
+    if v.state == "stopped":
+        return [Action(label="Start", command=f"/gpu start {v.id}", style="primary"),
+                Action(label="Destroy", command=f"/gpu destroy {v.id}", style="danger")]
+    return []
+
+
+def boot_reply(r: BootResult) -> Reply:
+    v = r.instance
+    if r.replayed:
+        title, text = f"{v.id} was already booted with this request", "Same request, same machine: nothing new was started."
+    else:
+        status = "is up and healthy" if r.ready else f"is {v.state}"
+        title, text = f"Booted {v.id} ({v.template})", f"{v.id} {status}; billing {rate(v.dph)} from now."
+    reply = Reply(title=title, text=text, level="success", fields=instance_fields(v), actions=instance_actions(v))
+    if r.overrides:
+        reply.fields.append(ReplyField(label="overrides", value=", ".join(f"{k}={x}" for k, x in r.overrides.items()),
+                                       inline=False))
+    if r.price_note:
+        reply = reply.with_note(r.price_note)
+    return _simulated(reply, r.simulated)
+
+
+def confirmation_reply(c: Confirmation) -> Reply:
+    action = Action(label="Boot anyway" if c.action == "boot" else c.action.capitalize(), command=c.command,
+                    style="danger" if c.action == "destroy" else "primary",
+                    confirm=Confirm(title=c.title, text=c.prompt, yes="Yes", no="Cancel"))
+    fields = []
+    if c.cost_per_hour is not None:
+        fields = [ReplyField(label="per hour", value=usd(c.cost_per_hour, 3)),
+                  ReplyField(label="per day", value=usd(c.cost_per_day or Decimal(0))),
+                  ReplyField(label="per month", value=usd(c.cost_per_month or Decimal(0)))]
+    return _simulated(Reply(title=c.title, text=c.prompt, level="warning", fields=fields, actions=[action],
+                            confirmation=action, ephemeral=True), c.simulated)
+
+
+def start_reply(r: StartResult) -> Reply:
+    v = r.instance
+    text = (f"{v.id} is running and healthy after {duration(r.waited_s)}; billing {rate(v.dph)}." if r.ready
+            else f"{v.id} is {v.state}; billing {rate(v.dph)}. /gpu status {v.id} to follow it.")
+    return _simulated(Reply(title=f"Started {v.id}", text=text, level="success" if r.ready else "warning",
+                            fields=instance_fields(v), actions=instance_actions(v)), r.simulated)
+
+
+def stop_reply(r: StopResult) -> Reply:
+    v = r.instance
+    storage = (f" Its disk is kept and billed at {rate(r.storage_dph)} ({usd(r.storage_dph * 24)}/day) "
+               f"until you destroy it." if r.storage_dph > 0 else " Nothing is billed while stopped.")
+    return _simulated(Reply(
+        title=f"Stopped {v.id}", level="success",
+        text=f"Session: {duration(r.session_s)} for {usd(r.session_cost)}.{storage}",
+        fields=[ReplyField(label="session cost", value=usd(r.session_cost)),
+                ReplyField(label="total so far", value=usd(v.accrued)),
+                ReplyField(label="while stopped", value=rate(r.storage_dph))],
+        actions=instance_actions(v)), r.simulated)
+
+
+def destroy_reply(r: DestroyResult) -> Reply:
+    v = r.instance
+    return _simulated(Reply(title=f"Destroyed {v.id}", level="success",
+                            text=f"{v.id} ({v.template}) is gone; no further charges. Total cost {usd(r.total_cost)}.",
+                            fields=[ReplyField(label="total cost", value=usd(r.total_cost))]), r.simulated)
+
+
+def keep_reply(r: KeepResult) -> Reply:
+    v = r.instance
+    return _simulated(Reply(title=f"Keeping {v.id}", level="success",
+                            text=f"{v.id} will not be stopped for idleness before {when(r.until)}.",
+                            fields=instance_fields(v)), r.simulated)
+
+
+def status_reply(r: StatusResult, single: bool = False) -> Reply:
+    if single and r.instances:
+        v = r.instances[0]
+        return _simulated(Reply(title=f"{v.id} · {v.template}", fields=instance_fields(v),
+                                actions=instance_actions(v)), v.simulated)
+    rows = [[v.id, who(v.owner), v.template, v.state, f"{v.gpu_name} x{v.num_gpus}", rate(v.current_dph),
+             usd(v.accrued), duration(v.uptime_s), duration(v.idle_for_s)] for v in r.instances]
+    reply = Reply(
+        title=f"{len(r.instances)} instance{'s' if len(r.instances) != 1 else ''} · spending {rate(r.run_rate)}",
+        text="" if rows else "Nothing is running. /gpu search to find a machine, /gpu boot budget to start one.",
+        tables=[Table(columns=["id", "owner", "template", "state", "gpu", "$/h", "accrued", "uptime", "idle"],
+                      rows=rows, align=["left", "left", "left", "left", "left", "right", "right", "right", "right"])]
+        if rows else [])
+    return _simulated(reply, r.simulated)
+
+
+def budget_line(b: BudgetUse) -> ReplyField:
+    cap = " · hard cap" if b.hard_cap else ""
+    return ReplyField(label=f"{b.scope} {who(b.name)}",
+                      value=f"{bar(b.fraction)}  {usd(b.spent)} of {usd(b.limit)}{cap}", inline=False)
+
+
+def costs_reply(r: CostReport) -> Reply:
+    rows = [[who(k) if r.group_by == "user" else k, usd(v)] for k, v in r.groups]
+    tables = [Table(columns=[r.group_by, "spend"], rows=rows, align=["left", "right"])] if rows else []
+    if r.running:
+        tables.append(Table(columns=["running", "owner", "state", "$/h", "accrued"],
+                            rows=[[v.id, who(v.owner), v.state, rate(v.current_dph), usd(v.accrued)] for v in r.running],
+                            align=["left", "left", "left", "right", "right"], caption="Billing now"))
+    fields = [ReplyField(label="spend", value=usd(r.total)),
+              ReplyField(label="run-rate", value=f"{rate(r.run_rate)} · {usd(r.run_rate * 24)}/day"),
+              ReplyField(label="month to date", value=usd(r.month_to_date)),
+              ReplyField(label="month-end projection", value=usd(r.projected_month_end))]
+    fields += [budget_line(b) for b in r.budgets]
+    return _simulated(Reply(title=f"Costs · {r.period} · by {r.group_by}", fields=fields, tables=tables,
+                            text="" if rows else "Nothing billed in this period."), r.simulated)
+
+
+def instance_cost_reply(r: InstanceCost) -> Reply:
+    v = r.instance
+    return _simulated(Reply(title=f"Cost of {v.id} · {v.template}", fields=[
+        ReplyField(label="rate now", value=rate(r.hourly)), ReplyField(label="total", value=usd(r.total)),
+        ReplyField(label="compute", value=usd(r.compute)), ReplyField(label="storage", value=usd(r.storage)),
+        ReplyField(label="running time", value=duration(r.uptime_s)),
+        ReplyField(label="per day at this rate", value=usd(r.projected_day)),
+        ReplyField(label="per month at this rate", value=usd(r.projected_month))]), r.simulated)
+
+
+def audit_reply(r: AuditResult) -> Reply:
+    rows = []
+    for e in r.events:
+        detail = ", ".join(f"{k}={v}" for k, v in e.details.items() if v not in (None, "", {}, []))
+        rows.append([e.ts.strftime("%m-%d %H:%M:%S"), who(e.actor), e.source, e.event + ("" if e.ok else " ✗"),
+                     e.instance_id or "", usd(e.cost) if e.cost is not None else "", detail[:80]])
+    return Reply(title=f"Audit · last {len(rows)} event{'s' if len(rows) != 1 else ''}",
+                 tables=[Table(columns=["when", "actor", "via", "event", "instance", "cost", "details"], rows=rows)]
+                 if rows else [], text="" if rows else "No events yet.")
+
+
+def budget_reply(r: BudgetResult) -> Reply:
+    if r.changed:
+        title = f"Budget for {r.changed.scope} {who(r.changed.name)} set to {usd(r.changed.limit)}/month"
+    else:
+        title = f"Budgets · {r.period}"
+    return Reply(title=title, level="success" if r.changed else "info",
+                 fields=[budget_line(b) for b in r.budgets],
+                 text="" if r.budgets else "No budgets set. An admin sets one with /gpu budget set team=<team> <USD>.")

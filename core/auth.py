@@ -1,0 +1,85 @@
+"""Who may do what (SPEC §8). Chat users, notebook and API key owners are principals with a role
+and a team; every service call carries an `Actor` and the service, not the surface, checks it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlmodel import Session
+
+from .errors import InvalidInput, PermissionDenied
+from .models import Instance, Role, User
+
+SOURCES = ("shell", "cli", "slack", "discord", "api", "notebook", "system")
+
+
+@dataclass(frozen=True)
+class Actor:
+    principal: str        # local:alice, slack:U123, discord:42, system:idle
+    role: Role
+    team: str
+    source: str = "shell"
+    display: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.display or self.principal
+
+    def at_least(self, role: Role) -> bool:
+        return self.role.rank >= role.rank
+
+    def require(self, role: Role, doing: str) -> None:
+        if not self.at_least(role):
+            raise PermissionDenied(
+                f"You ({self.name}) are a {self.role.value}; {doing} needs the {role.value} role. "
+                "Ask an admin of your gpuherd.")
+
+    def may_act_on(self, instance: Instance) -> bool:
+        return self.role is Role.ADMIN or (self.role is Role.MEMBER and instance.owner == self.principal)
+
+
+def system_actor(name: str = "system") -> Actor:
+    return Actor(principal=f"system:{name}", role=Role.ADMIN, team="*", source="system")
+
+
+class Directory:
+    """Maps principals to roles and teams. Unknown chat users are recorded on first sight with the
+    default role, so an admin can later promote them with `gpuherd users set`."""
+
+    def __init__(self, default_role: str, default_team: str, admins: list[str]) -> None:
+        self.default_role = Role(default_role)
+        self.default_team = default_team
+        self.admins = set(admins)
+
+    def resolve(self, session: Session, principal: str, *, source: str, now: datetime,
+                display: str = "", role_hint: str | None = None) -> Actor:
+        if not principal or len(principal) > 128:
+            raise InvalidInput("A user id is needed (at most 128 characters).")
+        user = session.get(User, principal)
+        if user is None:
+            role = Role(role_hint) if role_hint else self.default_role
+            if principal in self.admins:
+                role = Role.ADMIN
+            user = User(principal=principal, display_name=display, role=role.value,
+                        team=self.default_team, created_at=now)
+            session.add(user)
+            session.commit()
+        role = Role.ADMIN if principal in self.admins else Role(user.role)
+        return Actor(principal=principal, role=role, team=user.team, source=source,
+                     display=display or user.display_name)
+
+    @staticmethod
+    def set_user(session: Session, principal: str, *, role: str | None, team: str | None,
+                 now: datetime) -> User:
+        if role is not None and role not in {r.value for r in Role}:
+            raise InvalidInput(f"Unknown role '{role}': use viewer, member or admin.")
+        user = session.get(User, principal) or User(principal=principal, role=Role.MEMBER.value,
+                                                    team="default", created_at=now)
+        if role:
+            user.role = role
+        if team:
+            user.team = team
+        session.add(user)
+        session.commit()
+        return user

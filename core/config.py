@@ -1,0 +1,119 @@
+"""Settings: GPUHERD_* environment variables, a .env file, and `config.toml` in the data
+directory, in that order of precedence. A bad value stops the start with the key named."""
+
+from __future__ import annotations
+
+import getpass
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from .errors import ConfigError
+
+ENV_PREFIX = "GPUHERD_"
+CONFIG_FILE = "config.toml"
+
+
+def default_home() -> Path:
+    return Path(platformdirs.user_data_dir("gpuherd", appauthor=False))
+
+
+def _home_from_env() -> Path:
+    raw = os.environ.get(f"{ENV_PREFIX}HOME")
+    return Path(raw).expanduser() if raw else default_home()
+
+
+def _local_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no passwd entry in some containers
+        return "local"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Field(default_factory=default_home, description="data directory")
+    database_url: str | None = Field(default=None, description="SQLAlchemy URL; default SQLite in home")
+    templates_file: Path | None = Field(default=None, description="team templates (TOML); default home/templates.toml")
+
+    # providers
+    providers: list[str] | None = Field(default=None, description="restrict to these providers")
+    sandbox: Literal["auto", "on", "off"] = Field(
+        default="auto", description="auto: use the simulated sandbox when no real provider is configured")
+    sandbox_seed: int = 42
+    sandbox_time_scale: float = Field(default=0.2, ge=0, le=100,
+                                      description="multiplies simulated boot/stop timings; 0 = instant")
+    sandbox_faults: str = Field(default="", description="e.g. 'capacity=0.2,timeout=0.1,rate_limit=0.1'")
+
+    # who is who
+    local_user: str = Field(default_factory=_local_user, description="principal name of the shell user")
+    local_role: Literal["viewer", "member", "admin"] = "admin"
+    default_role: Literal["viewer", "member", "admin"] = Field(
+        default="member", description="role of a chat user gpuherd has not seen before")
+    default_team: str = "default"
+    admins: list[str] = Field(default_factory=list, description="principals that are always admin")
+
+    # behaviour
+    boot_timeout_s: float = Field(default=900, gt=0, description="how long start/boot waits for health")
+    poll_interval_s: float = Field(default=2.0, gt=0)
+    max_instances_per_boot_search: int = 200
+
+    @field_validator("home", mode="before")
+    @classmethod
+    def _expand(cls, value: Any) -> Any:
+        return Path(value).expanduser() if isinstance(value, (str, Path)) else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = _home_from_env() / CONFIG_FILE
+        return (init_settings, env_settings, dotenv_settings,
+                TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'gpuherd.db'}"
+
+    @property
+    def resolved_templates_file(self) -> Path:
+        return self.templates_file or self.home / "templates.toml"
+
+    @property
+    def is_embedded_sqlite(self) -> bool:
+        return self.resolved_database_url.startswith("sqlite")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings or a ConfigError naming every bad key, e.g. `GPUHERD_SANDBOX_TIME_SCALE`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "?"
+            problems.append(f"{ENV_PREFIX}{key.upper()} (or `{key}` in {CONFIG_FILE}): {err['msg']}")
+        raise ConfigError("Bad configuration:\n  " + "\n  ".join(problems)) from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed config.toml
+        raise ConfigError(f"Cannot read configuration ({_home_from_env() / CONFIG_FILE}): {exc}") from None

@@ -1,0 +1,169 @@
+"""Database records (SQLModel). Schema changes go through alembic (core/migrations), never
+create_all, so SQLite and PostgreSQL deployments upgrade the same way.
+
+Money columns are integer micro-dollars (see core.money); ledger times are epoch seconds so
+period clipping is plain integer arithmetic in SQL on both databases."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+
+from sqlalchemy import BigInteger, Column, DateTime, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+
+def _ts(**kw) -> Column:
+    return Column(DateTime(timezone=True), **kw)
+
+
+class InstanceState(str, enum.Enum):
+    PENDING = "pending"             # intent written, provider not yet called (or call in flight)
+    PROVISIONING = "provisioning"
+    LOADING = "loading"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    STARTING = "starting"
+    DESTROYED = "destroyed"
+    FAILED = "failed"               # provider refused the create; nothing billed
+    ERROR = "error"                 # provider reports an error state
+    LOST = "lost"                   # gone at the provider without us destroying it
+
+    @property
+    def is_final(self) -> bool:
+        return self in (InstanceState.DESTROYED, InstanceState.FAILED, InstanceState.LOST)
+
+    @property
+    def is_up(self) -> bool:
+        return self in (InstanceState.PROVISIONING, InstanceState.LOADING, InstanceState.RUNNING,
+                        InstanceState.STARTING)
+
+
+class Role(str, enum.Enum):
+    VIEWER = "viewer"
+    MEMBER = "member"
+    ADMIN = "admin"
+
+    @property
+    def rank(self) -> int:
+        return {"viewer": 0, "member": 1, "admin": 2}[self.value]
+
+
+class Instance(SQLModel, table=True):
+    __tablename__ = "instances"
+
+    id: str = Field(primary_key=True, max_length=16)        # g-7f3a: what users type
+    idempotency_key: str = Field(max_length=200, sa_column_kwargs={"unique": True})
+    provider: str = Field(max_length=32, index=True)
+    provider_id: str | None = Field(default=None, max_length=128, index=True)
+    offer_id: str | None = Field(default=None, max_length=128)
+    owner: str = Field(max_length=128, index=True)
+    team: str = Field(max_length=64, index=True)
+    template: str = Field(max_length=64)
+    state: str = Field(max_length=16, index=True)
+    gpu_name: str = Field(default="", max_length=64)
+    num_gpus: int = 0
+    dph_micros: int = Field(default=0, sa_type=BigInteger)           # compute USD/h x 1e6
+    storage_dph_micros: int = Field(default=0, sa_type=BigInteger)   # USD/h x 1e6 while stopped
+    disk_gb: float = 0
+    endpoint: str | None = Field(default=None, max_length=512)
+    simulated: bool = False
+    overrides: str = Field(default="{}", sa_type=Text)                # JSON of validated overrides
+    status_message: str | None = Field(default=None, max_length=512)
+    created_at: datetime = Field(sa_column=_ts(nullable=False))
+    updated_at: datetime = Field(sa_column=_ts(nullable=False))
+    started_at: datetime | None = Field(default=None, sa_column=_ts())     # start of current session
+    stopped_at: datetime | None = Field(default=None, sa_column=_ts())
+    destroyed_at: datetime | None = Field(default=None, sa_column=_ts())
+    last_activity_at: datetime | None = Field(default=None, sa_column=_ts())
+    keep_until: datetime | None = Field(default=None, sa_column=_ts())      # /gpu keep snooze
+    version: int = 0                                                       # bumped on every change
+
+    @property
+    def state_enum(self) -> InstanceState:
+        return InstanceState(self.state)
+
+
+class BillingSegment(SQLModel, table=True):
+    """One stretch of one charge at one rate. Owner, team, template and provider are copied in so
+    a month's costs by any group are one indexed scan, with no join."""
+
+    __tablename__ = "billing_segments"
+    __table_args__ = (
+        Index("ix_segments_period", "start_ts", "end_ts"),
+        Index("ix_segments_open", "instance_id", "end_ts"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    instance_id: str = Field(max_length=16, index=True)
+    kind: str = Field(max_length=16)                   # compute | storage
+    rate_micros: int = Field(sa_type=BigInteger)       # USD/h x 1e6
+    start_ts: int = Field(sa_type=BigInteger)          # epoch seconds, inclusive
+    end_ts: int | None = Field(default=None, sa_type=BigInteger)  # None while open
+    owner: str = Field(max_length=128)
+    team: str = Field(max_length=64)
+    template: str = Field(max_length=64)
+    provider: str = Field(max_length=32)
+
+
+class AuditEvent(SQLModel, table=True):
+    __tablename__ = "audit_events"
+
+    id: int | None = Field(default=None, primary_key=True)
+    ts: datetime = Field(sa_column=_ts(nullable=False, index=True))
+    actor: str = Field(max_length=128, index=True)
+    source: str = Field(max_length=32)                 # shell, cli, slack, discord, api, notebook, system
+    event: str = Field(max_length=64)                  # boot, stop, destroy, budget.set, ...
+    instance_id: str | None = Field(default=None, max_length=16, index=True)
+    cost_micros: int | None = Field(default=None, sa_type=BigInteger)
+    ok: bool = True
+    details: str = Field(default="{}", sa_type=Text)   # JSON; never secrets
+
+
+class Budget(SQLModel, table=True):
+    __tablename__ = "budgets"
+    __table_args__ = (UniqueConstraint("scope", "name"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(max_length=8)                   # team | user
+    name: str = Field(max_length=128)
+    monthly_micros: int = Field(sa_type=BigInteger)
+    hard_cap: bool = False
+    updated_by: str = Field(max_length=128)
+    updated_at: datetime = Field(sa_column=_ts(nullable=False))
+
+
+class Activity(SQLModel, table=True):
+    __tablename__ = "activity"
+    __table_args__ = (Index("ix_activity_instance_ts", "instance_id", "ts"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    instance_id: str = Field(max_length=16)
+    ts: datetime = Field(sa_column=_ts(nullable=False))
+    source: str = Field(max_length=32)                 # ping, keep, heartbeat, metrics, gpu
+    detail: str | None = Field(default=None, max_length=256)
+
+
+class User(SQLModel, table=True):
+    __tablename__ = "users"
+
+    principal: str = Field(primary_key=True, max_length=128)   # local:alice, slack:U123, discord:42
+    display_name: str = Field(default="", max_length=128)
+    role: str = Field(max_length=8)
+    team: str = Field(max_length=64)
+    created_at: datetime = Field(sa_column=_ts(nullable=False))
+
+
+class ActionRecord(SQLModel, table=True):
+    """Result of a mutating action by its idempotency key: a retried chat delivery or a
+    double-clicked button gets the first result back instead of acting twice."""
+
+    __tablename__ = "action_records"
+
+    key: str = Field(primary_key=True, max_length=200)
+    action: str = Field(max_length=32)
+    actor: str = Field(max_length=128)
+    instance_id: str | None = Field(default=None, max_length=16)
+    result: str = Field(sa_type=Text)                  # JSON of the result object
+    created_at: datetime = Field(sa_column=_ts(nullable=False))

@@ -1,0 +1,189 @@
+"""What service operations return. Every surface renders these; none computes its own figures.
+`simulated` is set whenever the sandbox is involved so every reply can say so."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from decimal import Decimal
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from .offers import Offer
+
+
+class InstanceView(BaseModel):
+    id: str
+    provider: str
+    provider_id: str | None
+    owner: str
+    team: str
+    template: str
+    state: str
+    gpu_name: str
+    num_gpus: int
+    dph: Decimal                    # compute USD/h
+    storage_dph: Decimal            # USD/h while stopped
+    current_dph: Decimal            # what it costs right now (compute, storage or 0)
+    accrued: Decimal                # total billed so far
+    uptime_s: int | None            # current running session
+    idle_for_s: int | None
+    keep_until: datetime | None
+    endpoint: str | None
+    created_at: datetime
+    stopped_at: datetime | None
+    message: str | None = None
+    simulated: bool = False
+
+
+class SearchResult(BaseModel):
+    query: str
+    description: str
+    offers: list[Offer]
+    total_matches: int
+    providers: list[str]
+    failures: dict[str, str] = Field(default_factory=dict)
+    price_age_s: int = 0
+    simulated: bool = False
+
+
+class TemplateSummary(BaseModel):
+    name: str
+    description: str
+    model: str | None
+    min_gpu_ram: float
+    num_gpus: int
+    max_dph: Decimal | None
+    idle_minutes: float
+    source: str = "built-in"
+
+
+class TemplateDetail(BaseModel):
+    summary: TemplateSummary
+    fields: list[tuple[str, str]]           # (label, value) for display
+    overrides: list[tuple[str, str]]        # (key, what it takes)
+
+
+class TemplateList(BaseModel):
+    templates: list[TemplateSummary]
+
+
+class Confirmation(BaseModel):
+    """Returned (not raised) when an action needs an explicit yes. Surfaces show `prompt` with a
+    confirm button/dialog that re-runs `command` (which carries confirm=yes and the same key)."""
+
+    kind: Literal["confirm"] = "confirm"
+    action: str
+    title: str
+    prompt: str
+    command: str
+    cost_per_hour: Decimal | None = None
+    cost_per_day: Decimal | None = None
+    cost_per_month: Decimal | None = None
+    simulated: bool = False
+
+
+class BootResult(BaseModel):
+    instance: InstanceView
+    offer: Offer | None
+    replayed: bool = False                  # same idempotency key: the first boot's result
+    ready: bool = False
+    overrides: dict[str, str] = Field(default_factory=dict)
+    price_note: str | None = None
+    simulated: bool = False
+
+
+class StartResult(BaseModel):
+    instance: InstanceView
+    ready: bool
+    waited_s: float
+    simulated: bool = False
+
+
+class StopResult(BaseModel):
+    instance: InstanceView
+    session_cost: Decimal
+    session_s: int
+    storage_dph: Decimal
+    simulated: bool = False
+
+
+class DestroyResult(BaseModel):
+    instance: InstanceView
+    total_cost: Decimal
+    simulated: bool = False
+
+
+class StatusResult(BaseModel):
+    instances: list[InstanceView]
+    run_rate: Decimal
+    include_ended: bool = False
+    simulated: bool = False
+
+
+class KeepResult(BaseModel):
+    instance: InstanceView
+    until: datetime
+    simulated: bool = False
+
+
+class BudgetUse(BaseModel):
+    scope: str                      # team | user
+    name: str
+    limit: Decimal
+    spent: Decimal
+    hard_cap: bool = False
+
+    @property
+    def fraction(self) -> Decimal:
+        return self.spent / self.limit if self.limit else Decimal(0)
+
+
+class CostReport(BaseModel):
+    period: str
+    start: datetime
+    end: datetime
+    group_by: str
+    total: Decimal
+    groups: list[tuple[str, Decimal]]
+    running: list[InstanceView]
+    run_rate: Decimal
+    month_to_date: Decimal
+    projected_month_end: Decimal
+    budgets: list[BudgetUse]
+    simulated: bool = False
+
+
+class InstanceCost(BaseModel):
+    """Per-instance cost analysis (SPEC §6)."""
+
+    instance: InstanceView
+    hourly: Decimal
+    total: Decimal
+    compute: Decimal
+    storage: Decimal
+    uptime_s: int
+    projected_day: Decimal
+    projected_month: Decimal
+    simulated: bool = False
+
+
+class AuditEntry(BaseModel):
+    ts: datetime
+    actor: str
+    source: str
+    event: str
+    instance_id: str | None
+    cost: Decimal | None
+    ok: bool
+    details: dict[str, Any]
+
+
+class AuditResult(BaseModel):
+    events: list[AuditEntry]
+
+
+class BudgetResult(BaseModel):
+    budgets: list[BudgetUse]
+    changed: BudgetUse | None = None
+    period: str = ""

@@ -1,0 +1,966 @@
+"""The one service every surface calls (SPEC §3). It owns every business rule: roles, the price
+guard, crash-safe and idempotent boots, billing segments on every state change, the audit trail.
+Surfaces parse text into these calls and render the typed results."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from sqlalchemy import func, select, update
+from sqlmodel import Session
+
+from . import audit as audit_log
+from .auth import Actor, Directory, system_actor
+from .clock import Clock, as_utc
+from .config import Settings, load_settings
+from .db import Database
+from .errors import (
+    CapacityError,
+    Conflict,
+    GpuherdError,
+    InvalidInput,
+    NoMatchingOffer,
+    NotFound,
+    PermissionDenied,
+    ProviderError,
+)
+from .ids import ID_RE, new_instance_id, normalise_instance_id
+from .ledger import COMPUTE, STORAGE, Ledger, month_of, parse_period
+from .models import ActionRecord, Budget, Instance, InstanceState, Role, User
+from .money import HOURS_PER_DAY, HOURS_PER_MONTH, from_micros, rate, to_decimal, to_micros, usd
+from .notify import Notice, NoticeAction, NotifierHub
+from .offers import Offer
+from .providers.base import CreateRequest, Provider, ProviderInstance, ProviderState
+from .providers.registry import ProviderRegistry, build_registry
+from .query import parse_query
+from .results import (
+    AuditEntry,
+    AuditResult,
+    BootResult,
+    BudgetResult,
+    BudgetUse,
+    Confirmation,
+    CostReport,
+    DestroyResult,
+    InstanceCost,
+    InstanceView,
+    KeepResult,
+    SearchResult,
+    StartResult,
+    StatusResult,
+    StopResult,
+    TemplateDetail,
+    TemplateList,
+    TemplateSummary,
+)
+from .retry import with_retries
+from .templates import Template, TemplateCatalog, format_duration, parse_duration, validate_overrides
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=BaseModel)
+Progress = Callable[[str], Awaitable[None] | None]
+
+MAX_BUDGET = Decimal("10000000")       # USD/month; anything above is a typo, not a budget
+OFFER_CACHE_TTL_S = 30.0
+DEFAULT_KEEP = timedelta(hours=1)
+MAX_KEEP = timedelta(days=7)
+BOOT_CANDIDATES = 3                    # offers tried in turn when one is taken (capacity error)
+
+_STATE_MAP = {
+    ProviderState.PROVISIONING: InstanceState.PROVISIONING,
+    ProviderState.LOADING: InstanceState.LOADING,
+    ProviderState.RUNNING: InstanceState.RUNNING,
+    ProviderState.STOPPING: InstanceState.STOPPING,
+    ProviderState.STOPPED: InstanceState.STOPPED,
+    ProviderState.STARTING: InstanceState.STARTING,
+    ProviderState.DESTROYED: InstanceState.DESTROYED,
+    ProviderState.ERROR: InstanceState.ERROR,
+}
+BILLED_AS_COMPUTE = {InstanceState.PROVISIONING, InstanceState.LOADING, InstanceState.RUNNING,
+                     InstanceState.STARTING, InstanceState.STOPPING, InstanceState.ERROR}
+
+
+async def _call(progress: Progress | None, text: str) -> None:
+    if progress is None:
+        return
+    result = progress(text)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+class GpuService:
+    def __init__(self, settings: Settings, db: Database, providers: ProviderRegistry,
+                 templates: TemplateCatalog, *, clock: Clock | None = None,
+                 hub: NotifierHub | None = None,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.settings = settings
+        self.db = db
+        self.providers = providers
+        self.templates = templates
+        self.clock = clock or Clock()
+        self.hub = hub or NotifierHub()
+        self.directory = Directory(settings.default_role, settings.default_team, settings.admins)
+        self._sleep = sleep
+        self._offer_cache: dict[str, tuple[float, datetime, list[Offer]]] = {}
+
+    @classmethod
+    def from_settings(cls, settings: Settings | None = None, **kw: Any) -> GpuService:
+        """Build from configuration; an embedded SQLite database is migrated automatically."""
+        settings = settings or load_settings()
+        settings.home.mkdir(parents=True, exist_ok=True)
+        db = Database(settings.resolved_database_url)
+        if settings.is_embedded_sqlite or not db.is_current():
+            db.upgrade()
+        templates = TemplateCatalog.load(settings.resolved_templates_file)
+        return cls(settings, db, build_registry(settings), templates, **kw)
+
+    async def aclose(self) -> None:
+        await self.providers.aclose()
+        self.db.dispose()
+
+    # --- identity ------------------------------------------------------------------------
+    def actor(self, principal: str, *, source: str, display: str = "", role_hint: str | None = None) -> Actor:
+        with self.db.session() as s:
+            return self.directory.resolve(s, principal, source=source, now=self.clock.now(),
+                                          display=display, role_hint=role_hint)
+
+    def local_actor(self, source: str = "shell") -> Actor:
+        """The person at this terminal: `local:<user>`, with the configured local role."""
+        return self.actor(f"local:{self.settings.local_user}", source=source,
+                          display=self.settings.local_user, role_hint=self.settings.local_role)
+
+    def set_user(self, actor: Actor, principal: str, *, role: str | None = None, team: str | None = None) -> User:
+        actor.require(Role.ADMIN, "changing users")
+        with self.db.session() as s:
+            user = Directory.set_user(s, principal, role=role, team=team, now=self.clock.now())
+            audit_log.record(s, actor, "user.set", now=self.clock.now(), principal=principal,
+                             role=user.role, team=user.team)
+            s.commit()
+            return user
+
+    @property
+    def simulated(self) -> bool:
+        return any(p.capabilities.simulated for p in self.providers.all())
+
+    # --- search --------------------------------------------------------------------------
+    async def _offers(self, provider: Provider) -> tuple[list[Offer], datetime]:
+        cached = self._offer_cache.get(provider.name)
+        now_mono = self.clock.monotonic()
+        if cached and now_mono - cached[0] < OFFER_CACHE_TTL_S:
+            return cached[2], cached[1]
+        offers = await provider.search()
+        fetched = self.clock.now()
+        self._offer_cache[provider.name] = (now_mono, fetched, offers)
+        return offers, fetched
+
+    async def _gather_offers(self, names: list[str]) -> tuple[list[Offer], dict[str, str], datetime | None]:
+        """Ask every provider at once; one failing never breaks the others."""
+        providers = [self.providers.get(n) for n in names]
+        results = await asyncio.gather(*(self._offers(p) for p in providers), return_exceptions=True)
+        offers: list[Offer] = []
+        failures: dict[str, str] = {}
+        oldest: datetime | None = None
+        for provider, result in zip(providers, results, strict=True):
+            if isinstance(result, BaseException):
+                failures[provider.name] = (result.message if isinstance(result, GpuherdError)
+                                           else f"{provider.name}: unexpected error ({type(result).__name__})")
+                if not isinstance(result, GpuherdError):
+                    log.error("search on %s failed", provider.name, exc_info=result)
+                continue
+            found, fetched = result
+            offers.extend(found)
+            oldest = fetched if oldest is None or fetched < oldest else oldest
+        return offers, failures, oldest
+
+    def _provider_names(self, wanted: set[str] | None) -> list[str]:
+        if not wanted:
+            return self.providers.names()
+        for name in wanted:
+            self.providers.get(name)  # NotFound naming it
+        return [n for n in self.providers.names() if n in wanted]
+
+    async def search(self, actor: Actor, text: str = "") -> SearchResult:
+        actor.require(Role.VIEWER, "searching")
+        query = parse_query(text)
+        names = self._provider_names(query.providers)
+        offers, failures, fetched = await self._gather_offers(names)
+        matched = query.sort(o for o in offers if query.matches(o))
+        limit = query.limit or 10
+        age = int((self.clock.now() - fetched).total_seconds()) if fetched else 0
+        return SearchResult(query=text, description=query.describe(), offers=matched[:limit],
+                            total_matches=len(matched), providers=names, failures=failures,
+                            price_age_s=max(age, 0),
+                            simulated=any(o.simulated for o in matched) or self._any_simulated(names))
+
+    def _any_simulated(self, names: list[str]) -> bool:
+        return any(self.providers.get(n).capabilities.simulated for n in names)
+
+    # --- templates -----------------------------------------------------------------------
+    def list_templates(self, actor: Actor) -> TemplateList:
+        actor.require(Role.VIEWER, "listing templates")
+        return TemplateList(templates=[_summary(t, self.templates) for t in self.templates.all()])
+
+    def show_template(self, actor: Actor, name: str) -> TemplateDetail:
+        actor.require(Role.VIEWER, "showing templates")
+        t = self.templates.get(name)
+        return TemplateDetail(summary=_summary(t, self.templates), fields=t.display_fields(),
+                              overrides=self.templates.override_help(t))
+
+    # --- boot ----------------------------------------------------------------------------
+    async def boot(self, actor: Actor, template_name: str, *, offer: str | None = None,
+                   provider: str | None = None, overrides: dict[str, str] | None = None,
+                   idempotency_key: str | None = None, confirm: bool = False, wait: bool = False,
+                   progress: Progress | None = None) -> BootResult | Confirmation:
+        actor.require(Role.MEMBER, "booting an instance")
+        template = self.templates.get(template_name)
+        raw_overrides = dict(overrides or {})
+        checked = validate_overrides(template, raw_overrides)
+        template = checked.template
+        cleaned = checked.as_json()           # secrets masked: this is what is stored and shown
+        key = idempotency_key or f"gh-{uuid.uuid4().hex}"
+        if len(key) > 200:
+            raise InvalidInput("The idempotency key is too long (at most 200 characters).")
+
+        with self.db.session() as s:
+            existing = s.exec(select(Instance).where(Instance.idempotency_key == key)).scalars().first()  # type: ignore[call-overload]
+            if existing is not None:
+                return BootResult(instance=self._view(s, existing), offer=None, replayed=True,
+                                  ready=existing.state == InstanceState.RUNNING.value,
+                                  simulated=existing.simulated)
+
+        candidates = await self._choose_offers(template, offer=offer, provider=provider)
+        chosen = candidates[0]
+        max_dph = template.max_dph
+        if max_dph is not None and chosen.dph > max_dph and not confirm:
+            return self._price_confirmation(template, chosen, max_dph, key, raw_overrides, provider)
+        if max_dph is not None:
+            # never silently fall through to a pricier offer than the one the user accepted
+            candidates = [c for c in candidates if c.dph <= max(max_dph, chosen.dph)]
+
+        await _call(progress, f"Booting {template.name} on {chosen.provider} ({chosen.gpu_name} "
+                              f"x{chosen.num_gpus}, {rate(chosen.dph)})")
+        instance = self._write_intent(actor, template, chosen, key, cleaned)
+        last_error: GpuherdError | None = None
+        for candidate in candidates[:BOOT_CANDIDATES]:
+            try:
+                pinst = await self._create_at_provider(instance, template, candidate, key)
+            except CapacityError as exc:
+                last_error = exc
+                if offer:  # the user named this offer: do not swap it silently
+                    break
+                await _call(progress, f"{candidate.ref} was taken; trying the next cheapest offer")
+                continue
+            except GpuherdError as exc:
+                last_error = exc
+                break
+            view = self._record_created(actor, instance.id, candidate, pinst, template)
+            await self.hub.publish(Notice(kind="instance.booting", at=self.clock.now(), owner=actor.principal,
+                                          team=actor.team, instance_id=view.id, simulated=view.simulated,
+                                          text=f"{actor.name} booted {view.id} ({template.name}) on "
+                                               f"{view.provider}, {rate(view.dph)}"))
+            ready = False
+            if wait:
+                view, ready = await self._wait_ready(view.id, template, progress)
+            note = (f"Above the {rate(max_dph)} limit; confirmed by {actor.name}"
+                    if max_dph is not None and candidate.dph > max_dph else None)
+            return BootResult(instance=view, offer=candidate, ready=ready, price_note=note,
+                              overrides={k: str(v) for k, v in cleaned.items()}, simulated=view.simulated)
+        self._mark_failed(actor, instance.id, last_error)
+        assert last_error is not None
+        raise last_error
+
+    def _price_confirmation(self, template: Template, offer: Offer, max_dph: Decimal, key: str,
+                            overrides: dict[str, str], provider: str | None) -> Confirmation:
+        parts = [f"/gpu boot {template.name}", f"offer={offer.ref}"]
+        parts += [f"{k}={_quote(v)}" for k, v in overrides.items()]
+        parts += [f"key={key}", "confirm=yes"]
+        return Confirmation(
+            action="boot", title="Price above limit", command=" ".join(parts),
+            prompt=(f"The cheapest matching offer is {offer.gpu_name} x{offer.num_gpus} on {offer.provider} at "
+                    f"{rate(offer.dph)}, above the {rate(max_dph)} limit of '{template.name}'. "
+                    f"That is {usd(offer.dph * HOURS_PER_DAY)} a day, "
+                    f"{usd(offer.dph * HOURS_PER_MONTH)} a month if left running. Boot anyway?"),
+            cost_per_hour=offer.dph, cost_per_day=offer.dph * HOURS_PER_DAY,
+            cost_per_month=offer.dph * HOURS_PER_MONTH, simulated=offer.simulated)
+
+    async def _choose_offers(self, template: Template, *, offer: str | None,
+                             provider: str | None) -> list[Offer]:
+        """Offers that fit the template, cheapest first (price limit applied by the caller)."""
+        if offer:
+            if ":" not in offer:
+                raise InvalidInput(f"offer='{offer}' should look like <provider>:<id>, e.g. sandbox:sb-0042.")
+            pname, oid = offer.split(":", 1)
+            found = await self.providers.get(pname).get_offer(oid)
+            if found is None:
+                raise NotFound(f"Offer {offer} is not available any more. Run /gpu search for current offers.")
+            problem = template.offer_rejection(found)
+            if problem:
+                raise InvalidInput(f"Offer {offer} does not fit template '{template.name}': {problem}.")
+            return [found]
+        allowed = set(template.providers) if template.providers else None
+        if provider:
+            self.providers.get(provider)
+            if allowed is not None and provider not in allowed:
+                raise InvalidInput(f"Template '{template.name}' may only boot on {', '.join(sorted(allowed))}.")
+            allowed = {provider}
+        names = self._provider_names(allowed) if allowed else self.providers.names()
+        if not names:
+            raise NoMatchingOffer(f"No configured provider may run '{template.name}' "
+                                  f"(allowed: {', '.join(sorted(allowed or []))}).")
+        offers, failures, _ = await self._gather_offers(names)
+        fitting = [o for o in offers if template.offer_rejection(o) is None]
+        fitting.sort(key=lambda o: (o.dph, -o.reliability, o.ref))
+        if not fitting:
+            failed = f" ({'; '.join(failures.values())})" if failures else ""
+            raise NoMatchingOffer(f"No offer fits '{template.name}' right now: it needs "
+                                  f"{template.constraint_text()}{failed}.")
+        return fitting
+
+    def _write_intent(self, actor: Actor, template: Template, offer: Offer, key: str,
+                      cleaned: dict[str, Any]) -> Instance:
+        """The intent row is committed before the provider is called: a crash after the provider
+        creates the machine leaves a row whose key matches the machine's label."""
+        now = self.clock.now()
+        with self.db.session() as s:
+            taken = set(s.exec(select(Instance.id)).scalars())  # type: ignore[call-overload]
+            inst = Instance(id=new_instance_id(taken), idempotency_key=key, provider=offer.provider,
+                            offer_id=offer.offer_id, owner=actor.principal, team=actor.team,
+                            template=template.name, state=InstanceState.PENDING.value,
+                            gpu_name=offer.gpu_name, num_gpus=offer.num_gpus, dph_micros=to_micros(offer.dph),
+                            storage_dph_micros=to_micros(offer.storage_rate(template.disk_gb)),
+                            disk_gb=template.disk_gb, simulated=offer.simulated,
+                            overrides=json.dumps(cleaned),
+                            created_at=now, updated_at=now)
+            s.add(inst)
+            s.commit()
+            return inst
+
+    async def _create_at_provider(self, instance: Instance, template: Template, offer: Offer,
+                                  key: str) -> ProviderInstance:
+        provider = self.providers.get(offer.provider)
+        request = CreateRequest(offer_id=offer.offer_id, label=key, **template.to_create_fields())
+        try:
+            # a create is not safely repeatable: on a timeout the machine may exist, so look for
+            # our label instead of calling create again
+            return await provider.create(request)
+        except ProviderError as exc:
+            if not exc.retryable:
+                raise
+            found = await self._find_by_label(provider, key)
+            if found is not None:
+                return found
+            raise
+
+    async def _find_by_label(self, provider: Provider, label: str) -> ProviderInstance | None:
+        try:
+            listed = await with_retries(provider.list, sleep=self._sleep, what=f"{provider.name} list")
+        except ProviderError:
+            return None
+        return next((p for p in listed if p.label == label), None)
+
+    def _record_created(self, actor: Actor, instance_id: str, offer: Offer, pinst: ProviderInstance,
+                        template: Template) -> InstanceView:
+        now = self.clock.now()
+        with self.db.session() as s:
+            inst = s.get(Instance, instance_id)
+            assert inst is not None
+            inst.provider = offer.provider
+            inst.provider_id = pinst.provider_id
+            inst.offer_id = offer.offer_id
+            inst.gpu_name = pinst.gpu_name or offer.gpu_name
+            inst.num_gpus = pinst.num_gpus or offer.num_gpus
+            if pinst.dph:
+                inst.dph_micros = to_micros(pinst.dph)
+            if pinst.storage_dph:
+                inst.storage_dph_micros = to_micros(pinst.storage_dph)
+            inst.state = (_STATE_MAP.get(pinst.state) or InstanceState.PROVISIONING).value
+            inst.endpoint = pinst.endpoint
+            inst.started_at = now
+            inst.last_activity_at = now
+            inst.updated_at = now
+            inst.version += 1
+            s.add(inst)
+            Ledger.open(s, inst, COMPUTE, inst.dph_micros, now)
+            audit_log.record(s, actor, "boot", now=now, instance_id=inst.id, template=template.name,
+                             provider=inst.provider, offer=offer.ref, gpu=f"{inst.gpu_name} x{inst.num_gpus}",
+                             dph=str(from_micros(inst.dph_micros)), overrides=json.loads(inst.overrides))
+            s.commit()
+            return self._view(s, inst)
+
+    def _mark_failed(self, actor: Actor, instance_id: str, error: GpuherdError | None) -> None:
+        now = self.clock.now()
+        with self.db.session() as s:
+            inst = s.get(Instance, instance_id)
+            if inst is None:
+                return
+            inst.state = InstanceState.FAILED.value
+            inst.status_message = (error.message if error else "create failed")[:500]
+            inst.updated_at = now
+            s.add(inst)
+            audit_log.record(s, actor, "boot", now=now, instance_id=inst.id, ok=False,
+                             template=inst.template, error=inst.status_message)
+            s.commit()
+
+    async def _wait_ready(self, instance_id: str, template: Template | None,
+                          progress: Progress | None) -> tuple[InstanceView, bool]:
+        """Poll the provider until the machine runs and its health check passes, or time out."""
+        started = self.clock.monotonic()
+        deadline = started + self.settings.boot_timeout_s
+        last_state = None
+        while True:
+            with self.db.session() as s:
+                inst = self._get(s, instance_id)
+                provider = self.providers.get(inst.provider)
+            pinst = await provider.get(inst.provider_id) if inst.provider_id else None
+            view = self._sync(instance_id, pinst)
+            if view.state != last_state:
+                await _call(progress, f"{view.id}: {view.state}")
+                last_state = view.state
+            if pinst is not None and pinst.state is ProviderState.RUNNING:
+                path = template.health_path if template else None
+                port = template.health_port if template else None
+                if await provider.health(pinst, path, port):
+                    await _call(progress, f"{view.id}: healthy")
+                    return view, True
+            if view.state in (InstanceState.STOPPED.value, InstanceState.ERROR.value) or \
+                    InstanceState(view.state).is_final:
+                return view, False
+            if self.clock.monotonic() >= deadline:
+                await _call(progress, f"{view.id}: not healthy after {int(self.settings.boot_timeout_s)} s")
+                return view, False
+            await self._sleep(self.settings.poll_interval_s)
+
+    # --- provider state sync -------------------------------------------------------------
+    def _sync(self, instance_id: str, pinst: ProviderInstance | None) -> InstanceView:
+        """Bring our record in line with what the provider reports; bill the transition."""
+        now = self.clock.now()
+        with self.db.session() as s:
+            inst = self._get(s, instance_id)
+            self._apply_provider_state(s, inst, pinst, now)
+            s.commit()
+            return self._view(s, inst)
+
+    def _apply_provider_state(self, s: Session, inst: Instance, pinst: ProviderInstance | None,
+                              now: datetime) -> None:
+        state = inst.state_enum
+        if state.is_final or state is InstanceState.PENDING:
+            return
+        if pinst is None or pinst.state is ProviderState.DESTROYED:
+            Ledger.close(s, inst.id, now)
+            inst.state = InstanceState.LOST.value
+            inst.status_message = "gone at the provider"
+            inst.destroyed_at = now
+            audit_log.record(s, system_actor("sync"), "instance.lost", now=now, instance_id=inst.id,
+                             provider=inst.provider, provider_id=inst.provider_id)
+        else:
+            new = _STATE_MAP.get(pinst.state, state)
+            if state is InstanceState.STOPPED and new in BILLED_AS_COMPUTE and new is not InstanceState.STOPPING:
+                # started outside gpuherd: storage ends, compute begins
+                Ledger.close(s, inst.id, now, STORAGE)
+                Ledger.open(s, inst, COMPUTE, inst.dph_micros, now)
+                inst.started_at = now
+            elif state in BILLED_AS_COMPUTE and new is InstanceState.STOPPED:
+                # stopped outside gpuherd
+                Ledger.close(s, inst.id, now, COMPUTE)
+                if inst.storage_dph_micros:
+                    Ledger.open(s, inst, STORAGE, inst.storage_dph_micros, now)
+                inst.stopped_at = now
+            if state is InstanceState.STARTING and new is InstanceState.STOPPED:
+                new = InstanceState.STARTING  # provider has not caught up with our start yet
+            inst.state = new.value
+            inst.endpoint = pinst.endpoint or inst.endpoint
+            inst.status_message = pinst.message
+        inst.updated_at = now
+        inst.version += 1
+        s.add(inst)
+
+    async def refresh(self, instances: list[Instance]) -> None:
+        """One list call per provider, then sync each instance."""
+        by_provider: dict[str, list[Instance]] = {}
+        for inst in instances:
+            if not inst.state_enum.is_final and inst.state != InstanceState.PENDING.value and inst.provider_id:
+                by_provider.setdefault(inst.provider, []).append(inst)
+        if not by_provider:
+            return
+        names = [n for n in by_provider if n in self.providers]
+        listed = await asyncio.gather(*(self.providers.get(n).list() for n in names), return_exceptions=True)
+        now = self.clock.now()
+        with self.db.session() as s:
+            for name, result in zip(names, listed, strict=True):
+                if isinstance(result, BaseException):
+                    log.warning("could not list %s: %s", name, result)
+                    continue
+                seen = {p.provider_id: p for p in result}
+                for inst in by_provider[name]:
+                    fresh = s.get(Instance, inst.id)
+                    if fresh is not None:
+                        self._apply_provider_state(s, fresh, seen.get(fresh.provider_id or ""), now)
+            s.commit()
+
+    # --- start / stop / destroy ----------------------------------------------------------
+    def _get(self, s: Session, instance_id: str) -> Instance:
+        iid = normalise_instance_id(instance_id)
+        inst = s.get(Instance, iid) if ID_RE.match(iid) else None
+        if inst is None:
+            raise NotFound(f"No instance '{instance_id}'. /gpu status lists yours (ids look like g-7f3a).")
+        return inst
+
+    def _get_for_action(self, s: Session, actor: Actor, instance_id: str, doing: str) -> Instance:
+        actor.require(Role.MEMBER, doing)
+        inst = self._get(s, instance_id)
+        if not actor.may_act_on(inst):
+            raise PermissionDenied(f"{inst.id} belongs to {inst.owner}; members may only {doing.split()[0]} "
+                                   "their own instances. Ask its owner or an admin.")
+        return inst
+
+    def _replay(self, key: str | None, action: str, model: type[R]) -> R | None:
+        if not key:
+            return None
+        with self.db.session() as s:
+            rec = s.get(ActionRecord, f"{action}:{key}")
+            return model.model_validate_json(rec.result) if rec else None
+
+    def _remember(self, s: Session, key: str | None, action: str, actor: Actor, instance_id: str,
+                  result: BaseModel) -> None:
+        if key:
+            s.add(ActionRecord(key=f"{action}:{key}", action=action, actor=actor.principal,
+                               instance_id=instance_id, result=result.model_dump_json(),
+                               created_at=self.clock.now()))
+
+    def _claim(self, s: Session, inst: Instance, to_state: InstanceState) -> bool:
+        """Move to a transitional state only if nobody changed the row since we read it, so two
+        processes (or a double click) never act on one instance twice."""
+        result = s.exec(update(Instance).where(Instance.id == inst.id, Instance.version == inst.version)  # type: ignore[call-overload]
+                        .values(state=to_state.value, version=inst.version + 1, updated_at=self.clock.now()))
+        s.commit()
+        if result.rowcount == 1:
+            inst.state = to_state.value
+            inst.version += 1
+            return True
+        return False
+
+    async def stop(self, actor: Actor, instance_id: str, *, idempotency_key: str | None = None) -> StopResult:
+        replay = self._replay(idempotency_key, "stop", StopResult)
+        if replay:
+            return replay
+        with self.db.session() as s:
+            inst = self._get_for_action(s, actor, instance_id, "stop an instance")
+            state = inst.state_enum
+            if state is InstanceState.STOPPED:
+                since = as_utc(inst.stopped_at).strftime("%Y-%m-%d %H:%M UTC") if inst.stopped_at else "earlier"
+                raise Conflict(f"{inst.id} is already stopped (since {since}); it is billed only for storage. "
+                               f"/gpu destroy {inst.id} ends that too.")
+            if state.is_final:
+                raise Conflict(f"{inst.id} is {state.value}; there is nothing to stop.")
+            if state in (InstanceState.PENDING, InstanceState.STOPPING):
+                raise Conflict(f"{inst.id} is {state.value}; try again in a moment.")
+            provider = self.providers.get(inst.provider)
+            if not provider.capabilities.can_stop:
+                raise Conflict(f"{provider.display_name} cannot stop machines (only destroy): "
+                               f"/gpu destroy {inst.id}.")
+            previous = inst.state
+            if not self._claim(s, inst, InstanceState.STOPPING):
+                raise Conflict(f"{inst.id} changed while you asked (another stop or start?). Check /gpu status {inst.id}.")
+        try:
+            await with_retries(lambda: provider.stop(inst.provider_id or ""), sleep=self._sleep,
+                               what=f"stop {inst.id}")
+        except GpuherdError as exc:
+            self._revert(actor, inst.id, previous, "stop", exc)
+            raise ProviderError(inst.provider, f"stopping {inst.id} failed: {exc.message}. It is still "
+                                               "running and billing; try again or destroy it.") from None
+        now = self.clock.now()
+        with self.db.session() as s:
+            inst = self._get(s, inst.id)
+            session_start = inst.started_at or inst.created_at
+            Ledger.close(s, inst.id, now, COMPUTE)
+            if provider.capabilities.storage_bills_while_stopped and inst.storage_dph_micros:
+                Ledger.open(s, inst, STORAGE, inst.storage_dph_micros, now)
+            inst.state = InstanceState.STOPPED.value
+            inst.stopped_at = now
+            inst.updated_at = now
+            inst.version += 1
+            s.add(inst)
+            s.flush()
+            cost = Ledger.instance_cost(s, inst.id, now, since=session_start, kind=COMPUTE)
+            seconds = max(0, int((now - as_utc(session_start)).total_seconds()))
+            result = StopResult(instance=self._view(s, inst), session_cost=cost, session_s=seconds,
+                                storage_dph=from_micros(inst.storage_dph_micros), simulated=inst.simulated)
+            audit_log.record(s, actor, "stop", now=now, instance_id=inst.id, cost=cost, session_s=seconds)
+            self._remember(s, idempotency_key, "stop", actor, inst.id, result)
+            s.commit()
+        await self.hub.publish(Notice(kind="instance.stopped", at=now, owner=inst.owner, team=inst.team,
+                                      instance_id=inst.id, simulated=inst.simulated,
+                                      text=f"{actor.name} stopped {inst.id}: session cost {usd(cost)}"))
+        return result
+
+    def _revert(self, actor: Actor, instance_id: str, state: str, action: str, exc: GpuherdError) -> None:
+        now = self.clock.now()
+        with self.db.session() as s:
+            inst = self._get(s, instance_id)
+            inst.state = state
+            inst.updated_at = now
+            inst.version += 1
+            s.add(inst)
+            audit_log.record(s, actor, action, now=now, instance_id=instance_id, ok=False, error=exc.message)
+            s.commit()
+
+    async def start(self, actor: Actor, instance_id: str, *, idempotency_key: str | None = None,
+                    wait: bool = True, progress: Progress | None = None) -> StartResult:
+        replay = self._replay(idempotency_key, "start", StartResult)
+        if replay:
+            return replay
+        with self.db.session() as s:
+            inst = self._get_for_action(s, actor, instance_id, "start an instance")
+            state = inst.state_enum
+            if state in (InstanceState.RUNNING, InstanceState.STARTING, InstanceState.LOADING,
+                         InstanceState.PROVISIONING):
+                raise Conflict(f"{inst.id} is already {state.value}.")
+            if state is not InstanceState.STOPPED:
+                raise Conflict(f"{inst.id} is {state.value}; only a stopped instance can be started.")
+            provider = self.providers.get(inst.provider)
+            if not self._claim(s, inst, InstanceState.STARTING):
+                raise Conflict(f"{inst.id} changed while you asked. Check /gpu status {inst.id}.")
+        try:
+            await with_retries(lambda: provider.start(inst.provider_id or ""), sleep=self._sleep,
+                               what=f"start {inst.id}")
+        except GpuherdError as exc:
+            self._revert(actor, inst.id, InstanceState.STOPPED.value, "start", exc)
+            raise ProviderError(inst.provider, f"starting {inst.id} failed: {exc.message}. "
+                                               "It is still stopped.") from None
+        now = self.clock.now()
+        with self.db.session() as s:
+            inst = self._get(s, inst.id)
+            Ledger.close(s, inst.id, now, STORAGE)
+            Ledger.open(s, inst, COMPUTE, inst.dph_micros, now)
+            inst.started_at = now
+            inst.last_activity_at = now
+            inst.updated_at = now
+            inst.version += 1
+            s.add(inst)
+            audit_log.record(s, actor, "start", now=now, instance_id=inst.id, dph=str(from_micros(inst.dph_micros)))
+            s.commit()
+        await _call(progress, f"Starting {inst.id}…")
+        template = self.templates.find(inst.template)
+        began = self.clock.monotonic()
+        view, ready = (await self._wait_ready(inst.id, template, progress) if wait
+                       else (self._sync(inst.id, await provider.get(inst.provider_id or "")), False))
+        result = StartResult(instance=view, ready=ready, waited_s=round(self.clock.monotonic() - began, 1),
+                             simulated=inst.simulated)
+        with self.db.session() as s:
+            self._remember(s, idempotency_key, "start", actor, inst.id, result)
+            s.commit()
+        return result
+
+    async def destroy(self, actor: Actor, instance_id: str, *, confirm: bool = False,
+                      idempotency_key: str | None = None) -> DestroyResult | Confirmation:
+        replay = self._replay(idempotency_key, "destroy", DestroyResult)
+        if replay:
+            return replay
+        with self.db.session() as s:
+            inst = self._get_for_action(s, actor, instance_id, "destroy an instance")
+            state = inst.state_enum
+            if state.is_final:
+                raise Conflict(f"{inst.id} is already {state.value}.")
+            if not confirm:
+                key = f" key={idempotency_key}" if idempotency_key else ""
+                return Confirmation(
+                    action="destroy", title=f"Destroy {inst.id}?", command=f"/gpu destroy {inst.id} confirm=yes{key}",
+                    prompt=(f"Destroy {inst.id} ({inst.template}, {inst.gpu_name} x{inst.num_gpus} on "
+                            f"{inst.provider})? Its disk and everything on it are deleted; billing ends."),
+                    simulated=inst.simulated)
+            provider = self.providers.get(inst.provider)
+            version = inst.version
+        if inst.provider_id:
+            try:
+                await with_retries(lambda: provider.destroy(inst.provider_id or ""), sleep=self._sleep,
+                                   what=f"destroy {inst.id}")
+            except GpuherdError as exc:
+                gone = await provider.get(inst.provider_id) if not isinstance(exc, PermissionDenied) else None
+                if gone is not None:
+                    with self.db.session() as s:
+                        audit_log.record(s, actor, "destroy", now=self.clock.now(), instance_id=inst.id,
+                                         ok=False, error=exc.message)
+                        s.commit()
+                    raise ProviderError(inst.provider, f"destroying {inst.id} failed: {exc.message}. "
+                                                       "It still exists; try again.") from None
+        now = self.clock.now()
+        with self.db.session() as s:
+            changed = s.exec(update(Instance).where(Instance.id == inst.id, Instance.version == version)  # type: ignore[call-overload]
+                             .values(state=InstanceState.DESTROYED.value, destroyed_at=now, updated_at=now,
+                                     version=version + 1))
+            if changed.rowcount != 1:
+                s.rollback()
+                raise Conflict(f"{inst.id} changed while you asked. Check /gpu status {inst.id}.")
+            Ledger.close(s, inst.id, now)
+            inst = self._get(s, inst.id)
+            total = Ledger.instance_cost(s, inst.id, now)
+            result = DestroyResult(instance=self._view(s, inst), total_cost=total, simulated=inst.simulated)
+            audit_log.record(s, actor, "destroy", now=now, instance_id=inst.id, cost=total)
+            self._remember(s, idempotency_key, "destroy", actor, inst.id, result)
+            s.commit()
+        await self.hub.publish(Notice(kind="instance.destroyed", at=now, owner=inst.owner, team=inst.team,
+                                      instance_id=inst.id, simulated=inst.simulated,
+                                      text=f"{actor.name} destroyed {inst.id}: total cost {usd(total)}"))
+        return result
+
+    # --- keep / activity -----------------------------------------------------------------
+    async def keep(self, actor: Actor, instance_id: str, duration: str | None = None) -> KeepResult:
+        span = parse_duration(duration) if duration else DEFAULT_KEEP
+        if span <= timedelta(0):
+            raise InvalidInput(f"Keep for how long? '{duration}' is not a positive duration (try 1h, 30m, 2d).")
+        if span > MAX_KEEP:
+            raise InvalidInput(f"Keep for at most {format_duration(MAX_KEEP)}; '{duration}' is longer. "
+                               "Idle machines cost money: ask again later.")
+        now = self.clock.now()
+        with self.db.session() as s:
+            inst = self._get_for_action(s, actor, instance_id, "keep an instance")
+            if inst.state_enum.is_final:
+                raise Conflict(f"{inst.id} is {inst.state}; there is nothing to keep.")
+            until = now + span
+            inst.keep_until = until
+            inst.last_activity_at = now
+            inst.updated_at = now
+            inst.version += 1
+            s.add(inst)
+            self._add_activity(s, inst.id, "keep", now, f"by {actor.principal} for {format_duration(span)}")
+            audit_log.record(s, actor, "keep", now=now, instance_id=inst.id, until=until.isoformat())
+            s.commit()
+            return KeepResult(instance=self._view(s, inst), until=until, simulated=inst.simulated)
+
+    def record_activity(self, actor: Actor, instance_id: str, source: str = "ping",
+                        detail: str | None = None) -> InstanceView:
+        """An explicit sign of use (API ping, notebook heartbeat)."""
+        actor.require(Role.MEMBER, "reporting activity")
+        now = self.clock.now()
+        with self.db.session() as s:
+            inst = self._get(s, instance_id)
+            inst.last_activity_at = now
+            s.add(inst)
+            self._add_activity(s, inst.id, source, now, detail)
+            s.commit()
+            return self._view(s, inst)
+
+    @staticmethod
+    def _add_activity(s: Session, instance_id: str, source: str, now: datetime, detail: str | None) -> None:
+        from .models import Activity
+        s.add(Activity(instance_id=instance_id, ts=now, source=source, detail=(detail or "")[:256]))
+
+    # --- status --------------------------------------------------------------------------
+    async def status(self, actor: Actor, instance_id: str | None = None, *, include_ended: bool = False,
+                     refresh: bool = True) -> StatusResult:
+        actor.require(Role.VIEWER, "viewing status")
+        with self.db.session() as s:
+            if instance_id:
+                rows = [self._get(s, instance_id)]
+            else:
+                stmt = select(Instance).order_by(Instance.created_at.desc())  # type: ignore[union-attr]
+                if not include_ended:
+                    stmt = stmt.where(Instance.state.not_in([st.value for st in InstanceState if st.is_final]))
+                rows = list(s.exec(stmt).scalars())  # type: ignore[call-overload]
+        if refresh:
+            await self.refresh(rows)
+        with self.db.session() as s:
+            fresh = [s.get(Instance, r.id) for r in rows]
+            views = self._views(s, [f for f in fresh if f is not None])
+            run_rate = Ledger.run_rate(s)
+        return StatusResult(instances=views, run_rate=run_rate, include_ended=include_ended,
+                            simulated=any(v.simulated for v in views) or self.simulated)
+
+    def _view(self, s: Session, inst: Instance) -> InstanceView:
+        return self._views(s, [inst])[0]
+
+    def _views(self, s: Session, rows: list[Instance]) -> list[InstanceView]:
+        now = self.clock.now()
+        accrued = Ledger.costs_by_instance(s, [r.id for r in rows], now)
+        views = []
+        for inst in rows:
+            state = inst.state_enum
+            up = state in BILLED_AS_COMPUTE
+            current = (from_micros(inst.dph_micros) if up else
+                       from_micros(inst.storage_dph_micros) if state is InstanceState.STOPPED else Decimal(0))
+            started = as_utc(inst.started_at) if inst.started_at else None
+            last = as_utc(inst.last_activity_at) if inst.last_activity_at else started
+            views.append(InstanceView(
+                id=inst.id, provider=inst.provider, provider_id=inst.provider_id, owner=inst.owner,
+                team=inst.team, template=inst.template, state=inst.state, gpu_name=inst.gpu_name,
+                num_gpus=inst.num_gpus, dph=from_micros(inst.dph_micros),
+                storage_dph=from_micros(inst.storage_dph_micros), current_dph=current,
+                accrued=accrued.get(inst.id, Decimal(0)),
+                uptime_s=int((now - started).total_seconds()) if up and started else None,
+                idle_for_s=int((now - last).total_seconds()) if up and last else None,
+                keep_until=as_utc(inst.keep_until) if inst.keep_until and as_utc(inst.keep_until) > now else None,
+                endpoint=inst.endpoint, created_at=as_utc(inst.created_at),
+                stopped_at=as_utc(inst.stopped_at) if inst.stopped_at and state is InstanceState.STOPPED else None,
+                message=inst.status_message, simulated=inst.simulated))
+        return views
+
+    # --- money ---------------------------------------------------------------------------
+    def costs(self, actor: Actor, period: str | None = None, by: str | None = None) -> CostReport:
+        actor.require(Role.VIEWER, "viewing costs")
+        group_by = (by or "user").lower()
+        if group_by not in ("user", "team", "template", "provider"):
+            raise InvalidInput(f"Cannot group costs by '{by}': use by=user, team, template or provider.")
+        now = self.clock.now()
+        span = parse_period(period, now)
+        month = month_of(now)
+        with self.db.session() as s:
+            groups = Ledger.grouped(s, span.start, span.end, now, group_by)  # type: ignore[arg-type]
+            total = sum((amount for _, amount in groups), Decimal(0))
+            running_rows = list(s.exec(select(Instance).where(  # type: ignore[call-overload]
+                Instance.state.in_([st.value for st in BILLED_AS_COMPUTE | {InstanceState.STOPPED}]))).scalars())
+            running = [v for v in self._views(s, running_rows) if v.current_dph > 0]
+            running.sort(key=lambda v: -v.current_dph)
+            run_rate = Ledger.run_rate(s)
+            mtd = Ledger.total(s, month.start, month.end, now)
+            budgets = self._budget_uses(s, actor, month.start, month.end, now)
+        return CostReport(period=span.label, start=span.start, end=span.end, group_by=group_by, total=total,
+                          groups=groups, running=running, run_rate=run_rate, month_to_date=mtd,
+                          projected_month_end=Ledger.projection(mtd, run_rate, now), budgets=budgets,
+                          simulated=self.simulated or any(v.simulated for v in running))
+
+    def instance_cost(self, actor: Actor, instance_id: str) -> InstanceCost:
+        actor.require(Role.VIEWER, "viewing costs")
+        now = self.clock.now()
+        with self.db.session() as s:
+            inst = self._get(s, instance_id)
+            view = self._view(s, inst)
+            compute = Ledger.instance_cost(s, inst.id, now, kind=COMPUTE)
+            storage = Ledger.instance_cost(s, inst.id, now, kind=STORAGE)
+            seconds = sum(((seg.end_ts or int(now.timestamp())) - seg.start_ts)
+                          for seg in Ledger.segments(s, inst.id) if seg.kind == COMPUTE)
+        hourly = view.current_dph
+        return InstanceCost(instance=view, hourly=hourly, total=compute + storage, compute=compute,
+                            storage=storage, uptime_s=max(0, seconds), projected_day=hourly * HOURS_PER_DAY,
+                            projected_month=hourly * HOURS_PER_MONTH, simulated=inst.simulated)
+
+    def _budget_uses(self, s: Session, actor: Actor, start: datetime, end: datetime,
+                     now: datetime) -> list[BudgetUse]:
+        stmt = select(Budget).order_by(Budget.scope, Budget.name)
+        if not actor.at_least(Role.ADMIN):
+            stmt = stmt.where(((Budget.scope == "team") & (Budget.name == actor.team))
+                              | ((Budget.scope == "user") & (Budget.name == actor.principal)))
+        uses = []
+        for b in s.exec(stmt).scalars():  # type: ignore[call-overload]
+            where = {"team": b.name} if b.scope == "team" else {"user": b.name}
+            uses.append(BudgetUse(scope=b.scope, name=b.name, limit=from_micros(b.monthly_micros),
+                                  spent=Ledger.total(s, start, end, now, **where), hard_cap=b.hard_cap))
+        return uses
+
+    def budgets(self, actor: Actor) -> BudgetResult:
+        actor.require(Role.VIEWER, "viewing budgets")
+        now = self.clock.now()
+        month = month_of(now)
+        with self.db.session() as s:
+            return BudgetResult(budgets=self._budget_uses(s, actor, month.start, month.end, now), period=month.label)
+
+    def set_budget(self, actor: Actor, scope: str, name: str, amount: str | Decimal,
+                   hard_cap: bool | None = None) -> BudgetResult:
+        actor.require(Role.ADMIN, "setting budgets")
+        if scope not in ("team", "user"):
+            raise InvalidInput(f"Budgets are per team or per user, not '{scope}': /gpu budget set team=ml 500")
+        if not name or len(name) > 128:
+            raise InvalidInput("Name the team or user the budget is for.")
+        try:
+            value = to_decimal(amount)
+        except ValueError:
+            raise InvalidInput(f"'{amount}' is not an amount in USD (e.g. 500 or 1250.50).") from None
+        if value <= 0:
+            raise InvalidInput(f"A budget must be more than $0; got {amount}. To remove one: /gpu budget clear {scope}={name}")
+        if value > MAX_BUDGET:
+            raise InvalidInput(f"{usd(value)} a month is not a plausible budget (limit {usd(MAX_BUDGET)}); check the amount.")
+        if value.as_tuple().exponent < -2:  # type: ignore[operator]
+            raise InvalidInput(f"Budgets are in whole cents; got {amount}.")
+        now = self.clock.now()
+        with self.db.session() as s:
+            b = s.exec(select(Budget).where(Budget.scope == scope, Budget.name == name)).scalars().first()  # type: ignore[call-overload]
+            old = from_micros(b.monthly_micros) if b else None
+            b = b or Budget(scope=scope, name=name, monthly_micros=0, updated_by=actor.principal, updated_at=now)
+            b.monthly_micros = to_micros(value)
+            if hard_cap is not None:
+                b.hard_cap = hard_cap
+            b.updated_by = actor.principal
+            b.updated_at = now
+            s.add(b)
+            audit_log.record(s, actor, "budget.set", now=now, scope=scope, name=name, amount=str(value),
+                             previous=str(old) if old is not None else None, hard_cap=b.hard_cap)
+            s.commit()
+        result = self.budgets(actor)
+        changed = next((u for u in result.budgets if u.scope == scope and u.name == name), None)
+        return result.model_copy(update={"changed": changed})
+
+    def clear_budget(self, actor: Actor, scope: str, name: str) -> BudgetResult:
+        actor.require(Role.ADMIN, "removing budgets")
+        with self.db.session() as s:
+            b = s.exec(select(Budget).where(Budget.scope == scope, Budget.name == name)).scalars().first()  # type: ignore[call-overload]
+            if b is None:
+                raise NotFound(f"There is no {scope} budget for '{name}'.")
+            s.delete(b)
+            audit_log.record(s, actor, "budget.clear", now=self.clock.now(), scope=scope, name=name)
+            s.commit()
+        return self.budgets(actor)
+
+    # --- audit ---------------------------------------------------------------------------
+    def audit(self, actor: Actor, n: int = 20, instance_id: str | None = None) -> AuditResult:
+        actor.require(Role.ADMIN, "reading the audit log")
+        if not 1 <= n <= 500:
+            raise InvalidInput(f"Show between 1 and 500 audit events, not {n}.")
+        with self.db.session() as s:
+            iid = self._get(s, instance_id).id if instance_id else None
+            rows = audit_log.recent(s, n, iid)
+        return AuditResult(events=[AuditEntry(ts=as_utc(r.ts), actor=r.actor, source=r.source, event=r.event,
+                                              instance_id=r.instance_id,
+                                              cost=from_micros(r.cost_micros) if r.cost_micros is not None else None,
+                                              ok=r.ok, details=json.loads(r.details or "{}")) for r in rows])
+
+    # --- crash recovery ------------------------------------------------------------------
+    async def resolve_pending(self, older_than: timedelta = timedelta(minutes=2)) -> list[str]:
+        """Boot intents left by a crash: adopt the machine if the provider has our label, else
+        mark the intent failed. Returns the ids adopted. Runs at start."""
+        cutoff = self.clock.now() - older_than
+        with self.db.session() as s:
+            pending = [i for i in s.exec(select(Instance).where(  # type: ignore[call-overload]
+                Instance.state == InstanceState.PENDING.value)).scalars() if as_utc(i.created_at) <= cutoff]
+        adopted: list[str] = []
+        system = system_actor("recovery")
+        for inst in pending:
+            if inst.provider not in self.providers:
+                continue
+            provider = self.providers.get(inst.provider)
+            try:
+                listed = await provider.list()
+            except ProviderError as exc:
+                log.warning("cannot resolve pending %s: %s", inst.id, exc.message)
+                continue
+            found = next((p for p in listed if p.label == inst.idempotency_key), None)
+            if found is None:
+                self._mark_failed(system, inst.id, GpuherdError("boot interrupted before the provider created it"))
+                continue
+            offer = Offer(provider=inst.provider, offer_id=inst.offer_id or "", gpu_name=inst.gpu_name,
+                          num_gpus=inst.num_gpus, gpu_ram=0, dph=from_micros(inst.dph_micros),
+                          simulated=inst.simulated)
+            template = self.templates.find(inst.template) or self.templates.all()[0]
+            self._record_created(system, inst.id, offer, found, template)
+            adopted.append(inst.id)
+        return adopted
+
+    def instance_count(self) -> int:
+        with self.db.session() as s:
+            return int(s.exec(select(func.count()).select_from(Instance)).one()[0])  # type: ignore[call-overload]
+
+
+def _quote(value: str) -> str:
+    return f'"{value}"' if any(c.isspace() for c in value) else value
+
+
+def _summary(t: Template, catalog: TemplateCatalog) -> TemplateSummary:
+    return TemplateSummary(name=t.name, description=t.description, model=t.model, min_gpu_ram=t.min_gpu_ram,
+                           num_gpus=t.num_gpus, max_dph=t.max_dph, idle_minutes=t.idle_minutes,
+                           source="built-in" if t.source == "builtin" else t.source)

@@ -1,0 +1,1 @@
+"""The Jupyter panel and %gpu magics (a later issue)."""

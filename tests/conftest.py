@@ -1,0 +1,98 @@
+"""Shared fixtures. Database tests run on SQLite always and on PostgreSQL when
+GPUHERD_TEST_POSTGRES_URL is set (CI sets it; see DEVELOPERS.md); otherwise the PostgreSQL
+variants skip with the reason."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+
+from core.clock import VirtualClock
+from core.config import Settings
+from core.db import Database
+from core.notify import NotifierHub
+from core.providers.registry import ProviderRegistry
+from core.providers.sandbox import SandboxProvider
+from core.service import GpuService
+from core.templates import TemplateCatalog
+
+PG_URL = os.environ.get("GPUHERD_TEST_POSTGRES_URL")
+PG_SKIP = "PostgreSQL tests need GPUHERD_TEST_POSTGRES_URL (CI sets it; see DEVELOPERS.md)"
+START = datetime(2026, 11, 10, 9, 0, tzinfo=UTC)   # a Tuesday
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test reads the developer's own config or data directory."""
+    for key in list(os.environ):
+        if key.startswith("GPUHERD_") and key != "GPUHERD_TEST_POSTGRES_URL":
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("GPUHERD_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+
+
+def _pg_database() -> Iterator[str]:
+    """A fresh schema on the CI PostgreSQL for one test, dropped afterwards."""
+    assert PG_URL
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in PG_URL else "?"
+    try:
+        yield f"{PG_URL}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'gpuherd.db'}"
+    else:
+        if not PG_URL:
+            pytest.skip(PG_SKIP)
+        yield from _pg_database()
+
+
+@pytest.fixture
+def database(db_url: str) -> Iterator[Database]:
+    db = Database(db_url)
+    db.upgrade()
+    yield db
+    db.dispose()
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock(START)
+
+
+@pytest.fixture
+def sandbox(tmp_path: Path, clock: VirtualClock) -> SandboxProvider:
+    return SandboxProvider(tmp_path / "sandbox.json", seed=7, time_scale=0, clock=clock)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    return Settings(home=tmp_path / "home", database_url=db_url, local_user="alice", local_role="admin",
+                    poll_interval_s=0.01, boot_timeout_s=30)
+
+
+async def _no_sleep(_: float) -> None:
+    return None
+
+
+@pytest.fixture
+def service(settings: Settings, database: Database, sandbox: SandboxProvider, clock: VirtualClock) -> Iterator[GpuService]:
+    svc = GpuService(settings, database, ProviderRegistry({"sandbox": sandbox}), TemplateCatalog.load(None),
+                     clock=clock, hub=NotifierHub(), sleep=_no_sleep)
+    yield svc

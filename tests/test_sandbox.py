@@ -1,0 +1,494 @@
+"""The simulated marketplace: deterministic offers, a lazily computed state machine on a virtual
+clock, persistence across processes, and injected faults."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from core.clock import VirtualClock
+from core.errors import (
+    CapacityError,
+    ProviderStateError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+)
+from core.providers.base import CreateRequest, ProviderState
+from core.providers.sandbox import SIMULATED_NOTE, SandboxProvider, parse_faults
+
+T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
+MODELS = ("RTX 3090", "RTX 4090", "RTX A6000", "L40S", "A100 40GB", "A100 80GB", "H100 SXM",
+          "H100 PCIE", "H200")
+
+
+@pytest.fixture
+def clock() -> VirtualClock:
+    return VirtualClock(T0)
+
+
+@pytest.fixture
+def state_file(tmp_path):
+    return tmp_path / "sandbox.json"
+
+
+@pytest.fixture
+def sandbox(state_file, clock) -> SandboxProvider:
+    return SandboxProvider(state_file, clock=clock)
+
+
+def request(offer_id: str = "sb-0001", label: str = "gh-test-1", **kw) -> CreateRequest:
+    return CreateRequest(offer_id=offer_id, label=label, image="vllm/vllm-openai:latest", **kw)
+
+
+def dumped(offers):
+    return [o.model_dump() for o in offers]
+
+
+# ---------------------------------------------------------------------------- offers
+
+
+async def test_same_seed_gives_identical_offers(clock):
+    a = await SandboxProvider(seed=7, clock=clock).search()
+    b = await SandboxProvider(seed=7, clock=clock).search()
+    assert dumped(a) == dumped(b)
+
+
+async def test_different_seed_gives_different_offers(clock):
+    a = await SandboxProvider(seed=1, clock=clock).search()
+    b = await SandboxProvider(seed=2, clock=clock).search()
+    assert dumped(a) != dumped(b)
+
+
+async def test_catalogue_covers_models_with_plausible_fields(sandbox, clock):
+    offers = await sandbox.search()
+    assert 250 <= len(offers) <= 350
+    assert {o.gpu_name for o in offers} == set(MODELS)
+    ids = [o.offer_id for o in offers]
+    assert len(set(ids)) == len(ids)
+    assert all(re.fullmatch(r"sb-\d{4}", i) for i in ids)
+    for o in offers:
+        assert o.provider == "sandbox" and o.simulated
+        assert o.fetched_at == clock.now()
+        assert o.num_gpus in (1, 2, 4, 8)
+        assert o.dph == o.dph.quantize(Decimal("0.001")) and o.dph > 0
+        assert 0.90 <= o.reliability <= 0.999
+        assert Decimal("0.10") <= o.storage_cost <= Decimal("0.30")
+        assert re.fullmatch(r".+, [A-Z]{2}", o.location) and o.location.endswith(o.country)
+        assert o.cpu_cores > 0 and o.cpu_ram > 0 and o.disk_space >= 20 and o.inet_down > 0
+    by_model = {m: [o for o in offers if o.gpu_name == m] for m in MODELS}
+    assert {o.gpu_ram for o in by_model["RTX 4090"]} == {24}
+    assert {o.gpu_ram for o in by_model["A100 80GB"]} == {80}
+    assert {o.gpu_ram for o in by_model["H200"]} == {141}
+    # the model token is a word of its own, so "a100" / "h100" / "4090" match it
+    assert all("4090" in o.gpu_name.lower().split() for o in by_model["RTX 4090"])
+    assert all("h100" in o.gpu_name.lower().split() for o in by_model["H100 SXM"])
+    # a few unverified, most of them single-GPU
+    unverified = sum(not o.verified for o in offers)
+    assert 0.03 * len(offers) <= unverified <= 0.2 * len(offers)
+    assert sum(o.num_gpus == 1 for o in offers) > sum(o.num_gpus == 8 for o in offers)
+
+
+async def test_price_ordering_is_plausible(sandbox):
+    offers = await sandbox.search()
+
+    def median(model: str) -> float:
+        return statistics.median(float(o.dph_per_gpu) for o in offers if o.gpu_name == model)
+
+    assert median("H200") > median("H100 SXM") > median("A100 80GB") > median("RTX 4090")
+    assert median("RTX 4090") > median("RTX 3090")
+    assert median("A100 80GB") > median("A100 40GB")
+    assert 0.14 <= min(float(o.dph_per_gpu) for o in offers if o.gpu_name == "RTX 3090")
+    assert max(float(o.dph_per_gpu) for o in offers if o.gpu_name == "H200") <= 4.6
+
+
+async def test_dph_is_per_gpu_price_times_gpus(sandbox):
+    offers = await sandbox.search()
+    multi = [o for o in offers if o.num_gpus > 1]
+    assert multi
+    for o in multi:
+        assert abs(o.dph - o.dph_per_gpu * o.num_gpus) < Decimal("0.001")
+
+
+async def test_prices_drift_slightly_and_deterministically(clock):
+    sandbox = SandboxProvider(clock=clock)
+    before = {o.offer_id: o.dph for o in await sandbox.search()}
+    clock.advance(timedelta(days=1))
+    after = {o.offer_id: o.dph for o in await sandbox.search()}
+    assert before != after
+    assert all(abs(after[k] - before[k]) <= before[k] * Decimal("0.05") for k in before)
+    again = {o.offer_id: o.dph for o in await SandboxProvider(clock=clock).search()}
+    assert again == after
+    flat = SandboxProvider(clock=clock, price_drift=0)
+    clock.advance(timedelta(days=1))
+    first = dumped(await flat.search())
+    clock.advance(timedelta(days=3))
+    assert [o["dph"] for o in first] == [o.dph for o in await flat.search()]
+
+
+async def test_get_offer_finds_by_id(sandbox):
+    offer = await sandbox.get_offer("sb-0003")
+    assert offer is not None and offer.offer_id == "sb-0003"
+    assert await sandbox.get_offer("sb-9999") is None
+
+
+def test_identity_and_capabilities():
+    assert SandboxProvider.name == "sandbox"
+    assert SandboxProvider.display_name == "Sandbox (simulated)"
+    caps = SandboxProvider.capabilities
+    assert caps.simulated and caps.reports_gpu_utilisation and caps.storage_bills_while_stopped
+    assert caps.can_stop and caps.can_start
+    assert "Simulated" in SIMULATED_NOTE and "no real charges" in SIMULATED_NOTE
+
+
+# ---------------------------------------------------------------------------- state machine
+
+
+async def test_full_state_walk(sandbox, clock):
+    offer = await sandbox.get_offer("sb-0005")
+    created = await sandbox.create(request("sb-0005", disk_gb=50))
+    assert re.fullmatch(r"sbx-\d{6}", created.provider_id)
+    assert created.state is ProviderState.PROVISIONING
+    assert created.endpoint is None and created.gpu_util is None and created.healthy is False
+    assert created.gpu_name == offer.gpu_name and created.num_gpus == offer.num_gpus
+    assert created.dph == offer.dph
+    assert created.storage_dph == offer.storage_rate(50) > 0
+    pid = created.provider_id
+
+    seen = []
+    for _ in range(120):  # two virtual minutes, one second at a time
+        inst = await sandbox.get(pid)
+        if not seen or seen[-1] is not inst.state:
+            seen.append(inst.state)
+        if inst.healthy:
+            break
+        clock.advance(1)
+    assert seen == [ProviderState.PROVISIONING, ProviderState.LOADING, ProviderState.RUNNING]
+    assert inst.state is ProviderState.RUNNING and inst.healthy is True
+    assert inst.endpoint and ".invalid" in inst.endpoint
+    assert inst.gpu_util is not None and 0 <= inst.gpu_util <= 100
+    assert inst.started_at is not None and T0 < inst.started_at <= clock.now()
+    # nominal 10 s + 40 s + 5 s, each within +-30 %
+    assert 35 <= (clock.now() - T0).total_seconds() <= 75
+
+    stopping = await sandbox.stop(pid)
+    assert stopping.state is ProviderState.STOPPING
+    clock.advance(10)
+    stopped = await sandbox.get(pid)
+    assert stopped.state is ProviderState.STOPPED
+    assert stopped.endpoint is None and stopped.gpu_util is None and stopped.healthy is False
+    assert stopped.storage_dph == created.storage_dph
+
+    starting = await sandbox.start(pid)
+    assert starting.state is ProviderState.STARTING
+    clock.advance(8)  # starting takes 15 s +-30 %, i.e. at least 10.5 s
+    assert (await sandbox.get(pid)).state is ProviderState.STARTING
+    clock.advance(20)
+    running = await sandbox.get(pid)
+    assert running.state is ProviderState.RUNNING
+    assert running.started_at > inst.started_at
+
+    await sandbox.destroy(pid)
+    assert await sandbox.get(pid) is None
+    assert pid not in [i.provider_id for i in await sandbox.list()]
+
+
+async def test_durations_vary_per_instance_but_are_deterministic(state_file, clock):
+    sandbox = SandboxProvider(state_file, clock=clock)
+    a = await sandbox.create(request(label="a"))
+    b = await sandbox.create(request(label="b"))
+    raw = json.loads(state_file.read_text())["instances"]
+    assert raw[a.provider_id]["durations"] != raw[b.provider_id]["durations"]
+    other = SandboxProvider(clock=clock)  # in memory, same seed: same ids, same timings
+    a2 = await other.create(request(label="a"))
+    assert a2.provider_id == a.provider_id
+    assert other._memory["instances"][a2.provider_id]["durations"] == raw[a.provider_id]["durations"]
+
+
+async def test_time_scale_zero_is_instant(state_file, clock):
+    sandbox = SandboxProvider(state_file, clock=clock, time_scale=0)
+    inst = await sandbox.create(request())
+    assert inst.state is ProviderState.RUNNING and inst.healthy is True and inst.endpoint
+    assert (await sandbox.stop(inst.provider_id)).state is ProviderState.STOPPED
+    assert (await sandbox.start(inst.provider_id)).state is ProviderState.RUNNING
+
+
+async def test_time_scale_stretches_durations(clock):
+    slow = SandboxProvider(clock=clock, time_scale=10)
+    inst = await slow.create(request())
+    clock.advance(300)  # past even the slowest unscaled boot (65 s); scaled it needs >= 350 s
+    assert (await slow.get(inst.provider_id)).state in (ProviderState.PROVISIONING,
+                                                         ProviderState.LOADING)
+    clock.advance(1200)  # scaled boot takes at most 650 s, model load at most 65 s more
+    booted = await slow.get(inst.provider_id)
+    assert booted.state is ProviderState.RUNNING and booted.healthy is True
+
+
+async def test_negative_time_scale_rejected():
+    with pytest.raises(ValueError):
+        SandboxProvider(time_scale=-1)
+
+
+async def test_endpoint_uses_requested_port(clock):
+    sandbox = SandboxProvider(clock=clock, time_scale=0)
+    inst = await sandbox.create(request(ports=[8080]))
+    assert inst.endpoint.endswith(":8080")
+    assert (await sandbox.create(request(label="x"))).endpoint.endswith(":8000")
+
+
+async def test_gpu_util_is_deterministic_and_bursty(clock):
+    a = SandboxProvider(clock=clock, time_scale=0)
+    b = SandboxProvider(clock=clock, time_scale=0)
+    pa = (await a.create(request())).provider_id
+    pb = (await b.create(request())).provider_id
+    readings_a, readings_b = [], []
+    for _ in range(60):
+        clock.advance(60)
+        readings_a.append((await a.get(pa)).gpu_util)
+        readings_b.append((await b.get(pb)).gpu_util)
+    assert readings_a == readings_b
+    assert any(u >= 60 for u in readings_a) and any(u <= 5 for u in readings_a)
+    a.set_gpu_util(pa, 0)
+    assert (await a.get(pa)).gpu_util == 0
+    a.set_gpu_util(pa, None)
+    assert (await a.get(pa)).gpu_util == readings_a[-1]
+
+
+async def test_fail_puts_instance_in_error_and_start_recovers(clock):
+    sandbox = SandboxProvider(clock=clock, time_scale=0)
+    pid = (await sandbox.create(request())).provider_id
+    sandbox.fail(pid, "host lost power")
+    broken = await sandbox.get(pid)
+    assert broken.state is ProviderState.ERROR and "host lost power" in broken.message
+    assert (await sandbox.start(pid)).state is ProviderState.RUNNING
+
+
+# ---------------------------------------------------------------------------- persistence
+
+
+async def test_persistence_across_provider_objects(state_file, clock):
+    first = SandboxProvider(state_file, clock=clock)
+    inst = await first.create(request(label="gh-team-alice-7"))
+    second = SandboxProvider(state_file, clock=clock)
+    seen = await second.get(inst.provider_id)
+    assert seen is not None
+    assert seen.label == "gh-team-alice-7"
+    assert seen.dph == inst.dph and seen.gpu_name == inst.gpu_name
+    clock.advance(120)
+    assert (await second.get(inst.provider_id)).state is ProviderState.RUNNING
+    await second.stop(inst.provider_id)
+    clock.advance(30)
+    assert (await first.get(inst.provider_id)).state is ProviderState.STOPPED
+    # ids keep counting across objects
+    other = await second.create(request(label="b"))
+    assert other.provider_id != inst.provider_id
+    await first.destroy(inst.provider_id)
+    assert [i.provider_id for i in await second.list()] == [other.provider_id]
+    assert not list(state_file.parent.glob("*.tmp"))
+
+
+async def test_in_memory_provider_writes_nothing(tmp_path, clock, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sandbox = SandboxProvider(clock=clock)
+    await sandbox.create(request())
+    assert len(await sandbox.list()) == 1
+    assert list(tmp_path.iterdir()) == []
+    assert await SandboxProvider(clock=clock).list() == []
+
+
+async def test_label_round_trips_and_list_finds_it(sandbox):
+    inst = await sandbox.create(request(label="gh-default-bob-42"))
+    assert inst.label == "gh-default-bob-42"
+    assert (await sandbox.get(inst.provider_id)).label == "gh-default-bob-42"
+    assert [i.label for i in await sandbox.list()] == ["gh-default-bob-42"]
+
+
+async def test_corrupt_state_file_is_reported(state_file, clock):
+    state_file.write_text("{not json")
+    from core.errors import ProviderError
+
+    with pytest.raises(ProviderError) as info:
+        await SandboxProvider(state_file, clock=clock).list()
+    assert str(state_file) in info.value.message
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+async def test_unknown_offer_is_capacity_error(sandbox):
+    with pytest.raises(CapacityError) as info:
+        await sandbox.create(request("sb-9999"))
+    assert "sb-9999" in info.value.message and "no longer available" in info.value.message
+    assert await sandbox.list() == []
+
+
+async def test_disk_larger_than_offer_is_refused(sandbox):
+    offer = (await sandbox.search())[0]
+    with pytest.raises(CapacityError):
+        await sandbox.create(request(offer.offer_id, disk_gb=offer.disk_space + 1))
+
+
+async def test_state_errors(sandbox, clock):
+    assert await sandbox.get("sbx-999999") is None
+    for call in (sandbox.start, sandbox.stop, sandbox.destroy):
+        with pytest.raises(ProviderStateError) as info:
+            await call("sbx-999999")
+        assert "sbx-999999" in info.value.message
+        assert info.value.provider == "sandbox"
+
+    pid = (await sandbox.create(request())).provider_id
+    with pytest.raises(ProviderStateError):
+        await sandbox.start(pid)  # provisioning
+    clock.advance(120)
+    with pytest.raises(ProviderStateError) as info:
+        await sandbox.start(pid)  # running
+    assert "running" in info.value.message
+    await sandbox.stop(pid)
+    with pytest.raises(ProviderStateError):
+        await sandbox.stop(pid)  # stopping
+    clock.advance(60)
+    with pytest.raises(ProviderStateError) as info:
+        await sandbox.stop(pid)  # stopped
+    assert "stopped" in info.value.message
+    await sandbox.destroy(pid)
+    with pytest.raises(ProviderStateError):
+        await sandbox.destroy(pid)
+
+
+async def test_stop_while_loading_is_allowed(sandbox, clock):
+    pid = (await sandbox.create(request())).provider_id
+    clock.advance(20)
+    assert (await sandbox.get(pid)).state is ProviderState.LOADING
+    assert (await sandbox.stop(pid)).state is ProviderState.STOPPING
+
+
+# ---------------------------------------------------------------------------- faults
+
+
+@pytest.mark.parametrize(
+    ("kind", "error"),
+    [("capacity", CapacityError), ("timeout", ProviderTimeout), ("rate_limit", RateLimited),
+     ("unavailable", ProviderUnavailable)],
+)
+async def test_injected_fault_kinds(clock, kind, error):
+    sandbox = SandboxProvider(clock=clock)
+    sandbox.inject(kind, count=2, on="create")
+    for _ in range(2):
+        with pytest.raises(error) as info:
+            await sandbox.create(request())
+        assert info.value.provider == "sandbox"
+    assert await sandbox.list() == []  # the failed calls had no effect
+    assert (await sandbox.create(request())).state is ProviderState.PROVISIONING
+    if kind == "rate_limit":
+        sandbox.inject("rate_limit")
+        with pytest.raises(RateLimited) as info:
+            await sandbox.search()
+        assert info.value.retry_after and info.value.retry_after > 0
+
+
+async def test_inject_on_filters_methods(clock):
+    sandbox = SandboxProvider(clock=clock)
+    sandbox.inject("timeout", on="stop")
+    assert len(await sandbox.search()) > 0
+    pid = (await sandbox.create(request())).provider_id
+    with pytest.raises(ProviderTimeout):
+        await sandbox.stop(pid)
+    assert (await sandbox.stop(pid)).state is ProviderState.STOPPING
+
+
+async def test_inject_without_on_hits_next_call(clock):
+    sandbox = SandboxProvider(clock=clock)
+    sandbox.inject("unavailable")
+    with pytest.raises(ProviderUnavailable):
+        await sandbox.list()
+    assert await sandbox.list() == []
+    sandbox.inject("capacity")  # capacity waits for a call that claims GPUs
+    assert await sandbox.search()
+    with pytest.raises(CapacityError):
+        await sandbox.create(request())
+
+
+async def test_timeout_after_takes_effect_then_raises(clock):
+    sandbox = SandboxProvider(clock=clock)
+    sandbox.inject("timeout_after", on="create")
+    with pytest.raises(ProviderTimeout):
+        await sandbox.create(request(label="gh-lost-1"))
+    assert [i.label for i in await sandbox.list()] == ["gh-lost-1"]
+
+
+async def test_inject_rejects_unknown_kind_and_method(sandbox):
+    with pytest.raises(ValueError, match="explode"):
+        sandbox.inject("explode")
+    with pytest.raises(ValueError, match="reboot"):
+        sandbox.inject("timeout", on="reboot")
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "method"),
+    [("capacity", CapacityError, "create"), ("timeout", ProviderTimeout, "search"),
+     ("rate_limit", RateLimited, "list"), ("unavailable", ProviderUnavailable, "get")],
+)
+async def test_fault_string_certain_failure(clock, kind, error, method):
+    sandbox = SandboxProvider(clock=clock, faults=f"{kind}=1")
+    call = {"create": lambda: sandbox.create(request()), "search": sandbox.search,
+            "list": sandbox.list, "get": lambda: sandbox.get("sbx-000001")}[method]
+    with pytest.raises(error):
+        await call()
+
+
+async def test_fault_string_rates_are_deterministic_and_roughly_right(clock):
+    async def outcomes(seed: int) -> list[str]:
+        sandbox = SandboxProvider(clock=clock, seed=seed, faults="timeout=0.2, rate_limit=0.1")
+        result = []
+        for _ in range(400):
+            try:
+                await sandbox.list()
+                result.append("ok")
+            except ProviderTimeout:
+                result.append("timeout")
+            except RateLimited:
+                result.append("rate_limit")
+        return result
+
+    first = await outcomes(3)
+    assert first == await outcomes(3)
+    assert first != await outcomes(4)
+    assert 40 <= first.count("timeout") <= 120
+    assert 15 <= first.count("rate_limit") <= 70
+    assert first.count("ok") >= 220
+
+
+async def test_capacity_rate_spares_calls_that_claim_nothing(clock):
+    sandbox = SandboxProvider(clock=clock, faults="capacity=1")
+    assert await sandbox.search()
+    assert await sandbox.list() == []
+    with pytest.raises(CapacityError):
+        await sandbox.create(request())
+
+
+def test_parse_faults():
+    assert parse_faults("") == {}
+    assert parse_faults(" capacity=0.2 , timeout=0.1,rate_limit=0.1,unavailable=0.05") == {
+        "capacity": 0.2, "timeout": 0.1, "rate_limit": 0.1, "unavailable": 0.05}
+    with pytest.raises(ValueError, match="gremlins"):
+        parse_faults("capacity=0.1,gremlins=0.5")
+    with pytest.raises(ValueError, match="gremlins"):
+        SandboxProvider(faults="gremlins=0.5")
+    with pytest.raises(ValueError):
+        parse_faults("timeout=lots")
+    with pytest.raises(ValueError):
+        parse_faults("timeout=1.5")
+    with pytest.raises(ValueError):
+        parse_faults("timeout=0.7,capacity=0.7")
+
+
+async def test_clear_faults(clock):
+    sandbox = SandboxProvider(clock=clock, faults="unavailable=1")
+    sandbox.inject("timeout")
+    sandbox.clear_faults()
+    assert await sandbox.list() == []
