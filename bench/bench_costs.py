@@ -20,6 +20,7 @@ import _path  # noqa: F401
 from core.clock import VirtualClock
 from core.config import Settings
 from core.db import Database
+from core.ledger import split_at_months
 from core.providers.registry import ProviderRegistry
 from core.providers.sandbox import SandboxProvider
 from core.service import GpuService
@@ -32,26 +33,28 @@ PROVIDERS = ["vast", "runpod", "aws", "sandbox"]
 
 
 def build(db: Database, segments: int, months: int, now: datetime) -> None:
+    """A year of a busy team's ledger. Rows are written in start order, as a live ledger
+    appends them (a segment opens at 'now'), and cut at month ends as Ledger.close stores them."""
     rng = random.Random(1)
     span = months * 30 * 86400
     start0 = int(now.timestamp()) - span
-    raw = db.engine.raw_connection()
-    cur = raw.cursor()
-    batch = []
-    for i in range(segments):
+    rows: list[tuple] = []
+    i = 0
+    while len(rows) < segments:
+        i += 1
         s = start0 + rng.randrange(span)
         length = rng.choice([600, 3600, 4 * 3600, 12 * 3600, 3 * 86400])
         end = None if i % 997 == 0 else min(s + length, int(now.timestamp()))
         u = rng.randrange(len(USERS))
-        batch.append((f"g-{i % 50000:05x}", "compute" if i % 5 else "storage", rng.randrange(5_000, 4_000_000),
-                      s, end, USERS[u], TEAMS[u % 4], rng.choice(TEMPLATES), rng.choice(PROVIDERS)))
-        if len(batch) == 50_000:
-            cur.executemany("INSERT INTO billing_segments (instance_id, kind, rate_micros, start_ts, end_ts, owner,"
-                            " team, template, provider) VALUES (?,?,?,?,?,?,?,?,?)", batch)
-            batch.clear()
-    if batch:
-        cur.executemany("INSERT INTO billing_segments (instance_id, kind, rate_micros, start_ts, end_ts, owner,"
-                        " team, template, provider) VALUES (?,?,?,?,?,?,?,?,?)", batch)
+        head = (f"g-{i % 50000:05x}", "compute" if i % 5 else "storage", rng.randrange(5_000, 4_000_000))
+        tags = (USERS[u], TEAMS[u % 4], rng.choice(TEMPLATES), rng.choice(PROVIDERS))
+        pieces = [(s, None)] if end is None else split_at_months(s, end)
+        rows.extend((*head, lo, hi, *tags) for lo, hi in pieces)
+    rows.sort(key=lambda r: r[3])
+    raw = db.engine.raw_connection()
+    cur = raw.cursor()
+    cur.executemany("INSERT INTO billing_segments (instance_id, kind, rate_micros, start_ts, end_ts, owner,"
+                    " team, template, provider) VALUES (?,?,?,?,?,?,?,?,?)", rows[:segments])
     raw.commit()
     cur.execute("ANALYZE")
     raw.close()
@@ -76,15 +79,16 @@ def main() -> None:
                          TemplateCatalog.load(None), clock=clock)
         actor = svc.local_actor()
         svc.set_budget(actor, "team", "ml", "5000")
-        for by in ("user", "team", "template", "provider"):
+        for period, by in (("month", "user"), ("month", "team"), ("month", "template"), ("month", "provider"),
+                           ("week", "user"), ("today", "user"), ("2026-06", "user")):
             times = []
             for _ in range(args.runs):
                 t = time.perf_counter()
-                report = svc.costs(actor, "month", by)
+                report = svc.costs(actor, period, by)
                 times.append((time.perf_counter() - t) * 1000)
             times.sort()
             p95 = times[min(len(times) - 1, int(len(times) * 0.95))]
-            print(f"/gpu costs month by={by:<9} median {statistics.median(times):6.1f} ms  p95 {p95:6.1f} ms  "
+            print(f"/gpu costs {period:<7} by={by:<9} median {statistics.median(times):6.1f} ms  p95 {p95:6.1f} ms  "
                   f"(total {report.total:,.2f} USD, {len(report.groups)} groups)  target < 100 ms")
         asyncio.run(svc.aclose())
 

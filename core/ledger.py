@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
-from sqlalchemy import case, func, literal, select, update
+from sqlalchemy import and_, case, func, literal, or_, select
 from sqlmodel import Session
 
 from .clock import as_utc, epoch, from_epoch
@@ -79,7 +79,38 @@ def _clipped_micros_expr(start_ts: int, end_ts: int, now_ts: int):
     return BillingSegment.rate_micros * (hi - lo)
 
 
+def month_start_ts(ts: int) -> int:
+    return epoch(month_of(from_epoch(ts)).start)
+
+
+def split_at_months(start_ts: int, end_ts: int) -> list[tuple[int, int]]:
+    """[start, end) cut at every month boundary inside it; at least one piece."""
+    pieces = []
+    lo = start_ts
+    while True:
+        boundary = epoch(month_of(from_epoch(lo)).end)
+        if end_ts <= boundary:
+            pieces.append((lo, end_ts))
+            return pieces
+        pieces.append((lo, boundary))
+        lo = boundary
+
+
+def _candidates(start_ts: int, end_ts: int, now_ts: int):
+    """Segments overlapping [start, end) at `now`, in a form both databases answer from indexes:
+    closed segments never cross a month boundary, so they start at or after the period's month
+    start; open segments are few and found through the end_ts index."""
+    lo = month_start_ts(start_ts)
+    hi = min(end_ts, now_ts)
+    return (
+        or_(and_(BillingSegment.start_ts >= lo, BillingSegment.start_ts < hi),
+            and_(BillingSegment.end_ts.is_(None), BillingSegment.start_ts < lo))
+        & (func.coalesce(BillingSegment.end_ts, literal(now_ts)) > start_ts)
+    )
+
+
 def _overlaps(start_ts: int, end_ts: int, now_ts: int):
+    """Plain overlap test, for queries already narrowed by instance id."""
     return (
         (BillingSegment.start_ts < end_ts)
         & (BillingSegment.start_ts < now_ts)
@@ -105,22 +136,34 @@ class Ledger:
 
     @staticmethod
     def close(session: Session, instance_id: str, at: datetime, kind: str | None = None) -> int:
-        """Close the instance's open segments (of one kind, or all) at `at`. Returns how many."""
+        """Close the instance's open segments (of one kind, or all) at `at`. Returns how many.
+
+        A closed segment never spans a month boundary: it is split into one piece per month, so a
+        period's costs are found by an index range from the start of its month (see _candidates)."""
         ts = epoch(at)
-        stmt = update(BillingSegment).where(BillingSegment.instance_id == instance_id,
+        stmt = select(BillingSegment).where(BillingSegment.instance_id == instance_id,
                                             BillingSegment.end_ts.is_(None))
         if kind:
             stmt = stmt.where(BillingSegment.kind == kind)
-        # a segment never ends before it starts, even if the clock stepped back
-        stmt = stmt.values(end_ts=case((BillingSegment.start_ts > ts, BillingSegment.start_ts), else_=ts))
-        return session.exec(stmt).rowcount  # type: ignore[call-overload]
+        segs = list(session.exec(stmt).scalars())  # type: ignore[call-overload]
+        for seg in segs:
+            end = max(ts, seg.start_ts)  # never before it started, even if the clock stepped back
+            pieces = split_at_months(seg.start_ts, end)
+            seg.end_ts = pieces[0][1]
+            session.add(seg)
+            for start, stop in pieces[1:]:
+                session.add(BillingSegment(instance_id=seg.instance_id, kind=seg.kind, rate_micros=seg.rate_micros,
+                                           start_ts=start, end_ts=stop, owner=seg.owner, team=seg.team,
+                                           template=seg.template, provider=seg.provider))
+        session.flush()
+        return len(segs)
 
     # --- reading -------------------------------------------------------------------------
     @staticmethod
     def total(session: Session, start: datetime, end: datetime, now: datetime,
               **where: str | Sequence[str]) -> Decimal:
         s, e, n = epoch(start), epoch(end), epoch(now)
-        stmt = select(func.sum(_clipped_micros_expr(s, e, n))).where(_overlaps(s, e, n))
+        stmt = select(func.sum(_clipped_micros_expr(s, e, n))).where(_candidates(s, e, n))
         stmt = _filter(stmt, where)
         return _to_usd(session.exec(stmt).one()[0])  # type: ignore[call-overload]
 
@@ -128,12 +171,19 @@ class Ledger:
     def grouped(session: Session, start: datetime, end: datetime, now: datetime, by: GroupBy,
                 **where: str | Sequence[str]) -> list[tuple[str, Decimal]]:
         """[(group, USD)] largest first."""
-        col = GROUP_COLUMNS[by]
+        return [(keys[0], amount) for keys, amount in Ledger.grouped_by(session, start, end, now, (by,), **where)]
+
+    @staticmethod
+    def grouped_by(session: Session, start: datetime, end: datetime, now: datetime, by: Sequence[str],
+                   **where: str | Sequence[str]) -> list[tuple[tuple[str, ...], Decimal]]:
+        """[((k1, k2, ...), USD)] largest first: one indexed scan however many keys, so a report
+        that needs spend by template and by team (for a budget) reads the ledger once."""
+        cols = [GROUP_COLUMNS[k] for k in by]  # type: ignore[index]
         s, e, n = epoch(start), epoch(end), epoch(now)
-        amount = func.sum(_clipped_micros_expr(s, e, n))
-        stmt = select(col, amount).where(_overlaps(s, e, n)).group_by(col)
+        stmt = (select(*cols, func.sum(_clipped_micros_expr(s, e, n))).where(_candidates(s, e, n))
+                .group_by(*cols))
         stmt = _filter(stmt, where)
-        rows = [(str(key), _to_usd(value)) for key, value in session.exec(stmt).all()]  # type: ignore[call-overload]
+        rows = [(tuple(str(k) for k in row[:-1]), _to_usd(row[-1])) for row in session.exec(stmt).all()]  # type: ignore[call-overload]
         rows.sort(key=lambda r: (-r[1], r[0]))
         return rows
 
@@ -179,6 +229,14 @@ class Ledger:
         return list(session.exec(stmt).scalars())  # type: ignore[call-overload]
 
     @staticmethod
+    def rollup(rows: Sequence[tuple[tuple[str, ...], Decimal]], index: int) -> list[tuple[str, Decimal]]:
+        """Sum a multi-key grouping down to one of its keys, largest first."""
+        sums: dict[str, Decimal] = {}
+        for keys, amount in rows:
+            sums[keys[index]] = sums.get(keys[index], Decimal(0)) + amount
+        return sorted(sums.items(), key=lambda r: (-r[1], r[0]))
+
+    @staticmethod
     def projection(spent_so_far: Decimal, run_rate: Decimal, now: datetime) -> Decimal:
         """Month-end spend if the current run-rate holds until the end of the month."""
         month = month_of(now)
@@ -193,4 +251,4 @@ def _filter(stmt, where: dict[str, str | Sequence[str]]):
     return stmt
 
 
-__all__ = ["COMPUTE", "STORAGE", "Ledger", "Period", "month_of", "parse_period", "from_epoch"]
+__all__ = ["COMPUTE", "STORAGE", "Ledger", "Period", "month_of", "parse_period", "split_at_months"]

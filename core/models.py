@@ -93,6 +93,7 @@ class BillingSegment(SQLModel, table=True):
     __table_args__ = (
         Index("ix_segments_period", "start_ts", "end_ts"),
         Index("ix_segments_open", "instance_id", "end_ts"),
+        Index("ix_segments_end", "end_ts"),
     )
 
     id: int | None = Field(default=None, primary_key=True)

@@ -812,18 +812,23 @@ class GpuService:
         span = parse_period(period, now)
         month = month_of(now)
         with self.db.session() as s:
-            groups = Ledger.grouped(s, span.start, span.end, now, group_by)  # type: ignore[arg-type]
-            total = sum((amount for _, amount in groups), Decimal(0))
+            budgets = self._visible_budgets(s, actor)
+            # one scan of the month, grouped by everything the report needs
+            keys = list(dict.fromkeys([group_by, *(b.scope for b in budgets)]))
+            month_rows = Ledger.grouped_by(s, month.start, month.end, now, keys)
+            groups = (Ledger.rollup(month_rows, 0) if (span.start, span.end) == (month.start, month.end)
+                      else Ledger.grouped(s, span.start, span.end, now, group_by))  # type: ignore[arg-type]
+            mtd = sum((amount for _, amount in month_rows), Decimal(0))
             running_rows = list(s.exec(select(Instance).where(  # type: ignore[call-overload]
                 Instance.state.in_([st.value for st in BILLED_AS_COMPUTE | {InstanceState.STOPPED}]))).scalars())
             running = [v for v in self._views(s, running_rows) if v.current_dph > 0]
             running.sort(key=lambda v: -v.current_dph)
             run_rate = Ledger.run_rate(s)
-            mtd = Ledger.total(s, month.start, month.end, now)
-            budgets = self._budget_uses(s, actor, month.start, month.end, now)
-        return CostReport(period=span.label, start=span.start, end=span.end, group_by=group_by, total=total,
-                          groups=groups, running=running, run_rate=run_rate, month_to_date=mtd,
-                          projected_month_end=Ledger.projection(mtd, run_rate, now), budgets=budgets,
+            uses = _budget_uses(budgets, {k: dict(Ledger.rollup(month_rows, i)) for i, k in enumerate(keys)})
+        return CostReport(period=span.label, start=span.start, end=span.end, group_by=group_by,
+                          total=sum((amount for _, amount in groups), Decimal(0)), groups=groups,
+                          running=running, run_rate=run_rate, month_to_date=mtd,
+                          projected_month_end=Ledger.projection(mtd, run_rate, now), budgets=uses,
                           simulated=self.simulated or any(v.simulated for v in running))
 
     def instance_cost(self, actor: Actor, instance_id: str) -> InstanceCost:
@@ -841,25 +846,24 @@ class GpuService:
                             storage=storage, uptime_s=max(0, seconds), projected_day=hourly * HOURS_PER_DAY,
                             projected_month=hourly * HOURS_PER_MONTH, simulated=inst.simulated)
 
-    def _budget_uses(self, s: Session, actor: Actor, start: datetime, end: datetime,
-                     now: datetime) -> list[BudgetUse]:
+    def _visible_budgets(self, s: Session, actor: Actor) -> list[Budget]:
+        """Admins see every budget; others their team's and their own."""
         stmt = select(Budget).order_by(Budget.scope, Budget.name)
         if not actor.at_least(Role.ADMIN):
             stmt = stmt.where(((Budget.scope == "team") & (Budget.name == actor.team))
                               | ((Budget.scope == "user") & (Budget.name == actor.principal)))
-        uses = []
-        for b in s.exec(stmt).scalars():  # type: ignore[call-overload]
-            where = {"team": b.name} if b.scope == "team" else {"user": b.name}
-            uses.append(BudgetUse(scope=b.scope, name=b.name, limit=from_micros(b.monthly_micros),
-                                  spent=Ledger.total(s, start, end, now, **where), hard_cap=b.hard_cap))
-        return uses
+        return list(s.exec(stmt).scalars())  # type: ignore[call-overload]
 
     def budgets(self, actor: Actor) -> BudgetResult:
         actor.require(Role.VIEWER, "viewing budgets")
         now = self.clock.now()
         month = month_of(now)
         with self.db.session() as s:
-            return BudgetResult(budgets=self._budget_uses(s, actor, month.start, month.end, now), period=month.label)
+            budgets = self._visible_budgets(s, actor)
+            keys = list(dict.fromkeys(b.scope for b in budgets))
+            rows = Ledger.grouped_by(s, month.start, month.end, now, keys) if keys else []
+        spend = {k: dict(Ledger.rollup(rows, i)) for i, k in enumerate(keys)}
+        return BudgetResult(budgets=_budget_uses(budgets, spend), period=month.label)
 
     def set_budget(self, actor: Actor, scope: str, name: str, amount: str | Decimal,
                    hard_cap: bool | None = None) -> BudgetResult:
@@ -954,6 +958,13 @@ class GpuService:
     def instance_count(self) -> int:
         with self.db.session() as s:
             return int(s.exec(select(func.count()).select_from(Instance)).one()[0])  # type: ignore[call-overload]
+
+
+def _budget_uses(budgets: list[Budget], spend: dict[str, dict[str, Decimal]]) -> list[BudgetUse]:
+    """`spend[scope][name]` is this month's spend of that team or user."""
+    return [BudgetUse(scope=b.scope, name=b.name, limit=from_micros(b.monthly_micros),
+                      spent=spend.get(b.scope, {}).get(b.name, Decimal(0)), hard_cap=b.hard_cap)
+            for b in budgets]
 
 
 def _quote(value: str) -> str:

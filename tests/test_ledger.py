@@ -26,11 +26,13 @@ def test_cost_is_clipped_to_the_period(database):
         inst = _inst("g-0001")
         s.add(inst)
         # Oct 31 22:00 -> Nov 1 02:00 at $0.50/h: 2 h fall in November
-        seg = Ledger.open(s, inst, COMPUTE, to_micros("0.5"), T0 - timedelta(hours=2))
-        s.flush()
-        seg.end_ts = int((T0 + timedelta(hours=2)).timestamp())
-        s.add(seg)
+        Ledger.open(s, inst, COMPUTE, to_micros("0.5"), T0 - timedelta(hours=2))
+        Ledger.close(s, "g-0001", T0 + timedelta(hours=2))
         s.commit()
+        # stored cut at the month boundary, so a month's costs are an index range
+        assert [(g.start_ts, g.end_ts) for g in Ledger.segments(s, "g-0001")] == [
+            (int((T0 - timedelta(hours=2)).timestamp()), int(T0.timestamp())),
+            (int(T0.timestamp()), int((T0 + timedelta(hours=2)).timestamp()))]
         nov = month_of(T0)
         oct_ = month_of(T0 - timedelta(days=1))
         now = T0 + timedelta(days=3)
@@ -123,3 +125,4 @@ def test_periods(text, label, days):
 def test_bad_periods_are_named(bad):
     with pytest.raises(InvalidInput, match=bad.split(";")[0][:4]):
         parse_period(bad, datetime(2026, 11, 12, tzinfo=UTC))
+

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 03:22:53.804291
+Create Date: 2026-11-23 03:42:34.023024
 """
 from alembic import op
 import sqlalchemy as sa
@@ -69,6 +69,7 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('billing_segments', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_billing_segments_instance_id'), ['instance_id'], unique=False)
+        batch_op.create_index('ix_segments_end', ['end_ts'], unique=False)
         batch_op.create_index('ix_segments_open', ['instance_id', 'end_ts'], unique=False)
         batch_op.create_index('ix_segments_period', ['start_ts', 'end_ts'], unique=False)
 
@@ -146,6 +147,7 @@ def downgrade() -> None:
     with op.batch_alter_table('billing_segments', schema=None) as batch_op:
         batch_op.drop_index('ix_segments_period')
         batch_op.drop_index('ix_segments_open')
+        batch_op.drop_index('ix_segments_end')
         batch_op.drop_index(batch_op.f('ix_billing_segments_instance_id'))
 
     op.drop_table('billing_segments')
