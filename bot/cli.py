@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 
 from core.errors import GpuherdError
 
@@ -71,6 +72,9 @@ async def _shell(yes: bool) -> int:
 
     service = _service()
     try:
+        adopted = await service.resolve_pending()  # boots a crash interrupted
+        if adopted:
+            Console(stderr=True).print(f"[yellow]Adopted {', '.join(adopted)}: booted before a crash.[/yellow]")
         return await Shell(service, yes=yes).run()
     finally:
         await service.aclose()
@@ -107,11 +111,40 @@ def _users(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split_chat_command(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
+    """(global options, command, its words) when argv runs a /gpu command one-shot. The words are
+    taken verbatim: argparse would read `gpuherd search -o dph` as an unknown option `-o`."""
+    names = {n for c in grammar.REGISTRY.all() for n in (c.name, *c.aliases)}
+    for i, word in enumerate(argv):
+        if word.startswith("-"):
+            continue            # a global option (--yes, --verbose); none of them takes a value
+        return (argv[:i], word, argv[i + 1:]) if word in names else None
+    return None
+
+
+def _setup_logging(verbose: bool) -> None:
+    """The log goes to gpuherd.log in the data directory, so a failure's details are kept without
+    a traceback landing in the user's terminal; --verbose sends it to stderr instead."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if verbose:
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=fmt)
+        return
+    from core.config import home_from_env
+
+    try:
+        home = home_from_env()
+        home.mkdir(parents=True, exist_ok=True)
+        logging.basicConfig(level=logging.INFO, filename=home / "gpuherd.log", format=fmt)
+    except OSError:
+        logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format=fmt)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chat = _split_chat_command(argv)
+    args = parser.parse_args(chat[0] + [chat[1]] if chat else argv)
+    _setup_logging(args.verbose)
     console = Console(stderr=True)
     try:
         if args.cmd is None:
@@ -123,14 +156,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _db(args.action)
         if args.cmd == "users":
             return _users(args)
-        words = [w for w in args.words]
+        assert chat is not None
+        words = chat[2]
+        if words in (["--help"], ["-h"]):
+            words = [args.cmd]
+            args.cmd = "help"
         yes = args.yes or any(w in ("--yes", "-y") for w in words)
         words = [w for w in words if w not in ("--yes", "-y")]
         import shlex
 
-        return asyncio.run(_one_shot(" ".join([args.cmd, *(shlex.quote(w) for w in words)]), yes))
+        if grammar.REGISTRY.find(args.cmd).free_text:
+            # a search query is read by the query parser, not shlex: pass the words as typed
+            # (`gpuherd search 4090 "<\$0.5"` must not become `search 4090 '<$0.5'`)
+            line = " ".join([args.cmd, *words])
+        else:
+            line = " ".join([args.cmd, *(shlex.quote(w) for w in words)])
+        return asyncio.run(_one_shot(line, yes))
     except GpuherdError as exc:
-        console.print(f"[red]{exc.message}[/red]")
+        console.print(f"[red]{escape(exc.message)}[/red]")
         return 2
     except KeyboardInterrupt:
         return 130

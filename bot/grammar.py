@@ -111,11 +111,20 @@ def tokenize(text: str) -> list[str]:
 def strip_prefix(line: str) -> str:
     text = line.strip()
     for prefix in PREFIXES:
-        if text == prefix:
+        if text.lower() == prefix:
             return ""
         if text.lower().startswith(prefix + " "):
             return text[len(prefix) + 1:].strip()
     return text
+
+
+def _option_key(raw: str) -> str:
+    """Option names are case-insensitive, but the NAME of a boot override `env.NAME=…` is an
+    environment variable name and keeps its case (`env.HF_TOKEN`, not `env.hf_token`)."""
+    key = raw.strip()
+    if key.lower().startswith("env."):
+        return "env." + key[4:]
+    return key.lower()
 
 
 def parse_args(cmd: Command, rest: str) -> Args:
@@ -125,7 +134,7 @@ def parse_args(cmd: Command, rest: str) -> Args:
     for word in tokenize(rest):
         if "=" in word and not word.startswith("="):
             key, _, value = word.partition("=")
-            key = key.strip().lower()
+            key = _option_key(key)
             if "*" not in cmd.options and key not in cmd.options:
                 allowed = ", ".join(f"{o}=" for o in cmd.options) or "none"
                 close = difflib.get_close_matches(key, cmd.options, n=1)
@@ -165,8 +174,8 @@ async def dispatch(ctx: Context, line: str) -> Reply:
     except Exception:
         ref = uuid.uuid4().hex[:8]
         log.exception("command failed (ref %s): %r", ref, line[:200])
-        return replies.error(f"Something went wrong on our side (ref {ref}); nothing was changed by this "
-                             "reply. The details are in gpuherd's log.", title="Internal error")
+        return replies.error(f"Something went wrong on our side (ref {ref}). Check /gpu status before "
+                             "trying again; the details are in gpuherd's log.", title="Internal error")
 
 
 # --- help -------------------------------------------------------------------------------------
@@ -213,8 +222,9 @@ async def _templates(ctx: Context, args: Args) -> Reply:
     return replies.templates_reply(ctx.service.list_templates(ctx.actor))
 
 
-def _result(result) -> Reply:  # noqa: ANN001
-    return replies.confirmation_reply(result) if isinstance(result, Confirmation) else None  # type: ignore[return-value]
+def _confirm_or(result: object, build: Callable[[object], Reply]) -> Reply:
+    """Actions that may need a yes return a Confirmation instead of their result."""
+    return replies.confirmation_reply(result) if isinstance(result, Confirmation) else build(result)
 
 
 @REGISTRY.command(
@@ -235,7 +245,7 @@ async def _boot(ctx: Context, args: Args) -> Reply:
     key = opts.pop("key", None) or ctx.key("boot")
     result = await ctx.service.boot(ctx.actor, args.positional[0], offer=offer, provider=provider, overrides=opts,
                                     idempotency_key=key, confirm=confirm, wait=ctx.wait, progress=ctx.progress)
-    return _result(result) or replies.boot_reply(result)  # type: ignore[arg-type]
+    return _confirm_or(result, replies.boot_reply)  # type: ignore[arg-type]
 
 
 def _instance_arg(args: Args, cmd: str) -> str:
@@ -266,7 +276,7 @@ async def _stop(ctx: Context, args: Args) -> Reply:
 async def _destroy(ctx: Context, args: Args) -> Reply:
     r = await ctx.service.destroy(ctx.actor, _instance_arg(args, "destroy"), confirm=args.flag("confirm"),
                                   idempotency_key=args.options.get("key") or ctx.key("destroy"))
-    return _result(r) or replies.destroy_reply(r)  # type: ignore[arg-type]
+    return _confirm_or(r, replies.destroy_reply)  # type: ignore[arg-type]
 
 
 @REGISTRY.command("status", summary="Instances: owner, template, state, uptime, $/h, accrued, idle for",

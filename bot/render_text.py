@@ -8,8 +8,27 @@ from rich.table import Table
 from rich.text import Text
 
 from .replies import Reply
+from .replies import Table as Table_
 
 STYLES = {"info": "bold cyan", "success": "bold green", "warning": "bold yellow", "error": "bold red"}
+
+
+PLAIN_ROWS = 50   # past this many rows a table is laid out as plain text: rich's layout is per cell
+
+
+def plain_table(t: Table_) -> str:
+    """Fixed-width columns, the same look as rich's SIMPLE_HEAD box, in linear time."""
+    widths = [max(len(c), *(len(r[i]) for r in t.rows)) for i, c in enumerate(t.columns)]
+    right = [bool(t.align and i < len(t.align) and t.align[i] == "right") for i in range(len(widths))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+
+    out = [line(t.columns), "─" * (sum(widths) + 2 * (len(widths) - 1))]
+    out += [line(row) for row in t.rows]
+    if t.caption:
+        out.append(t.caption)
+    return "\n".join(out)
 
 
 def renderable(reply: Reply) -> RenderableType:
@@ -24,6 +43,9 @@ def renderable(reply: Reply) -> RenderableType:
             grid.add_row(Text(f.label), Text(f.value))
         parts.append(grid)
     for t in reply.tables:
+        if len(t.rows) > PLAIN_ROWS:
+            parts.append(Text(plain_table(t)))
+            continue
         table = Table(box=box.SIMPLE_HEAD, caption=Text(t.caption) if t.caption else None, show_edge=False,
                       pad_edge=False)
         for i, col in enumerate(t.columns):

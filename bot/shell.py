@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
+from rich.markup import escape
 from core.notify import Notice
 from core.service import GpuService
 
@@ -37,12 +38,12 @@ class Shell:
         if notice.owner == self.actor.principal and notice.kind in ("instance.booting", "instance.stopped",
                                                                      "instance.destroyed"):
             return  # the reply to the user's own command says it already
-        self.console.print(f"[yellow]» {notice.text}[/yellow]")
+        self.console.print(f"[yellow]» {escape(notice.text)}[/yellow]")
         for action in notice.actions:
-            self.console.print(f"  [dim][{action.label}] {action.command}[/dim]")
+            self.console.print(f"  [dim]\\[{escape(action.label)}] {escape(action.command)}[/dim]")
 
     def _progress(self, text: str) -> None:
-        self.console.print(f"[dim]… {text}[/dim]")
+        self.console.print(f"[dim]… {escape(text)}[/dim]")
 
     async def run_line(self, line: str) -> Reply | None:
         line = line.strip()
@@ -51,7 +52,7 @@ class Shell:
         ctx = grammar.Context(service=self.service, actor=self.actor, delivery_id=None,
                               progress=self._progress)
         if not self.interactive:
-            self.console.print(f"[bold]{PROMPT}[/bold]{line}")
+            self.console.print(f"[bold]{PROMPT}[/bold]{escape(line)}")
         reply = await grammar.dispatch(ctx, line)
         render(reply, self.console)
         if reply.level == "error":
@@ -67,7 +68,9 @@ class Shell:
             self.console.print("[dim](--yes: confirmed)[/dim]")
             return True
         if not self.interactive:
-            self.console.print("[dim]Needs a yes: run the shell with --yes to confirm in scripts.[/dim]")
+            assert reply.confirmation is not None
+            self.console.print(f"[dim]Needs a yes: run `{escape(reply.confirmation.command)}`, or use --yes to "
+                               "confirm in scripts.[/dim]")
             return False
         answer = await self._read("Confirm? [y/N] ")
         return (answer or "").strip().lower() in ("y", "yes")

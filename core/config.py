@@ -27,7 +27,7 @@ def default_home() -> Path:
     return Path(platformdirs.user_data_dir("gpuherd", appauthor=False))
 
 
-def _home_from_env() -> Path:
+def home_from_env() -> Path:
     raw = os.environ.get(f"{ENV_PREFIX}HOME")
     return Path(raw).expanduser() if raw else default_home()
 
@@ -88,7 +88,7 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        toml_path = _home_from_env() / CONFIG_FILE
+        toml_path = home_from_env() / CONFIG_FILE
         return (init_settings, env_settings, dotenv_settings,
                 TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
 
@@ -116,4 +116,4 @@ def load_settings(**overrides: Any) -> Settings:
             problems.append(f"{ENV_PREFIX}{key.upper()} (or `{key}` in {CONFIG_FILE}): {err['msg']}")
         raise ConfigError("Bad configuration:\n  " + "\n  ".join(problems)) from None
     except (OSError, ValueError) as exc:  # unreadable or malformed config.toml
-        raise ConfigError(f"Cannot read configuration ({_home_from_env() / CONFIG_FILE}): {exc}") from None
+        raise ConfigError(f"Cannot read configuration ({home_from_env() / CONFIG_FILE}): {exc}") from None

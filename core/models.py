@@ -25,6 +25,7 @@ class InstanceState(str, enum.Enum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     STARTING = "starting"
+    DESTROYING = "destroying"       # our destroy call is in flight
     DESTROYED = "destroyed"
     FAILED = "failed"               # provider refused the create; nothing billed
     ERROR = "error"                 # provider reports an error state

@@ -72,6 +72,7 @@ MAX_BUDGET = Decimal("10000000")       # USD/month; anything above is a typo, no
 OFFER_CACHE_TTL_S = 30.0
 DEFAULT_KEEP = timedelta(hours=1)
 MAX_KEEP = timedelta(days=7)
+STALE_CLAIM = timedelta(minutes=10)   # a stop/destroy in flight longer than this died with its process
 BOOT_CANDIDATES = 3                    # offers tried in turn when one is taken (capacity error)
 
 _STATE_MAP = {
@@ -192,10 +193,11 @@ class GpuService:
         query = parse_query(text)
         names = self._provider_names(query.providers)
         offers, failures, fetched = await self._gather_offers(names)
-        matched = query.sort(o for o in offers if query.matches(o))
+        matched = [o for o in offers if query.matches(o)]
         limit = query.limit or 10
+        shown = query.sort(matched, limit)
         age = int((self.clock.now() - fetched).total_seconds()) if fetched else 0
-        return SearchResult(query=text, description=query.describe(), offers=matched[:limit],
+        return SearchResult(query=text, description=query.describe(), offers=shown,
                             total_matches=len(matched), providers=names, failures=failures,
                             price_age_s=max(age, 0),
                             simulated=any(o.simulated for o in matched) or self._any_simulated(names))
@@ -240,7 +242,7 @@ class GpuService:
         chosen = candidates[0]
         max_dph = template.max_dph
         if max_dph is not None and chosen.dph > max_dph and not confirm:
-            return self._price_confirmation(template, chosen, max_dph, key, raw_overrides, provider)
+            return self._price_confirmation(template, chosen, max_dph, key, raw_overrides, named=bool(offer))
         if max_dph is not None:
             # never silently fall through to a pricier offer than the one the user accepted
             candidates = [c for c in candidates if c.dph <= max(max_dph, chosen.dph)]
@@ -278,13 +280,14 @@ class GpuService:
         raise last_error
 
     def _price_confirmation(self, template: Template, offer: Offer, max_dph: Decimal, key: str,
-                            overrides: dict[str, str], provider: str | None) -> Confirmation:
+                            overrides: dict[str, str], *, named: bool) -> Confirmation:
         parts = [f"/gpu boot {template.name}", f"offer={offer.ref}"]
         parts += [f"{k}={_quote(v)}" for k, v in overrides.items()]
         parts += [f"key={key}", "confirm=yes"]
         return Confirmation(
             action="boot", title="Price above limit", command=" ".join(parts),
-            prompt=(f"The cheapest matching offer is {offer.gpu_name} x{offer.num_gpus} on {offer.provider} at "
+            prompt=(f"{'The offer you picked' if named else 'The cheapest matching offer'} is "
+                    f"{offer.gpu_name} x{offer.num_gpus} on {offer.provider} at "
                     f"{rate(offer.dph)}, above the {rate(max_dph)} limit of '{template.name}'. "
                     f"That is {usd(offer.dph * HOURS_PER_DAY)} a day, "
                     f"{usd(offer.dph * HOURS_PER_MONTH)} a month if left running. Boot anyway?"),
@@ -450,34 +453,46 @@ class GpuService:
 
     def _apply_provider_state(self, s: Session, inst: Instance, pinst: ProviderInstance | None,
                               now: datetime) -> None:
+        """Fold what the provider reports into our record, billing any change it implies. Writes
+        only when something changed; never touches a transition the service itself has in flight
+        (stopping, destroying) unless that claim is stale (its process died)."""
         state = inst.state_enum
         if state.is_final or state is InstanceState.PENDING:
             return
+        in_flight = state in (InstanceState.STOPPING, InstanceState.DESTROYING)
+        if in_flight and now - as_utc(inst.updated_at) < STALE_CLAIM:
+            return
+        before = (inst.state, inst.endpoint, inst.status_message)
         if pinst is None or pinst.state is ProviderState.DESTROYED:
             Ledger.close(s, inst.id, now)
-            inst.state = InstanceState.LOST.value
+            inst.state = InstanceState.LOST.value if state is not InstanceState.DESTROYING else InstanceState.DESTROYED.value
             inst.status_message = "gone at the provider"
             inst.destroyed_at = now
             audit_log.record(s, system_actor("sync"), "instance.lost", now=now, instance_id=inst.id,
                              provider=inst.provider, provider_id=inst.provider_id)
         else:
             new = _STATE_MAP.get(pinst.state, state)
-            if state is InstanceState.STOPPED and new in BILLED_AS_COMPUTE and new is not InstanceState.STOPPING:
+            if new is InstanceState.STOPPING:
+                new = state if not in_flight else InstanceState.RUNNING  # billed as running until stopped
+            if state is InstanceState.STARTING and new is InstanceState.STOPPED:
+                return  # our start was accepted; the provider has not caught up yet
+            was_compute = state in BILLED_AS_COMPUTE or in_flight
+            if state is InstanceState.STOPPED and new in BILLED_AS_COMPUTE:
                 # started outside gpuherd: storage ends, compute begins
                 Ledger.close(s, inst.id, now, STORAGE)
                 Ledger.open(s, inst, COMPUTE, inst.dph_micros, now)
                 inst.started_at = now
-            elif state in BILLED_AS_COMPUTE and new is InstanceState.STOPPED:
-                # stopped outside gpuherd
+            elif was_compute and new is InstanceState.STOPPED:
+                # stopped outside gpuherd (or by a stop whose process died)
                 Ledger.close(s, inst.id, now, COMPUTE)
                 if inst.storage_dph_micros:
                     Ledger.open(s, inst, STORAGE, inst.storage_dph_micros, now)
                 inst.stopped_at = now
-            if state is InstanceState.STARTING and new is InstanceState.STOPPED:
-                new = InstanceState.STARTING  # provider has not caught up with our start yet
             inst.state = new.value
             inst.endpoint = pinst.endpoint or inst.endpoint
             inst.status_message = pinst.message
+        if (inst.state, inst.endpoint, inst.status_message) == before:
+            return
         inst.updated_at = now
         inst.version += 1
         s.add(inst)
@@ -494,15 +509,17 @@ class GpuService:
         listed = await asyncio.gather(*(self.providers.get(n).list() for n in names), return_exceptions=True)
         now = self.clock.now()
         with self.db.session() as s:
+            ids = [i.id for group in by_provider.values() for i in group]
+            fresh = {i.id: i for i in s.exec(select(Instance).where(Instance.id.in_(ids))).scalars()}  # type: ignore[call-overload,attr-defined]
             for name, result in zip(names, listed, strict=True):
                 if isinstance(result, BaseException):
                     log.warning("could not list %s: %s", name, result)
                     continue
                 seen = {p.provider_id: p for p in result}
                 for inst in by_provider[name]:
-                    fresh = s.get(Instance, inst.id)
-                    if fresh is not None:
-                        self._apply_provider_state(s, fresh, seen.get(fresh.provider_id or ""), now)
+                    row = fresh.get(inst.id)
+                    if row is not None:
+                        self._apply_provider_state(s, row, seen.get(row.provider_id or ""), now)
             s.commit()
 
     # --- start / stop / destroy ----------------------------------------------------------
@@ -560,7 +577,7 @@ class GpuService:
                                f"/gpu destroy {inst.id} ends that too.")
             if state.is_final:
                 raise Conflict(f"{inst.id} is {state.value}; there is nothing to stop.")
-            if state in (InstanceState.PENDING, InstanceState.STOPPING):
+            if state in (InstanceState.PENDING, InstanceState.STOPPING, InstanceState.DESTROYING):
                 raise Conflict(f"{inst.id} is {state.value}; try again in a moment.")
             provider = self.providers.get(inst.provider)
             if not provider.capabilities.can_stop:
@@ -669,6 +686,8 @@ class GpuService:
             state = inst.state_enum
             if state.is_final:
                 raise Conflict(f"{inst.id} is already {state.value}.")
+            if state is InstanceState.DESTROYING:
+                raise Conflict(f"{inst.id} is being destroyed already.")
             if not confirm:
                 key = f" key={idempotency_key}" if idempotency_key else ""
                 return Confirmation(
@@ -677,30 +696,29 @@ class GpuService:
                             f"{inst.provider})? Its disk and everything on it are deleted; billing ends."),
                     simulated=inst.simulated)
             provider = self.providers.get(inst.provider)
-            version = inst.version
+            previous = inst.state
+            if not self._claim(s, inst, InstanceState.DESTROYING):
+                raise Conflict(f"{inst.id} changed while you asked. Check /gpu status {inst.id}.")
         if inst.provider_id:
             try:
                 await with_retries(lambda: provider.destroy(inst.provider_id or ""), sleep=self._sleep,
                                    what=f"destroy {inst.id}")
             except GpuherdError as exc:
-                gone = await provider.get(inst.provider_id) if not isinstance(exc, PermissionDenied) else None
-                if gone is not None:
-                    with self.db.session() as s:
-                        audit_log.record(s, actor, "destroy", now=self.clock.now(), instance_id=inst.id,
-                                         ok=False, error=exc.message)
-                        s.commit()
+                still_there = await self._still_exists(provider, inst.provider_id)
+                if still_there:
+                    self._revert(actor, inst.id, previous, "destroy", exc)
                     raise ProviderError(inst.provider, f"destroying {inst.id} failed: {exc.message}. "
-                                                       "It still exists; try again.") from None
+                                                       "It still exists and bills; try again.") from None
         now = self.clock.now()
         with self.db.session() as s:
-            changed = s.exec(update(Instance).where(Instance.id == inst.id, Instance.version == version)  # type: ignore[call-overload]
-                             .values(state=InstanceState.DESTROYED.value, destroyed_at=now, updated_at=now,
-                                     version=version + 1))
-            if changed.rowcount != 1:
-                s.rollback()
-                raise Conflict(f"{inst.id} changed while you asked. Check /gpu status {inst.id}.")
-            Ledger.close(s, inst.id, now)
             inst = self._get(s, inst.id)
+            Ledger.close(s, inst.id, now)
+            inst.state = InstanceState.DESTROYED.value
+            inst.destroyed_at = now
+            inst.updated_at = now
+            inst.version += 1
+            s.add(inst)
+            s.flush()
             total = Ledger.instance_cost(s, inst.id, now)
             result = DestroyResult(instance=self._view(s, inst), total_cost=total, simulated=inst.simulated)
             audit_log.record(s, actor, "destroy", now=now, instance_id=inst.id, cost=total)
@@ -710,6 +728,14 @@ class GpuService:
                                       instance_id=inst.id, simulated=inst.simulated,
                                       text=f"{actor.name} destroyed {inst.id}: total cost {usd(total)}"))
         return result
+
+    async def _still_exists(self, provider: Provider, provider_id: str) -> bool:
+        """After a failed destroy: is the machine still there? Unknown counts as yes."""
+        try:
+            found = await provider.get(provider_id)
+        except GpuherdError:
+            return True
+        return found is not None and found.state is not ProviderState.DESTROYED
 
     # --- keep / activity -----------------------------------------------------------------
     async def keep(self, actor: Actor, instance_id: str, duration: str | None = None) -> KeepResult:
@@ -768,8 +794,9 @@ class GpuService:
         if refresh:
             await self.refresh(rows)
         with self.db.session() as s:
-            fresh = [s.get(Instance, r.id) for r in rows]
-            views = self._views(s, [f for f in fresh if f is not None])
+            by_id = {i.id: i for i in s.exec(select(Instance).where(  # type: ignore[call-overload]
+                Instance.id.in_([r.id for r in rows]))).scalars()}  # type: ignore[attr-defined]
+            views = self._views(s, [by_id[r.id] for r in rows if r.id in by_id])
             run_rate = Ledger.run_rate(s)
         return StatusResult(instances=views, run_rate=run_rate, include_ended=include_ended,
                             simulated=any(v.simulated for v in views) or self.simulated)

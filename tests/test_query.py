@@ -81,17 +81,14 @@ def test_list_operators(text, op):
     assert user_filters(parse_query(text)) == [("num_gpus", op, (1, 2))]
 
 
-@pytest.mark.parametrize("op, kept", [
-    ("=", {"a"}), ("!=", {"b", "c", "d"}), (">", {"c", "d"}), (">=", {"b", "c", "d"}),
-    ("<", {"a"}), ("<=", {"a", "b"}),
+@pytest.mark.parametrize("clause, kept", [
+    ("num_gpus=1", {"a"}), ("num_gpus!=1", {"b", "c", "d"}), ("num_gpus>2", {"c", "d"}),
+    ("num_gpus>=2", {"b", "c", "d"}), ("num_gpus<2", {"a"}), ("num_gpus<=2", {"a", "b"}),
 ])
-def test_operators_filter_offers(op, kept):
+def test_operators_filter_offers(clause, kept):
     offers = [offer("a", num_gpus=1), offer("b", num_gpus=2), offer("c", num_gpus=4),
               offer("d", num_gpus=8)]
-    q = parse_query(f"num_gpus{op}{'1' if op in ('=', '!=') else '2'}")
-    if op == "!=":
-        kept = {"b", "c", "d"}
-    assert {o.offer_id for o in q.apply(offers)} == kept
+    assert {o.offer_id for o in parse_query(clause).apply(offers)} == kept
 
 
 def test_in_and_notin_filter_offers():
@@ -317,6 +314,14 @@ def test_several_bare_models_mean_any_of_them():
     assert {o.offer_id for o in q.apply(offers)} == {"a", "b"}
 
 
+def test_bare_models_merge_across_other_clauses_and_wildcards():
+    assert user_filters(parse_query("gpu_ram>=24 4090 gpu_ram=any 3090")) == [
+        ("gpu", "eq", ("4090", "3090"))]
+    assert user_filters(parse_query("4090 num_gpus=any a100")) == [("gpu", "eq", ("4090", "a100"))]
+    assert user_filters(parse_query("4090 gpu=any a100")) == [("gpu", "eq", "a100")]
+    assert user_filters(parse_query("4090 4090")) == [("gpu", "eq", "4090")]
+
+
 @pytest.mark.parametrize("text, filters", [
     ("x2", [("num_gpus", "eq", 2)]),
     ("2x", [("num_gpus", "eq", 2)]),
@@ -420,6 +425,8 @@ def test_derived_fields_filter():
     ("verified=false -o dph-", "not verified · priciest first"),
     ("4090 3090 -o gpu_ram-,dph", "gpu in 4090,3090 · verified · by gpu_ram desc, dph"),
     ("num_gpus in 1,2", "num_gpus in 1,2 · verified · cheapest first"),
+    ("-o dph", "verified · cheapest first"),
+    ("-o dph,gpu_ram-", "verified · by dph, gpu_ram desc"),
 ])
 def test_describe(text, expected):
     assert parse_query(text).describe() == expected
@@ -462,6 +469,8 @@ def test_describe(text, expected):
     ("gpu_name>RTX", "gpu_name cannot be compared with '>'", "gpu_name>RTX"),
     ("verified>=true", "verified cannot be compared with '>='", "verified>=true"),
     ("num_gpus 2", "Operator missing after 'num_gpus'", "num_gpus"),
+    ("verified>=maybe", "verified cannot be compared with '>='", "verified>=maybe"),
+    ('gpu_name=" "', "Value missing in 'gpu_name=\" \"'", " "),
     (">=24", "Field missing before '>=24'", ">=24"),
     ('"RTX 4090"', "Value without a field: '\"RTX 4090\"'", '"RTX 4090"'),
     ("x0", "GPU count must be 1..64, got 'x0'", "x0"),
@@ -660,3 +669,14 @@ def test_valid_filters_agree_with_matches(field, op, value, offers):
         return
     kept = q.apply(offers)
     assert sorted(map(id, kept)) == sorted(id(o) for o in offers if q.matches(o))
+
+
+@pytest.mark.parametrize("order", ["", "-o -reliability", "-o gpu_name-,dph", "-o verified,-dph"])
+def test_limit_gives_the_head_of_the_full_order(order):
+    offers = [offer(str(i), ("RTX 4090", "A100 80GB", "H100 SXM")[i % 3], dph=f"0.{i % 5}",
+                    reliability=(0.9, 0.99)[i % 2], verified=i % 4 != 0, provider=("vast", "aws")[i % 2])
+              for i in range(100)]
+    full = parse_query(f"verified=any {order}").apply(offers)
+    top = parse_query(f"verified=any {order} limit=7").apply(offers)
+    assert [o.ref for o in top] == [o.ref for o in full[:7]]
+    assert len(full) == 100

@@ -405,3 +405,72 @@ async def test_audit_lists_recent_events_for_an_instance(service, admin, clock):
     assert events[0].cost == (r.instance.dph / 6).quantize(Decimal("0.000001"))  # audit keeps micro-dollars
     with pytest.raises(InvalidInput):
         service.audit(admin, 0)
+
+
+async def test_status_refresh_during_a_stop_does_not_double_bill(service, admin, sandbox, clock, monkeypatch):
+    """Another user's /gpu status lands while our stop call is at the provider."""
+    r = await _boot(service, admin)
+    real_stop = sandbox.stop
+
+    async def racing(pid):
+        result = await real_stop(pid)
+        await service.status(admin)
+        return result
+
+    monkeypatch.setattr(sandbox, "stop", racing)
+    stop = await service.stop(admin, r.instance.id)
+    clock.advance(timedelta(hours=10))
+    await service.status(admin)
+    with service.db.session() as s:
+        assert [seg.kind for seg in Ledger.open_segments(s, r.instance.id)] == [STORAGE]
+        storage = Ledger.instance_cost(s, r.instance.id, clock.now(), kind=STORAGE)
+    assert storage == stop.storage_dph * 10
+
+
+async def test_status_refresh_during_a_destroy_does_not_break_it(service, admin, sandbox, monkeypatch):
+    r = await _boot(service, admin)
+    real_destroy = sandbox.destroy
+
+    async def racing(pid):
+        await real_destroy(pid)
+        await service.status(admin)
+
+    monkeypatch.setattr(sandbox, "destroy", racing)
+    done = await service.destroy(admin, r.instance.id, confirm=True)
+    assert isinstance(done, DestroyResult) and done.instance.state == "destroyed"
+    assert [e.event for e in _audit(service)][-1] == "destroy"
+
+
+async def test_status_without_changes_writes_nothing(service, admin):
+    r = await _boot(service, admin)
+    with service.db.session() as s:
+        before = s.get(Instance, r.instance.id).version
+    for _ in range(3):
+        await service.status(admin)
+    with service.db.session() as s:
+        assert s.get(Instance, r.instance.id).version == before
+
+
+async def test_failed_destroy_keeps_the_instance_and_its_billing(service, admin, sandbox):
+    r = await _boot(service, admin)
+    sandbox.inject("unavailable", count=10, on="destroy")
+    with pytest.raises(ProviderError, match="still exists"):
+        await service.destroy(admin, r.instance.id, confirm=True)
+    with service.db.session() as s:
+        assert s.get(Instance, r.instance.id).state == "running"
+        assert [seg.kind for seg in Ledger.open_segments(s, r.instance.id)] == [COMPUTE]
+
+
+async def test_a_stop_whose_process_died_is_picked_up_later(service, admin, sandbox, clock):
+    """A stale 'stopping' claim (crash after the provider call) is settled by the next sync."""
+    r = await _boot(service, admin)
+    with service.db.session() as s:
+        inst = s.get(Instance, r.instance.id)
+        assert service._claim(s, inst, InstanceState.STOPPING)
+    await sandbox.stop(r.instance.provider_id)
+    clock.advance(timedelta(minutes=1))
+    assert (await service.status(admin)).instances[0].state == "stopping"  # fresh claim: left alone
+    clock.advance(timedelta(minutes=15))
+    assert (await service.status(admin)).instances[0].state == "stopped"
+    with service.db.session() as s:
+        assert [seg.kind for seg in Ledger.open_segments(s, r.instance.id)] == [STORAGE]
