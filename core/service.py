@@ -586,13 +586,8 @@ class GpuService:
             previous = inst.state
             if not self._claim(s, inst, InstanceState.STOPPING):
                 raise Conflict(f"{inst.id} changed while you asked (another stop or start?). Check /gpu status {inst.id}.")
-        try:
-            await with_retries(lambda: provider.stop(inst.provider_id or ""), sleep=self._sleep,
-                               what=f"stop {inst.id}")
-        except GpuherdError as exc:
-            self._revert(actor, inst.id, previous, "stop", exc)
-            raise ProviderError(inst.provider, f"stopping {inst.id} failed: {exc.message}. It is still "
-                                               "running and billing; try again or destroy it.") from None
+        await self._at_provider(actor, inst, "stop", lambda: provider.stop(inst.provider_id or ""),
+                                revert_to=previous, still="It is still running and billing; try again or destroy it.")
         now = self.clock.now()
         with self.db.session() as s:
             inst = self._get(s, inst.id)
@@ -618,16 +613,26 @@ class GpuService:
                                       text=f"{actor.name} stopped {inst.id}: session cost {usd(cost)}"))
         return result
 
-    def _revert(self, actor: Actor, instance_id: str, state: str, action: str, exc: GpuherdError) -> None:
-        now = self.clock.now()
-        with self.db.session() as s:
-            inst = self._get(s, instance_id)
-            inst.state = state
-            inst.updated_at = now
-            inst.version += 1
-            s.add(inst)
-            audit_log.record(s, actor, action, now=now, instance_id=instance_id, ok=False, error=exc.message)
-            s.commit()
+    async def _at_provider(self, actor: Actor, inst: Instance, action: str, call: Callable[[], Awaitable[object]],
+                           *, revert_to: str, still: str,
+                           done_anyway: Callable[[], Awaitable[bool]] | None = None) -> None:
+        """Run a claimed action at the provider, retrying where safe. On failure the claim is
+        undone, the failure audited, and the user told what state the machine is left in."""
+        try:
+            await with_retries(call, sleep=self._sleep, what=f"{action} {inst.id}")
+        except GpuherdError as exc:
+            if done_anyway is not None and await done_anyway():
+                return
+            now = self.clock.now()
+            with self.db.session() as s:
+                row = self._get(s, inst.id)
+                row.state = revert_to
+                row.updated_at = now
+                row.version += 1
+                s.add(row)
+                audit_log.record(s, actor, action, now=now, instance_id=inst.id, ok=False, error=exc.message)
+                s.commit()
+            raise ProviderError(inst.provider, f"{action} of {inst.id} failed: {exc.message}. {still}") from None
 
     async def start(self, actor: Actor, instance_id: str, *, idempotency_key: str | None = None,
                     wait: bool = True, progress: Progress | None = None) -> StartResult:
@@ -645,13 +650,8 @@ class GpuService:
             provider = self.providers.get(inst.provider)
             if not self._claim(s, inst, InstanceState.STARTING):
                 raise Conflict(f"{inst.id} changed while you asked. Check /gpu status {inst.id}.")
-        try:
-            await with_retries(lambda: provider.start(inst.provider_id or ""), sleep=self._sleep,
-                               what=f"start {inst.id}")
-        except GpuherdError as exc:
-            self._revert(actor, inst.id, InstanceState.STOPPED.value, "start", exc)
-            raise ProviderError(inst.provider, f"starting {inst.id} failed: {exc.message}. "
-                                               "It is still stopped.") from None
+        await self._at_provider(actor, inst, "start", lambda: provider.start(inst.provider_id or ""),
+                                revert_to=InstanceState.STOPPED.value, still="It is still stopped.")
         now = self.clock.now()
         with self.db.session() as s:
             inst = self._get(s, inst.id)
@@ -700,15 +700,9 @@ class GpuService:
             if not self._claim(s, inst, InstanceState.DESTROYING):
                 raise Conflict(f"{inst.id} changed while you asked. Check /gpu status {inst.id}.")
         if inst.provider_id:
-            try:
-                await with_retries(lambda: provider.destroy(inst.provider_id or ""), sleep=self._sleep,
-                                   what=f"destroy {inst.id}")
-            except GpuherdError as exc:
-                still_there = await self._still_exists(provider, inst.provider_id)
-                if still_there:
-                    self._revert(actor, inst.id, previous, "destroy", exc)
-                    raise ProviderError(inst.provider, f"destroying {inst.id} failed: {exc.message}. "
-                                                       "It still exists and bills; try again.") from None
+            await self._at_provider(actor, inst, "destroy", lambda: provider.destroy(inst.provider_id or ""),
+                                    revert_to=previous, still="It still exists and bills; try again.",
+                                    done_anyway=lambda: self._gone(provider, inst.provider_id or ""))
         now = self.clock.now()
         with self.db.session() as s:
             inst = self._get(s, inst.id)
@@ -729,13 +723,13 @@ class GpuService:
                                       text=f"{actor.name} destroyed {inst.id}: total cost {usd(total)}"))
         return result
 
-    async def _still_exists(self, provider: Provider, provider_id: str) -> bool:
-        """After a failed destroy: is the machine still there? Unknown counts as yes."""
+    async def _gone(self, provider: Provider, provider_id: str) -> bool:
+        """After a failed destroy: is the machine gone anyway? Unknown counts as no."""
         try:
             found = await provider.get(provider_id)
         except GpuherdError:
-            return True
-        return found is not None and found.state is not ProviderState.DESTROYED
+            return False
+        return found is None or found.state is ProviderState.DESTROYED
 
     # --- keep / activity -----------------------------------------------------------------
     async def keep(self, actor: Actor, instance_id: str, duration: str | None = None) -> KeepResult:
