@@ -72,7 +72,6 @@ class Settings(BaseSettings):
     # behaviour
     boot_timeout_s: float = Field(default=900, gt=0, description="how long start/boot waits for health")
     poll_interval_s: float = Field(default=2.0, gt=0)
-    max_instances_per_boot_search: int = 200
 
     @field_validator("home", mode="before")
     @classmethod

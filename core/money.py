@@ -46,6 +46,8 @@ def usd(amount: Decimal, places: int = 2) -> str:
     """'$1,234.57'; small rates keep more places so $0.004/h does not print as $0.00."""
     q = Decimal(1).scaleb(-places)
     rounded = amount.quantize(q, rounding=ROUND_HALF_UP)
+    if rounded == 0 and amount != 0:  # a few seconds of billing is not free
+        return f"{'-' if amount < 0 else ''}<${q}"
     sign = "-" if rounded < 0 else ""
     return f"{sign}${abs(rounded):,.{places}f}"
 

@@ -36,7 +36,7 @@ from .ids import ID_RE, new_instance_id, normalise_instance_id
 from .ledger import COMPUTE, STORAGE, Ledger, month_of, parse_period
 from .models import ActionRecord, Budget, Instance, InstanceState, Role, User
 from .money import HOURS_PER_DAY, HOURS_PER_MONTH, from_micros, rate, to_decimal, to_micros, usd
-from .notify import Notice, NoticeAction, NotifierHub
+from .notify import Notice, NotifierHub
 from .offers import Offer
 from .providers.base import CreateRequest, Provider, ProviderInstance, ProviderState
 from .providers.registry import ProviderRegistry, build_registry

@@ -19,6 +19,7 @@ def test_money_is_exact():
     assert to_micros("0.3475") == 347500 and from_micros(347500) == Decimal("0.3475")
     assert cost_of(1_000_000, 1800) == Decimal("0.5")
     assert usd(Decimal("1234.565")) == "$1,234.57" and usd(Decimal("-2")) == "-$2.00"
+    assert usd(Decimal("0.0004")) == "<$0.01" and usd(Decimal(0)) == "$0.00"
     assert rate(Decimal("0.0045")) == "$0.005/h" and rate(Decimal("2.5")) == "$2.50/h"
     for bad in ("abc", "nan", "inf", True):
         with pytest.raises(ValueError):
