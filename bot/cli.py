@@ -68,15 +68,48 @@ async def _one_shot(line: str, yes: bool) -> int:
 
 
 async def _shell(yes: bool) -> int:
+    from core.scheduler import GuardScheduler
+
     from .shell import Shell
 
     service = _service()
+    scheduler = GuardScheduler(service)
     try:
         adopted = await service.resolve_pending()  # boots a crash interrupted
         if adopted:
             Console(stderr=True).print(f"[yellow]Adopted {', '.join(adopted)}: booted before a crash.[/yellow]")
-        return await Shell(service, yes=yes).run()
+        shell = Shell(service, yes=yes)
+        await scheduler.start()  # guards run in the background while you type
+        return await shell.run()
     finally:
+        await scheduler.stop()
+        await service.aclose()
+
+
+async def _run_guards() -> int:
+    """`gpuherd guards --run`: the guard scheduler in the foreground, printing what it does."""
+    import signal
+
+    from core.scheduler import GuardScheduler
+
+    from .render_text import make_console
+
+    service = _service()
+    console = make_console()
+    service.hub.subscribe(lambda n: console.print(f"{n.at:%Y-%m-%d %H:%M:%S} {escape(n.text)}", highlight=False))
+    scheduler = GuardScheduler(service)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.resolve_pending()
+        await scheduler.start()
+        console.print(f"guards running as {scheduler.identity} ({scheduler.leadership.describe()}); Ctrl-C stops")
+        await stop.wait()
+        return 0
+    finally:
+        await scheduler.stop()
         await service.aclose()
 
 
@@ -154,6 +187,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_shell(args.yes or args.shell_yes))
         if args.cmd == "db":
             return _db(args.action)
+        if args.cmd == "guards" and "--run" in args.words:
+            return asyncio.run(_run_guards())
         if args.cmd == "users":
             return _users(args)
         assert chat is not None

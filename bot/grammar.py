@@ -279,12 +279,21 @@ async def _destroy(ctx: Context, args: Args) -> Reply:
     return _confirm_or(r, replies.destroy_reply)  # type: ignore[arg-type]
 
 
-@REGISTRY.command("status", summary="Instances: owner, template, state, uptime, $/h, accrued, idle for",
-                  usage="/gpu status [id] [all=yes]", max_positional=1, options=("all",), aliases=("list", "ls"))
+@REGISTRY.command("status", summary="Instances: owner, state, $/h, accrued, idle for, next guard action",
+                  usage="/gpu status [id] [all=yes] [--guards]", max_positional=1, options=("all", "guards"),
+                  aliases=("list", "ls"))
 async def _status(ctx: Context, args: Args) -> Reply:
+    if args.flag("guards"):
+        return replies.guards_reply(ctx.service.guard_overview(ctx.actor))
     iid = args.positional[0] if args.positional else None
     r = await ctx.service.status(ctx.actor, iid, include_ended=args.flag("all"))
     return replies.status_reply(r, single=iid is not None)
+
+
+@REGISTRY.command("guards", summary="The guard scheduler: last pass, next wake-up, coming guard actions",
+                  usage="/gpu guards")
+async def _guards(ctx: Context, args: Args) -> Reply:
+    return replies.guards_reply(ctx.service.guard_overview(ctx.actor))
 
 
 @REGISTRY.command("keep", role=Role.MEMBER, summary="Postpone idle shutdown (default 1 h, at most 7 days)",

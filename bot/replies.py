@@ -20,6 +20,7 @@ from core.results import (
     Confirmation,
     CostReport,
     DestroyResult,
+    GuardOverview,
     InstanceCost,
     InstanceView,
     KeepResult,
@@ -170,6 +171,16 @@ def instance_fields(v: InstanceView) -> list[ReplyField]:
         fields.append(ReplyField(label="idle for", value=duration(v.idle_for_s)))
     if v.keep_until:
         fields.append(ReplyField(label="kept until", value=when(v.keep_until)))
+    if v.next_action and v.next_action_at:
+        fields.append(ReplyField(label="next guard action", value=f"{v.next_action} at {when(v.next_action_at)}"))
+    if v.guards:
+        fields.append(ReplyField(label="guards", inline=False, value=" · ".join(
+            f"{name} {'armed' if armed else 'off'} ({detail})" for name, armed, detail in v.guards)))
+    if v.activity:
+        fields.append(ReplyField(label="activity", value=f"{v.activity}: {v.activity_detail or ''}".strip(": "),
+                                 inline=False))
+    if v.guard_error:
+        fields.append(ReplyField(label="⚠ guard", value=v.guard_error, inline=False))
     if v.endpoint:
         fields.append(ReplyField(label="endpoint", value=v.endpoint, inline=False))
     if v.message:
@@ -258,13 +269,44 @@ def status_reply(r: StatusResult, single: bool = False) -> Reply:
         return _simulated(Reply(title=f"{v.id} · {v.template}", fields=instance_fields(v),
                                 actions=instance_actions(v)), v.simulated)
     rows = [[v.id, who(v.owner), v.template, v.state, f"{v.gpu_name} x{v.num_gpus}", rate(v.current_dph),
-             usd(v.accrued), duration(v.uptime_s), duration(v.idle_for_s)] for v in r.instances]
+             usd(v.accrued), duration(v.uptime_s), duration(v.idle_for_s), _next(v)] for v in r.instances]
     reply = Reply(
         title=f"{len(r.instances)} instance{'s' if len(r.instances) != 1 else ''} · spending {rate(r.run_rate)}",
         text="" if rows else "Nothing is running. /gpu search to find a machine, /gpu boot budget to start one.",
-        tables=[Table(columns=["id", "owner", "template", "state", "gpu", "$/h", "accrued", "uptime", "idle"],
-                      rows=rows, align=["left", "left", "left", "left", "left", "right", "right", "right", "right"])]
+        tables=[Table(columns=["id", "owner", "template", "state", "gpu", "$/h", "accrued", "uptime", "idle", "next"],
+                      rows=rows, align=["left", "left", "left", "left", "left", "right", "right", "right", "right",
+                                        "left"])]
         if rows else [])
+    for v in r.instances:
+        if v.guard_error:
+            reply = reply.with_note(f"⚠ {v.id}: {v.guard_error}")
+    return _simulated(reply, r.simulated)
+
+
+def _next(v: InstanceView) -> str:
+    """'stop (idle) in 12m', or '⚠' when a guard cannot check."""
+    if v.guard_error:
+        return "⚠ cannot check"
+    if not (v.next_action and v.next_action_at):
+        return "—"
+    return f"{v.next_action} {when(v.next_action_at)[11:16]}"
+
+
+def guards_reply(r: GuardOverview) -> Reply:
+    fields = [ReplyField(label="scheduler", value=f"running in {r.leader}" if r.leader else "not running yet"),
+              ReplyField(label="last pass", value=(f"{when(r.last_run_at)} · {r.last_pass_ms or 0:.1f} ms · "
+                                                   f"{r.last_checked} checked · {r.last_acted} acted")
+                         if r.last_run_at else "never"),
+              ReplyField(label="next wake-up", value=when(r.next_wake_at)),
+              ReplyField(label="budgets checked", value=when(r.budgets_checked_at))]
+    if r.last_error:
+        fields.append(ReplyField(label="⚠ last error", value=r.last_error, inline=False))
+    rows = [[v.id, who(v.owner), v.state, v.next_action or "", when(v.next_action_at)] for v in r.upcoming]
+    reply = Reply(title="Guards", fields=fields,
+                  tables=[Table(columns=["id", "owner", "state", "next action", "at"], rows=rows,
+                                caption="Coming up")] if rows else [])
+    for v in r.blind:
+        reply = reply.with_note(f"⚠ {v.id}: {v.guard_error}")
     return _simulated(reply, r.simulated)
 
 

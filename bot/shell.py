@@ -35,10 +35,10 @@ class Shell:
         service.hub.subscribe(self._notice)
 
     def _notice(self, notice: Notice) -> None:
-        if notice.owner == self.actor.principal and notice.kind in ("instance.booting", "instance.stopped",
-                                                                     "instance.destroyed"):
+        if notice.actor == self.actor.principal:
             return  # the reply to the user's own command says it already
-        self.console.print(f"[yellow]» {escape(notice.text)}[/yellow]")
+        colour = {"warning": "yellow", "error": "red"}.get(notice.level, "cyan")
+        self.console.print(f"[{colour}]» {escape(notice.text)}[/{colour}]")
         for action in notice.actions:
             self.console.print(f"  [dim]\\[{escape(action.label)}] {escape(action.command)}[/dim]")
 

@@ -72,6 +72,10 @@ class Settings(BaseSettings):
     # behaviour
     boot_timeout_s: float = Field(default=900, gt=0, description="how long start/boot waits for health")
     poll_interval_s: float = Field(default=2.0, gt=0)
+    guard_max_sleep_s: float = Field(default=15.0, gt=0, le=300,
+                                     description="longest the guard scheduler sleeps between passes")
+    guard_leader_retry_s: float = Field(default=15.0, gt=0, le=60,
+                                        description="how often a standby process tries to take over the guards")
 
     @field_validator("home", mode="before")
     @classmethod

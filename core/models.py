@@ -81,6 +81,24 @@ class Instance(SQLModel, table=True):
     keep_until: datetime | None = Field(default=None, sa_column=_ts())      # /gpu keep snooze
     version: int = 0                                                       # bumped on every change
 
+    # guards: settings copied from the template (and boot overrides) at boot
+    idle_window_s: int = Field(default=1800, sa_column_kwargs={"server_default": "1800"})
+    warn_lead_s: int = Field(default=300, sa_column_kwargs={"server_default": "300"})
+    idle_action: str = Field(default="stop", max_length=8,                 # stop | destroy
+                             sa_column_kwargs={"server_default": "stop"})
+    max_lifetime_s: int | None = None
+    destroy_after_stopped_s: int | None = None
+    # guards: state, all in the database so a restart loses nothing
+    next_guard_at: datetime | None = Field(default=None, sa_column=_ts(index=True))
+    idle_warned_at: datetime | None = Field(default=None, sa_column=_ts())
+    lifetime_warned_at: datetime | None = Field(default=None, sa_column=_ts())
+    stopped_warned_at: datetime | None = Field(default=None, sa_column=_ts())
+    guard_checked_at: datetime | None = Field(default=None, sa_column=_ts())
+    guard_error: str | None = Field(default=None, max_length=512)          # why a guard could not check
+    activity_status: str | None = Field(default=None, max_length=8)        # active | quiet | unknown
+    activity_detail: str | None = Field(default=None, max_length=256)
+    metrics_sample: str | None = Field(default=None, sa_type=Text)         # last vLLM counters (JSON)
+
     @property
     def state_enum(self) -> InstanceState:
         return InstanceState(self.state)
@@ -155,6 +173,38 @@ class User(SQLModel, table=True):
     role: str = Field(max_length=8)
     team: str = Field(max_length=64)
     created_at: datetime = Field(sa_column=_ts(nullable=False))
+
+
+class BudgetAlert(SQLModel, table=True):
+    """One row per budget, month and threshold crossed: the unique key is what makes each
+    warning go out exactly once, even with several processes checking."""
+
+    __tablename__ = "budget_alerts"
+    __table_args__ = (UniqueConstraint("scope", "name", "period", "threshold"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    scope: str = Field(max_length=8)
+    name: str = Field(max_length=128)
+    period: str = Field(max_length=7)                  # YYYY-MM
+    threshold: int                                     # 50, 80, 100
+    spent_micros: int = Field(sa_type=BigInteger)
+    created_at: datetime = Field(sa_column=_ts(nullable=False))
+
+
+class SchedulerState(SQLModel, table=True):
+    """What the guard scheduler did last, readable by `gpuherd guards` from any process."""
+
+    __tablename__ = "scheduler_state"
+
+    name: str = Field(primary_key=True, max_length=32)
+    leader: str | None = Field(default=None, max_length=128)   # host:pid holding the lock
+    last_run_at: datetime | None = Field(default=None, sa_column=_ts())
+    last_pass_ms: float | None = None
+    last_checked: int = 0
+    last_acted: int = 0
+    next_wake_at: datetime | None = Field(default=None, sa_column=_ts())
+    last_error: str | None = Field(default=None, max_length=512)
+    budgets_checked_at: datetime | None = Field(default=None, sa_column=_ts())
 
 
 class ActionRecord(SQLModel, table=True):

@@ -30,6 +30,8 @@ class Notice:
     instance_id: str | None = None
     actions: tuple[NoticeAction, ...] = field(default_factory=tuple)
     simulated: bool = False
+    actor: str | None = None     # who caused it (a user's own command, or system:idle)
+    level: str = "info"          # info | warning | error
 
 
 Subscriber = Callable[[Notice], Awaitable[None] | None]

@@ -34,6 +34,12 @@ class InstanceView(BaseModel):
     stopped_at: datetime | None
     message: str | None = None
     simulated: bool = False
+    next_action: str | None = None          # "stop (idle)"
+    next_action_at: datetime | None = None
+    guards: list[tuple[str, bool, str]] = Field(default_factory=list)   # (name, armed, what it does)
+    guard_error: str | None = None          # why a guard could not check, shown loudly
+    activity: str | None = None             # active | quiet | unknown (last probe)
+    activity_detail: str | None = None
 
 
 class SearchResult(BaseModel):
@@ -187,3 +193,19 @@ class BudgetResult(BaseModel):
     budgets: list[BudgetUse]
     changed: BudgetUse | None = None
     period: str = ""
+
+
+class GuardOverview(BaseModel):
+    """The scheduler's state for `gpuherd guards` / `/gpu guards`."""
+
+    leader: str | None
+    last_run_at: datetime | None
+    last_pass_ms: float | None
+    last_checked: int
+    last_acted: int
+    next_wake_at: datetime | None
+    last_error: str | None
+    budgets_checked_at: datetime | None
+    upcoming: list[InstanceView]            # instances with a guard action coming, soonest first
+    blind: list[InstanceView]               # instances a guard could not check
+    simulated: bool = False

@@ -22,6 +22,8 @@ from .auth import Actor, Directory, system_actor
 from .clock import Clock, as_utc
 from .config import Settings, load_settings
 from .db import Database
+from .guard_plan import plan as guard_plan
+from .guard_plan import replan
 from .errors import (
     CapacityError,
     Conflict,
@@ -34,7 +36,7 @@ from .errors import (
 )
 from .ids import ID_RE, new_instance_id, normalise_instance_id
 from .ledger import COMPUTE, STORAGE, Ledger, month_of, parse_period
-from .models import ActionRecord, Budget, Instance, InstanceState, Role, User
+from .models import ActionRecord, Budget, Instance, InstanceState, Role, SchedulerState, User
 from .money import HOURS_PER_DAY, HOURS_PER_MONTH, from_micros, rate, to_decimal, to_micros, usd
 from .notify import Notice, NotifierHub
 from .offers import Offer
@@ -50,6 +52,7 @@ from .results import (
     Confirmation,
     CostReport,
     DestroyResult,
+    GuardOverview,
     InstanceCost,
     InstanceView,
     KeepResult,
@@ -238,6 +241,19 @@ class GpuService:
                                   ready=existing.state == InstanceState.RUNNING.value,
                                   simulated=existing.simulated)
 
+        spent = self._spent_budgets(actor)
+        if spent and not confirm:
+            over = "; ".join(f"{'team' if b.scope == 'team' else 'user'} {b.name} has spent {usd(b.spent)} "
+                             f"of {usd(b.limit)}" for b in spent)
+            if not actor.at_least(Role.ADMIN):
+                raise PermissionDenied(f"Budget used up ({over}). New boots need an admin's confirmation "
+                                       "or a higher budget (/gpu budget).")
+            return Confirmation(action="boot", title="Budget used up",
+                                prompt=f"This month's budget is used up: {over}. Boot anyway?",
+                                command=_boot_command(template.name, offer, provider, raw_overrides, key))
+        if spent and not actor.at_least(Role.ADMIN):
+            raise PermissionDenied("Only an admin can boot past a used-up budget.")
+
         candidates = await self._choose_offers(template, offer=offer, provider=provider)
         chosen = candidates[0]
         max_dph = template.max_dph
@@ -265,6 +281,7 @@ class GpuService:
                 break
             view = self._record_created(actor, instance.id, candidate, pinst, template)
             await self.hub.publish(Notice(kind="instance.booting", at=self.clock.now(), owner=actor.principal,
+                                          actor=actor.principal,
                                           team=actor.team, instance_id=view.id, simulated=view.simulated,
                                           text=f"{actor.name} booted {view.id} ({template.name}) on "
                                                f"{view.provider}, {rate(view.dph)}"))
@@ -281,11 +298,9 @@ class GpuService:
 
     def _price_confirmation(self, template: Template, offer: Offer, max_dph: Decimal, key: str,
                             overrides: dict[str, str], *, named: bool) -> Confirmation:
-        parts = [f"/gpu boot {template.name}", f"offer={offer.ref}"]
-        parts += [f"{k}={_quote(v)}" for k, v in overrides.items()]
-        parts += [f"key={key}", "confirm=yes"]
         return Confirmation(
-            action="boot", title="Price above limit", command=" ".join(parts),
+            action="boot", title="Price above limit",
+            command=_boot_command(template.name, offer.ref, None, overrides, key),
             prompt=(f"{'The offer you picked' if named else 'The cheapest matching offer'} is "
                     f"{offer.gpu_name} x{offer.num_gpus} on {offer.provider} at "
                     f"{rate(offer.dph)}, above the {rate(max_dph)} limit of '{template.name}'. "
@@ -341,6 +356,10 @@ class GpuService:
                             storage_dph_micros=to_micros(offer.storage_rate(template.disk_gb)),
                             disk_gb=template.disk_gb, simulated=offer.simulated,
                             overrides=json.dumps(cleaned),
+                            idle_window_s=int(template.idle_window.total_seconds()),
+                            warn_lead_s=int(template.warn_lead.total_seconds()), idle_action=template.idle_action,
+                            max_lifetime_s=_seconds(template.max_lifetime),
+                            destroy_after_stopped_s=_seconds(template.destroy_after_stopped),
                             created_at=now, updated_at=now)
             s.add(inst)
             s.commit()
@@ -390,6 +409,7 @@ class GpuService:
             inst.last_activity_at = now
             inst.updated_at = now
             inst.version += 1
+            replan(inst)
             s.add(inst)
             Ledger.open(s, inst, COMPUTE, inst.dph_micros, now)
             audit_log.record(s, actor, "boot", now=now, instance_id=inst.id, template=template.name,
@@ -407,6 +427,7 @@ class GpuService:
             inst.state = InstanceState.FAILED.value
             inst.status_message = (error.message if error else "create failed")[:500]
             inst.updated_at = now
+            inst.next_guard_at = None
             s.add(inst)
             audit_log.record(s, actor, "boot", now=now, instance_id=inst.id, ok=False,
                              template=inst.template, error=inst.status_message)
@@ -495,6 +516,7 @@ class GpuService:
             return
         inst.updated_at = now
         inst.version += 1
+        replan(inst)
         s.add(inst)
 
     async def refresh(self, instances: list[Instance]) -> None:
@@ -599,6 +621,8 @@ class GpuService:
             inst.stopped_at = now
             inst.updated_at = now
             inst.version += 1
+            inst.stopped_warned_at = None
+            replan(inst)
             s.add(inst)
             s.flush()
             cost = Ledger.instance_cost(s, inst.id, now, since=session_start, kind=COMPUTE)
@@ -609,6 +633,7 @@ class GpuService:
             self._remember(s, idempotency_key, "stop", actor, inst.id, result)
             s.commit()
         await self.hub.publish(Notice(kind="instance.stopped", at=now, owner=inst.owner, team=inst.team,
+                                      actor=actor.principal,
                                       instance_id=inst.id, simulated=inst.simulated,
                                       text=f"{actor.name} stopped {inst.id}: session cost {usd(cost)}"))
         return result
@@ -661,6 +686,8 @@ class GpuService:
             inst.last_activity_at = now
             inst.updated_at = now
             inst.version += 1
+            inst.idle_warned_at = None
+            replan(inst)
             s.add(inst)
             audit_log.record(s, actor, "start", now=now, instance_id=inst.id, dph=str(from_micros(inst.dph_micros)))
             s.commit()
@@ -711,6 +738,7 @@ class GpuService:
             inst.destroyed_at = now
             inst.updated_at = now
             inst.version += 1
+            inst.next_guard_at = None
             s.add(inst)
             s.flush()
             total = Ledger.instance_cost(s, inst.id, now)
@@ -719,6 +747,7 @@ class GpuService:
             self._remember(s, idempotency_key, "destroy", actor, inst.id, result)
             s.commit()
         await self.hub.publish(Notice(kind="instance.destroyed", at=now, owner=inst.owner, team=inst.team,
+                                      actor=actor.principal,
                                       instance_id=inst.id, simulated=inst.simulated,
                                       text=f"{actor.name} destroyed {inst.id}: total cost {usd(total)}"))
         return result
@@ -749,6 +778,9 @@ class GpuService:
             inst.last_activity_at = now
             inst.updated_at = now
             inst.version += 1
+            inst.idle_warned_at = None
+            inst.stopped_warned_at = None
+            replan(inst)
             s.add(inst)
             self._add_activity(s, inst.id, "keep", now, f"by {actor.principal} for {format_duration(span)}")
             audit_log.record(s, actor, "keep", now=now, instance_id=inst.id, until=until.isoformat())
@@ -762,7 +794,12 @@ class GpuService:
         now = self.clock.now()
         with self.db.session() as s:
             inst = self._get(s, instance_id)
+            if inst.state_enum.is_final:
+                raise Conflict(f"{inst.id} is {inst.state}; activity is not recorded for it.")
             inst.last_activity_at = now
+            inst.idle_warned_at = None
+            inst.version += 1
+            replan(inst)
             s.add(inst)
             self._add_activity(s, inst.id, source, now, detail)
             s.commit()
@@ -808,6 +845,8 @@ class GpuService:
             current = (from_micros(inst.dph_micros) if up else
                        from_micros(inst.storage_dph_micros) if state is InstanceState.STOPPED else Decimal(0))
             started = as_utc(inst.started_at) if inst.started_at else None
+            gp = guard_plan(inst)
+            nxt = gp.next_action
             last = as_utc(inst.last_activity_at) if inst.last_activity_at else started
             views.append(InstanceView(
                 id=inst.id, provider=inst.provider, provider_id=inst.provider_id, owner=inst.owner,
@@ -820,7 +859,10 @@ class GpuService:
                 keep_until=as_utc(inst.keep_until) if inst.keep_until and as_utc(inst.keep_until) > now else None,
                 endpoint=inst.endpoint, created_at=as_utc(inst.created_at),
                 stopped_at=as_utc(inst.stopped_at) if inst.stopped_at and state is InstanceState.STOPPED else None,
-                message=inst.status_message, simulated=inst.simulated))
+                message=inst.status_message, simulated=inst.simulated,
+                next_action=nxt.text if nxt else None, next_action_at=nxt.at if nxt else None,
+                guards=[(g.name, g.armed, g.detail) for g in gp.guards], guard_error=inst.guard_error,
+                activity=inst.activity_status, activity_detail=inst.activity_detail))
         return views
 
     # --- money ---------------------------------------------------------------------------
@@ -866,6 +908,22 @@ class GpuService:
         return InstanceCost(instance=view, hourly=hourly, total=compute + storage, compute=compute,
                             storage=storage, uptime_s=max(0, seconds), projected_day=hourly * HOURS_PER_DAY,
                             projected_month=hourly * HOURS_PER_MONTH, simulated=inst.simulated)
+
+    def _spent_budgets(self, actor: Actor) -> list[BudgetUse]:
+        """The actor's team and user budgets that are used up this month."""
+        now = self.clock.now()
+        month = month_of(now)
+        with self.db.session() as s:
+            own = [b for b in s.exec(select(Budget).where(  # type: ignore[call-overload]
+                ((Budget.scope == "team") & (Budget.name == actor.team))
+                | ((Budget.scope == "user") & (Budget.name == actor.principal)))).scalars()]
+            uses = []
+            for b in own:
+                where = {"team": b.name} if b.scope == "team" else {"user": b.name}
+                uses.append(BudgetUse(scope=b.scope, name=b.name, limit=from_micros(b.monthly_micros),
+                                      spent=Ledger.total(s, month.start, month.end, now, **where),
+                                      hard_cap=b.hard_cap))
+        return [u for u in uses if u.spent >= u.limit]
 
     def _visible_budgets(self, s: Session, actor: Actor) -> list[Budget]:
         """Admins see every budget; others their team's and their own."""
@@ -945,6 +1003,35 @@ class GpuService:
                                               cost=from_micros(r.cost_micros) if r.cost_micros is not None else None,
                                               ok=r.ok, details=json.loads(r.details or "{}")) for r in rows])
 
+    # --- guards --------------------------------------------------------------------------
+    def audit_system(self, event: str, instance_id: str | None, text: str) -> None:
+        """An audit event by a guard (system:idle, system:budget, ...)."""
+        name = event.split(".")[1] if "." in event else event
+        name = {"warn_idle": "idle", "warn_lifetime": "lifetime", "warn_stopped": "stopped",
+                "nudge": "stopped", "threshold": "budget"}.get(name, name)
+        with self.db.session() as s:
+            audit_log.record(s, system_actor(name), event, now=self.clock.now(), instance_id=instance_id, text=text)
+            s.commit()
+
+    def guard_overview(self, actor: Actor, limit: int = 10) -> GuardOverview:
+        actor.require(Role.VIEWER, "viewing the guards")
+        final = [st.value for st in InstanceState if st.is_final]
+        with self.db.session() as s:
+            state = s.get(SchedulerState, "guards")
+            live = list(s.exec(select(Instance).where(Instance.state.not_in(final))).scalars())  # type: ignore[call-overload]
+            views = self._views(s, live)
+        upcoming = sorted((v for v in views if v.next_action_at), key=lambda v: v.next_action_at)[:limit]  # type: ignore[arg-type,return-value]
+        blind = [v for v in views if v.guard_error]
+        return GuardOverview(
+            leader=state.leader if state else None,
+            last_run_at=as_utc(state.last_run_at) if state and state.last_run_at else None,
+            last_pass_ms=state.last_pass_ms if state else None, last_checked=state.last_checked if state else 0,
+            last_acted=state.last_acted if state else 0,
+            next_wake_at=as_utc(state.next_wake_at) if state and state.next_wake_at else None,
+            last_error=state.last_error if state else None,
+            budgets_checked_at=as_utc(state.budgets_checked_at) if state and state.budgets_checked_at else None,
+            upcoming=upcoming, blind=blind, simulated=any(v.simulated for v in views))
+
     # --- crash recovery ------------------------------------------------------------------
     async def resolve_pending(self, older_than: timedelta = timedelta(minutes=2)) -> list[str]:
         """Boot intents left by a crash: adopt the machine if the provider has our label, else
@@ -986,6 +1073,23 @@ def _budget_uses(budgets: list[Budget], spend: dict[str, dict[str, Decimal]]) ->
     return [BudgetUse(scope=b.scope, name=b.name, limit=from_micros(b.monthly_micros),
                       spent=spend.get(b.scope, {}).get(b.name, Decimal(0)), hard_cap=b.hard_cap)
             for b in budgets]
+
+
+def _seconds(td: timedelta | None) -> int | None:
+    return int(td.total_seconds()) if td is not None else None
+
+
+def _boot_command(template: str, offer: str | None, provider: str | None, overrides: dict[str, str],
+                  key: str) -> str:
+    """The /gpu boot line a confirm button re-runs: same request, same key, confirm=yes."""
+    parts = [f"/gpu boot {template}"]
+    if offer:
+        parts.append(f"offer={offer}")
+    if provider:
+        parts.append(f"provider={provider}")
+    parts += [f"{k}={_quote(str(v))}" for k, v in overrides.items()]
+    parts += [f"key={key}", "confirm=yes"]
+    return " ".join(parts)
 
 
 def _quote(value: str) -> str:

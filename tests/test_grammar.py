@@ -117,6 +117,10 @@ async def test_every_command_parses_and_answers_with_the_right_reply(service: Gp
 
     r = await ok(f"/gpu keep {iid} 2h", title=f"Keeping {iid}", level="success")
     assert "will not be stopped for idleness before" in r.text
+    r = await ok("/gpu guards", title="Guards")
+    # kept for 2 h: the idle warning comes 5 min before the stop at the end of the keep
+    assert r.tables and r.tables[0].rows[0][0] == iid and r.tables[0].rows[0][3] == "warn (stop in 5 min)"
+    assert (await ok("/gpu status --guards", title="Guards")).tables[0].rows == r.tables[0].rows
     r = await ok("/gpu costs week by=template", title="Costs · ", simulated=True)
     assert "by template" in r.title and any(t.caption == "Billing now" for t in r.tables)
     r = await ok(f"/gpu costs {iid}", title=f"Cost of {iid}")

@@ -241,7 +241,7 @@ async def test_endpoint_uses_requested_port(clock):
     assert (await sandbox.create(request(label="x"))).endpoint.endswith(":8000")
 
 
-async def test_gpu_util_is_deterministic_and_bursty(clock):
+async def test_gpu_util_is_deterministic_and_idle_until_used(clock):
     a = SandboxProvider(clock=clock, time_scale=0)
     b = SandboxProvider(clock=clock, time_scale=0)
     pa = (await a.create(request())).provider_id
@@ -252,9 +252,10 @@ async def test_gpu_util_is_deterministic_and_bursty(clock):
         readings_a.append((await a.get(pa)).gpu_util)
         readings_b.append((await b.get(pb)).gpu_util)
     assert readings_a == readings_b
-    assert any(u >= 60 for u in readings_a) and any(u <= 5 for u in readings_a)
-    a.set_gpu_util(pa, 0)
-    assert (await a.get(pa)).gpu_util == 0
+    # nobody uses a freshly booted server: it reads as idle, which is what the idle guard needs
+    assert all(u <= 5 for u in readings_a)
+    a.set_gpu_util(pa, 87)
+    assert (await a.get(pa)).gpu_util == 87
     a.set_gpu_util(pa, None)
     assert (await a.get(pa)).gpu_util == readings_a[-1]
 

@@ -502,11 +502,10 @@ class SandboxProvider(Provider):
         if not healthy:
             return float(random.Random(f"sandbox-util:{self.seed}:{record['provider_id']}:{minute}")
                          .randint(0, 5))
-        # Bursts: each five-minute stretch is busy or idle; busy minutes run hot.
-        burst = random.Random(f"sandbox-burst:{self.seed}:{record['provider_id']}:{minute // 5}")
-        busy = burst.random() < 0.6
+        # A loaded model server nobody sends work to: the forgotten machine the idle guard is for.
+        # Work is simulated with set_gpu_util (or activity pings through gpuherd).
         rng = random.Random(f"sandbox-util:{self.seed}:{record['provider_id']}:{minute}")
-        return float(rng.randint(65, 99) if busy else rng.randint(0, 3))
+        return float(rng.randint(0, 3))
 
     # ------------------------------------------------------------------ instances
 
