@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_argument("principal", nargs="?", help="e.g. local:alice, slack:U123, discord:4242")
     users.add_argument("--role", choices=["viewer", "member", "admin"])
     users.add_argument("--team")
+    # `gpuherd guards` shows the scheduler (the /gpu guards command); `gpuherd guards --run` runs it
     for cmd in grammar.REGISTRY.all():
         p = sub.add_parser(cmd.name, help=cmd.summary, aliases=list(cmd.aliases), add_help=False)
         p.add_argument("words", nargs=argparse.REMAINDER)
@@ -187,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_shell(args.yes or args.shell_yes))
         if args.cmd == "db":
             return _db(args.action)
-        if args.cmd == "guards" and "--run" in args.words:
+        if args.cmd == "guards" and chat is not None and "--run" in chat[2]:
             return asyncio.run(_run_guards())
         if args.cmd == "users":
             return _users(args)

@@ -291,7 +291,8 @@ async def _status(ctx: Context, args: Args) -> Reply:
 
 
 @REGISTRY.command("guards", summary="The guard scheduler: last pass, next wake-up, coming guard actions",
-                  usage="/gpu guards")
+                  usage="/gpu guards", details="From a terminal, `gpuherd guards --run` runs the scheduler in the "
+                  "foreground (the shell runs it in the background).")
 async def _guards(ctx: Context, args: Args) -> Reply:
     return replies.guards_reply(ctx.service.guard_overview(ctx.actor))
 

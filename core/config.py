@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     poll_interval_s: float = Field(default=2.0, gt=0)
     guard_max_sleep_s: float = Field(default=15.0, gt=0, le=300,
                                      description="longest the guard scheduler sleeps between passes")
+    guard_lock_name: str = Field(default="gpuherd-guards", min_length=1, max_length=64,
+                                 description="names the PostgreSQL advisory lock; one per deployment")
     guard_leader_retry_s: float = Field(default=15.0, gt=0, le=60,
                                         description="how often a standby process tries to take over the guards")
 

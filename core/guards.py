@@ -238,7 +238,7 @@ class Guards:
         verb = "destroyed" if inst.idle_action == "destroy" or step.kind == "warn_stopped" else "stopped"
         if step.kind == "warn_idle":
             idle_for = _until(now - (idle_deadline(inst) - timedelta(seconds=inst.idle_window_s)))
-            text = f"{inst.id} idle for {idle_for} — {verb[:-2]}s in {in_text}"
+            text = f"{inst.id} idle for {idle_for} — {'stops' if verb == 'stopped' else 'destroyed'} in {in_text}"
             actions = (NoticeAction("Keep 1 h", f"/gpu keep {inst.id} 1h", "primary"),
                        NoticeAction("Stop now", f"/gpu stop {inst.id}", "danger"))
         elif step.kind == "warn_lifetime":
@@ -332,8 +332,8 @@ class Guards:
             crossed = [t for t in THRESHOLDS if pct >= t and self._claim_alert(b, month.label, t, spent, now)]
             if crossed:
                 who = f"Team {b.name}" if b.scope == "team" else f"{b.name}"
-                text = (f"{who} has used {int(pct)}% of its {usd(limit)} monthly budget ({usd(spent)} "
-                        f"in {month.label}).")
+                text = (f"{who} has passed {max(crossed)}% of its {usd(limit)} monthly budget: {usd(spent)} "
+                        f"spent in {month.label} ({int(pct)}%).")
                 if max(crossed) >= 100:
                     text += (" Running machines are being stopped (hard cap)." if b.hard_cap
                              else " New boots now need an admin's confirmation.")

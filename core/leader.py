@@ -329,8 +329,9 @@ def is_postgres_url(url: str) -> bool:
     return scheme.split("+", 1)[0] in ("postgresql", "postgres")
 
 
-def leadership_for(database_url: str, home: Path) -> Leadership:
-    """PostgreSQL URL -> advisory lock on that database; anything else (SQLite) -> `home/guards.lock`."""
+def leadership_for(database_url: str, home: Path, name: str = "gpuherd-guards") -> Leadership:
+    """PostgreSQL URL -> advisory lock on that database; anything else (SQLite) -> `home/guards.lock`.
+    `name` picks the lock key, so two deployments sharing one database can each have a leader."""
     if is_postgres_url(database_url):
-        return PostgresAdvisoryLeadership(database_url)
+        return PostgresAdvisoryLeadership(database_url, key=derive_key(name))
     return FileLeadership(Path(home) / GUARDS_LOCK_FILE)

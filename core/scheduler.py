@@ -33,7 +33,7 @@ class GuardScheduler:
         self.service = service
         self.guards = guards or Guards(service)
         self.leadership = leadership or leadership_for(service.settings.resolved_database_url,
-                                                       service.settings.home)
+                                                       service.settings.home, service.settings.guard_lock_name)
         self.max_sleep = max_sleep or service.settings.guard_max_sleep_s
         self.leader_retry = leader_retry or service.settings.guard_leader_retry_s
         self.identity = f"{socket.gethostname()}:{os.getpid()}"
