@@ -289,7 +289,7 @@ def _next(v: InstanceView) -> str:
         return "⚠ cannot check"
     if not (v.next_action and v.next_action_at):
         return "—"
-    return f"{v.next_action} {when(v.next_action_at)[11:16]}"
+    return f"{v.next_action} {v.next_action_at:%m-%d %H:%M}"
 
 
 def guards_reply(r: GuardOverview) -> Reply:

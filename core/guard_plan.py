@@ -115,7 +115,10 @@ def replan(inst: Instance, *, probe_interval: timedelta = PROBE_INTERVAL) -> Non
 
 
 def _mins(td: timedelta) -> str:
-    m = int(td.total_seconds() // 60)
+    seconds = int(td.total_seconds())
+    if seconds < 60:
+        return f"{seconds} s"
+    m = seconds // 60
     return f"{m} min" if m < 120 else f"{m / 60:g} h"
 
 

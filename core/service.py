@@ -497,6 +497,11 @@ class GpuService:
                 new = state if not in_flight else InstanceState.RUNNING  # billed as running until stopped
             if state is InstanceState.STARTING and new is InstanceState.STOPPED:
                 return  # our start was accepted; the provider has not caught up yet
+            if new is InstanceState.RUNNING and state in (InstanceState.PROVISIONING, InstanceState.LOADING,
+                                                          InstanceState.STARTING):
+                # ready now: the idle clock starts when someone could first use it, not at the order
+                last = as_utc(inst.last_activity_at) if inst.last_activity_at else None
+                inst.last_activity_at = now if last is None or last < now else last
             was_compute = state in BILLED_AS_COMPUTE or in_flight
             if state is InstanceState.STOPPED and new in BILLED_AS_COMPUTE:
                 # started outside gpuherd: storage ends, compute begins
@@ -632,10 +637,11 @@ class GpuService:
             audit_log.record(s, actor, "stop", now=now, instance_id=inst.id, cost=cost, session_s=seconds)
             self._remember(s, idempotency_key, "stop", actor, inst.id, result)
             s.commit()
-        await self.hub.publish(Notice(kind="instance.stopped", at=now, owner=inst.owner, team=inst.team,
-                                      actor=actor.principal,
-                                      instance_id=inst.id, simulated=inst.simulated,
-                                      text=f"{actor.name} stopped {inst.id}: session cost {usd(cost)}"))
+        if actor.source != "system":  # a guard reports its own action, with the reason
+            await self.hub.publish(Notice(kind="instance.stopped", at=now, owner=inst.owner, team=inst.team,
+                                          actor=actor.principal,
+                                          instance_id=inst.id, simulated=inst.simulated,
+                                          text=f"{actor.name} stopped {inst.id}: session cost {usd(cost)}"))
         return result
 
     async def _at_provider(self, actor: Actor, inst: Instance, action: str, call: Callable[[], Awaitable[object]],
@@ -746,10 +752,11 @@ class GpuService:
             audit_log.record(s, actor, "destroy", now=now, instance_id=inst.id, cost=total)
             self._remember(s, idempotency_key, "destroy", actor, inst.id, result)
             s.commit()
-        await self.hub.publish(Notice(kind="instance.destroyed", at=now, owner=inst.owner, team=inst.team,
-                                      actor=actor.principal,
-                                      instance_id=inst.id, simulated=inst.simulated,
-                                      text=f"{actor.name} destroyed {inst.id}: total cost {usd(total)}"))
+        if actor.source != "system":  # a guard reports its own action, with the reason
+            await self.hub.publish(Notice(kind="instance.destroyed", at=now, owner=inst.owner, team=inst.team,
+                                          actor=actor.principal,
+                                          instance_id=inst.id, simulated=inst.simulated,
+                                          text=f"{actor.name} destroyed {inst.id}: total cost {usd(total)}"))
         return result
 
     async def _gone(self, provider: Provider, provider_id: str) -> bool:
