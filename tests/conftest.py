@@ -96,3 +96,16 @@ def service(settings: Settings, database: Database, sandbox: SandboxProvider, cl
     svc = GpuService(settings, database, ProviderRegistry({"sandbox": sandbox}), TemplateCatalog.load(None),
                      clock=clock, hub=NotifierHub(), sleep=_no_sleep)
     yield svc
+
+
+@pytest.fixture
+def admin(service):
+    """The shell user, an admin of their own install."""
+    return service.local_actor()
+
+
+@pytest.fixture
+def member(service, admin):
+    """A chat user in team ml who may act only on their own instances."""
+    service.set_user(admin, "slack:U2", role="member", team="ml")
+    return service.actor("slack:U2", source="slack")

@@ -25,17 +25,6 @@ def notices(service):
 
 
 @pytest.fixture
-def admin(service):
-    return service.local_actor()
-
-
-@pytest.fixture
-def member(service, admin):
-    service.set_user(admin, "slack:U2", role="member", team="ml")
-    return service.actor("slack:U2", source="slack")
-
-
-@pytest.fixture
 async def guards(service):
     g = Guards(service, http=httpx.AsyncClient(transport=httpx.MockTransport(_refuse)))
     yield g

@@ -35,17 +35,6 @@ def _audit(service) -> list[AuditEvent]:
 
 
 @pytest.fixture
-def admin(service):
-    return service.local_actor()
-
-
-@pytest.fixture
-def member(service, admin):
-    service.set_user(admin, "slack:U2", role="member", team="ml")
-    return service.actor("slack:U2", source="slack")
-
-
-@pytest.fixture
 def viewer(service, admin):
     service.set_user(admin, "slack:V1", role="viewer")
     return service.actor("slack:V1", source="slack")
