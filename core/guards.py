@@ -160,7 +160,9 @@ class Guards:
             else:
                 report.acted += await self._act(inst, step, now, report)
                 return  # the action replanned the instance
-        self._save_plan(instance_id, now)
+        # blind to activity: its idle steps stay overdue, so look again at the probe interval, not at once
+        self._save_plan(instance_id, now, at_least=now + self.probe_interval
+                        if status is ActivityStatus.UNKNOWN else None)
 
     async def _probe_and_record(self, inst: Instance, pinst: ProviderInstance | None, now: datetime,
                                 *, at_deadline: bool) -> ActivityStatus:

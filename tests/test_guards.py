@@ -133,6 +133,16 @@ async def test_unknown_activity_is_never_idle_and_is_shown(service, admin, guard
     assert not [n for n in notices if n.kind.startswith("guard.warn") or n.kind == "guard.idle"]
     status = await service.status(admin, iid)
     assert "activity unknown" in status.instances[0].guard_error
+    # blind, with its deadline long past: probed once a minute, not on every pass
+    probes = {"n": 0}
+
+    def count(request: httpx.Request) -> httpx.Response:
+        probes["n"] += 1
+        raise httpx.ConnectError("connection refused", request=request)
+
+    guards.http = httpx.AsyncClient(transport=httpx.MockTransport(count))
+    await _run_until(guards, clock, 10, step_s=5)
+    assert 9 <= probes["n"] <= 11
 
 
 async def test_vllm_request_counters_count_as_activity(service, admin, clock, sandbox, notices):
