@@ -167,8 +167,9 @@ async def run(args: argparse.Namespace) -> None:
                f"{args.instances - real:,} cloned from them as instance rows + open compute segments + "
                "sandbox state records")
         print(f"{args.instances:,} running instances ({how}); built in {built:.1f} s")
-        print(f"SQLite (WAL) in a temp dir; sandbox provider at time_scale=0, state "
-              f"{'in a JSON file (rewritten + fsynced on every stop)' if args.sandbox_state == 'file' else 'in memory'}; "
+        where = ("in a JSON file (rewritten + fsynced on every stop)" if args.sandbox_state == "file"
+                 else "in memory")
+        print(f"SQLite (WAL) in a temp dir; sandbox provider at time_scale=0, state {where}; "
               f"stop call latency {args.stop_latency * 1000:.0f} ms (simulated with asyncio.sleep)")
 
         # --- instrument: provider stop calls and passes -----------------------------------
@@ -177,7 +178,7 @@ async def run(args: argparse.Namespace) -> None:
         current_pass: list[float] = [0.0]
         original_stop = sandbox.stop
 
-        async def timed_stop(provider_id: str):  # noqa: ANN202
+        async def timed_stop(provider_id: str):
             at = time.time()
             stops.setdefault(provider_id, at)
             pass_of_stop.setdefault(provider_id, current_pass[0])
@@ -192,7 +193,7 @@ async def run(args: argparse.Namespace) -> None:
         errors: list[str] = []
         original_pass = sched.guards.run_pass
 
-        async def counted_pass(now=None):  # noqa: ANN001, ANN202
+        async def counted_pass(now=None):
             current_pass[0] = time.time()
             report = await original_pass(now)
             passes.append((current_pass[0], report.elapsed_ms, report.checked, report.acted, len(report.errors)))
@@ -232,7 +233,8 @@ async def run(args: argparse.Namespace) -> None:
             print(f"delay idle deadline -> provider stop call: max {max(delays):.3f} s   "
                   f"p99 {nearest_rank(delays, 99):.3f} s   p50 {statistics.median(delays):.3f} s   "
                   f"min {min(delays):.3f} s   (target max and p99 < 5 s: {verdict})")
-            print(f"  of which wake lag (pass start - deadline): max {max(lag):.3f} s  p99 {nearest_rank(lag, 99):.3f} s  "
+            print(f"  of which wake lag (pass start - deadline): max {max(lag):.3f} s  "
+                  f"p99 {nearest_rank(lag, 99):.3f} s  "
                   f"p50 {statistics.median(lag):.3f} s")
             print(f"  of which in-pass (stop call - pass start): max {max(inpass):.3f} s  p99 "
                   f"{nearest_rank(inpass, 99):.3f} s  p50 {statistics.median(inpass):.3f} s")
@@ -248,6 +250,10 @@ async def run(args: argparse.Namespace) -> None:
             per_stop = sorted(p[1] / p[3] for p in acting)
             print(f"  passes that stopped: median {statistics.median(p[3] for p in acting):.0f} stops/pass, "
                   f"{statistics.median(per_stop):.1f} ms of pass per stop (median)")
+        reported = sum(p[3] for p in passes)
+        if reported != len(stops):
+            print(f"  !! the passes' PassReport.acted add up to {reported:,} but {len(stops):,} provider stop calls were "
+                  "made: the report's counters lose updates when checks overlap (`report.acted += await ...`)")
         if errors:
             print(f"  first errors: {errors[:3]}")
         missing = [pid for pid in deadlines if pid not in stops]
