@@ -72,9 +72,9 @@ class Guards:
         report = PassReport(started=now)
         due = self._due(now)
         if due:
-            views, failed = await self._provider_views(due)
-            await asyncio.gather(*(self._check(inst.id, views.get(inst.id), failed.get(inst.provider), now, report)
-                                   for inst in due))
+            rows, views, failed = await self._provider_views(due)
+            await asyncio.gather(*(self._check(rows[inst.id], views.get(inst.id), failed.get(inst.provider), now,
+                                               report) for inst in due))
         if self._budgets_due(now):
             await self.check_budgets(now, report)
         report.next_wake = self.next_wake()
@@ -85,12 +85,22 @@ class Guards:
         final = [s.value for s in InstanceState if s.is_final]
         with self.service.db.session() as s:
             stmt = (select(Instance)
-                    .where(Instance.state.not_in(final),
-                           or_(Instance.next_guard_at <= now,
-                               # rows from before the guards existed, never planned
-                               Instance.next_guard_at.is_(None) & Instance.guard_checked_at.is_(None)))
+                    .where(Instance.next_guard_at <= now, Instance.state.not_in(final))
                     .order_by(Instance.next_guard_at).limit(PASS_BATCH))
             return list(s.exec(stmt).scalars())  # type: ignore[call-overload]
+
+    def plan_unplanned(self) -> int:
+        """Give a deadline to live rows that have none (written before the guards existed, or by
+        a process that died mid-change). Run once when a scheduler starts."""
+        final = [s.value for s in InstanceState if s.is_final]
+        with self.service.db.session() as s:
+            rows = list(s.exec(select(Instance).where(  # type: ignore[call-overload]
+                Instance.next_guard_at.is_(None), Instance.state.not_in(final))).scalars())
+            for row in rows:
+                row.next_guard_at = plan(row, probe_interval=self.probe_interval).next_at
+                s.add(row)
+            s.commit()
+        return len(rows)
 
     def next_wake(self) -> datetime | None:
         final = [s.value for s in InstanceState if s.is_final]
@@ -99,7 +109,8 @@ class Guards:
                 Instance.state.not_in(final))).one()[0]
         return as_utc(value) if value else None
 
-    async def _provider_views(self, due: list[Instance]) -> tuple[dict[str, ProviderInstance | None], dict[str, str]]:
+    async def _provider_views(self, due: list[Instance]) -> tuple[dict[str, Instance],
+                                                                  dict[str, ProviderInstance | None], dict[str, str]]:
         """Sync due instances with their providers (one list call each). A provider that cannot
         be reached is named, and its instances are left alone: a guard that cannot check says so."""
         views: dict[str, ProviderInstance | None] = {}
@@ -114,6 +125,7 @@ class Guards:
             for inst in due:
                 if inst.provider == name:
                     views[inst.id] = by_id.get(inst.provider_id or "")
+        rows = {i.id: i for i in due}
         synced = [i for i in due if i.id in views]
         if synced:
             now = self.clock.now()
@@ -123,49 +135,56 @@ class Guards:
                 for iid, row in fresh.items():
                     self.service._apply_provider_state(s, row, views[iid], now)
                 s.commit()
-        return views, failed
+            rows.update(fresh)
+        return rows, views, failed
 
     async def _list(self, name: str) -> list[ProviderInstance]:
         return await self.service.providers.get(name).list()
 
     # --- one instance --------------------------------------------------------------------
-    async def _check(self, instance_id: str, pinst: ProviderInstance | None, provider_error: str | None,
+    async def _check(self, inst: Instance, pinst: ProviderInstance | None, provider_error: str | None,
                      now: datetime, report: PassReport) -> None:
+        """One due instance. The common case (a probe, nothing to do) costs one UPDATE."""
         report.checked += 1
-        with self.service.db.session() as s:
-            inst = s.get(Instance, instance_id)
-        if inst is None or inst.state_enum.is_final:
+        if inst.state_enum.is_final:
             return
         if provider_error is not None:
             await self._cannot_check(inst, f"{inst.provider} did not answer ({provider_error})", now)
             report.errors.append(f"{inst.id}: {provider_error}")
             return
         status = None
+        values: dict[str, object] = {}
+        activity = None
         if inst.state_enum is InstanceState.RUNNING:
             upcoming = plan(inst, probe_interval=self.probe_interval).due(now)
             if any(step.kind in ("probe", "warn_idle", "idle") for step in upcoming):
-                status = await self._probe_and_record(inst, pinst, now, at_deadline=any(
+                status, values, activity = await self._probe(inst, pinst, now, at_deadline=any(
                     step.kind == "idle" for step in upcoming))
-                with self.service.db.session() as s:
-                    inst = s.get(Instance, instance_id)
-                if inst is None:
-                    return
-        for step in plan(inst, probe_interval=self.probe_interval).due(now):
-            if step.kind == "probe":
-                continue
-            if step.kind in ("warn_idle", "idle") and status is ActivityStatus.UNKNOWN:
-                continue  # activity unknown is never idle
-            if step.kind.startswith("warn_") or step.kind == "nudge":
-                report.warned += await self._warn(inst, step, now)
-            else:
-                report.acted += await self._act(inst, step, now, report)
-                return  # the action replanned the instance
+                for key, value in values.items():  # plan on what the probe just learned
+                    setattr(inst, key, value)
+        steps = [step for step in plan(inst, probe_interval=self.probe_interval).due(now)
+                 if step.kind != "probe"
+                 and not (step.kind in ("warn_idle", "idle") and status is ActivityStatus.UNKNOWN)]
         # blind to activity: its idle steps stay overdue, so look again at the probe interval, not at once
-        self._save_plan(instance_id, now, at_least=now + self.probe_interval
-                        if status is ActivityStatus.UNKNOWN else None)
+        at_least = now + self.probe_interval if status is ActivityStatus.UNKNOWN else None
+        if not steps:
+            self._write(inst, now, values, activity, at_least=at_least)
+            return
+        if values:
+            self._write(inst, now, values, activity, plan_next=False)
+        for step in steps:
+            if step.kind.startswith("warn_") or step.kind == "nudge":
+                warned = await self._warn(inst, step, now)
+                report.warned += warned
+            else:
+                acted = await self._act(inst, step, now, report)
+                report.acted += acted
+                return  # the action replanned the instance
+        self._save_plan(inst.id, now, at_least=at_least)
 
-    async def _probe_and_record(self, inst: Instance, pinst: ProviderInstance | None, now: datetime,
-                                *, at_deadline: bool) -> ActivityStatus:
+    async def _probe(self, inst: Instance, pinst: ProviderInstance | None, now: datetime, *,
+                     at_deadline: bool) -> tuple[ActivityStatus, dict[str, object], Activity | None]:
+        """Ask every activity signal the instance has; returns the status and the fields to store."""
         provider = self.service.providers.get(inst.provider)
         statuses: list[ActivityStatus] = []
         details: list[str] = []
@@ -189,26 +208,46 @@ class Guards:
                                          metrics_sample=sample_json, guard_checked_at=now,
                                          guard_error=f"activity unknown: {detail}"[:512]
                                          if status is ActivityStatus.UNKNOWN else None)
+        activity = None
+        if status is ActivityStatus.ACTIVE:
+            values.update(last_activity_at=now, idle_warned_at=None)
+            activity = Activity(instance_id=inst.id, ts=now, source="probe", detail=detail[:256])
+        return status, values, activity
+
+    def _write(self, inst: Instance, now: datetime, values: dict[str, object], activity: Activity | None, *,
+               plan_next: bool = True, at_least: datetime | None = None) -> None:
+        """Store probe results and, unless an action follows, the next deadline: one UPDATE."""
+        values = dict(values)
+        if plan_next:
+            values["next_guard_at"] = self._next_at(inst, now, at_least)
+            if inst.guard_checked_at is None:
+                values.setdefault("guard_checked_at", now)
+        if not values and activity is None:
+            return
         with self.service.db.session() as s:
-            if status is ActivityStatus.ACTIVE:
-                values.update(last_activity_at=now, idle_warned_at=None)
-                s.add(Activity(instance_id=inst.id, ts=now, source="probe", detail=detail[:256]))
-            s.exec(update(Instance).where(Instance.id == inst.id).values(**values))  # type: ignore[call-overload]
+            if activity is not None:
+                s.add(activity)
+            if values:
+                s.exec(update(Instance).where(Instance.id == inst.id).values(**values))  # type: ignore[call-overload]
             s.commit()
-        return status
+
+    def _next_at(self, inst: Instance, now: datetime, at_least: datetime | None) -> datetime | None:
+        nxt = None if inst.state_enum.is_final else plan(inst, probe_interval=self.probe_interval).next_at
+        if nxt is not None and at_least is not None:
+            nxt = max(nxt, at_least)
+        if nxt is not None and nxt <= now:  # never spin on a step that cannot run now
+            nxt = now + timedelta(seconds=5)
+        return nxt
 
     def _save_plan(self, instance_id: str, now: datetime, *, at_least: datetime | None = None) -> None:
+        """Re-read the row (a warning or action just changed it) and store its next deadline."""
         with self.service.db.session() as s:
             inst = s.get(Instance, instance_id)
             if inst is None:
                 return
-            nxt = None if inst.state_enum.is_final else plan(inst, probe_interval=self.probe_interval).next_at
-            if nxt is not None and at_least is not None:
-                nxt = max(nxt, at_least)
-            if nxt is not None and nxt <= now:  # never spin on a step that cannot run now
-                nxt = now + timedelta(seconds=5)
             s.exec(update(Instance).where(Instance.id == instance_id).values(  # type: ignore[call-overload]
-                next_guard_at=nxt, guard_checked_at=func.coalesce(Instance.guard_checked_at, now)))
+                next_guard_at=self._next_at(inst, now, at_least),
+                guard_checked_at=func.coalesce(Instance.guard_checked_at, now)))
             s.commit()
 
     async def _cannot_check(self, inst: Instance, why: str, now: datetime) -> None:

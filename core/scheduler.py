@@ -43,6 +43,10 @@ class GuardScheduler:
         self._lock = asyncio.Lock()
 
     async def start(self) -> None:
+        try:
+            await asyncio.to_thread(self.guards.plan_unplanned)
+        except Exception:
+            log.exception("guards: could not plan instances without a deadline")
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._scheduler.start()
         self._arm(datetime.now(UTC))
@@ -82,8 +86,12 @@ class GuardScheduler:
                 error = f"pass failed: {type(exc).__name__}: {exc}"[:500]
             self.last_report = report
             wake = self._next_wake(report)
-            self._record(now, report, wake, error)
-            self._arm(wake)
+            try:
+                self._record(now, report, wake, error)
+            except Exception:  # the record is for people; the next pass must happen regardless
+                log.exception("guards: could not record the scheduler state")
+            finally:
+                self._arm(wake)
             return report
 
     def _lead(self) -> bool:

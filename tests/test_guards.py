@@ -3,6 +3,7 @@ activity, lifetime, stopped-too-long, budgets, provider faults, restarts and clo
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 import httpx
 import pytest
@@ -347,3 +348,19 @@ async def test_invalid_guard_durations_are_refused(service, admin):
             await service.boot(admin, "budget", overrides=bad)
     with service.db.session() as s:
         assert s.exec(select(func.count()).select_from(Instance)).one()[0] == 0
+
+
+async def test_pass_report_counts_every_action_when_provider_calls_wait(service, admin, guards, clock, sandbox,
+                                                                        monkeypatch):
+    iids = [await _boot(service, admin, warn="0m") for _ in range(4)]
+    real_stop = sandbox.stop
+
+    async def slow_stop(pid):
+        await asyncio.sleep(0.01)          # a real API call yields to the other checks
+        return await real_stop(pid)
+
+    monkeypatch.setattr(sandbox, "stop", slow_stop)
+    clock.advance(timedelta(minutes=31))
+    report = await guards.run_pass()
+    assert all(_inst(service, i).state == "stopped" for i in iids)
+    assert report.acted == 4 and report.checked == 4

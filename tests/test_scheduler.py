@@ -197,3 +197,21 @@ def test_guard_settings_in_the_database_survive_a_restart(tmp_path):
     with again.db.session() as s:
         assert as_utc(s.get(Instance, iid).next_guard_at) == planned
     asyncio.run(again.aclose())
+
+
+async def test_a_failure_to_record_state_does_not_stop_the_scheduler(tmp_path, monkeypatch):
+    service = _real_service(tmp_path, f"sqlite:///{tmp_path / 'g.db'}")
+    scheduler = GuardScheduler(service, max_sleep=0.2)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("database is locked")
+
+    monkeypatch.setattr(scheduler, "_record", broken)
+    await scheduler.start()
+    try:
+        await asyncio.sleep(0.8)
+        assert scheduler._scheduler is not None and scheduler._scheduler.get_job("guards") is not None
+        assert scheduler.last_report is not None
+    finally:
+        await scheduler.stop()
+    await service.aclose()

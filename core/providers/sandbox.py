@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import random
+import zlib
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -503,9 +504,9 @@ class SandboxProvider(Provider):
             return float(random.Random(f"sandbox-util:{self.seed}:{record['provider_id']}:{minute}")
                          .randint(0, 5))
         # A loaded model server nobody sends work to: the forgotten machine the idle guard is for.
-        # Work is simulated with set_gpu_util (or activity pings through gpuherd).
-        rng = random.Random(f"sandbox-util:{self.seed}:{record['provider_id']}:{minute}")
-        return float(rng.randint(0, 3))
+        # Work is simulated with set_gpu_util (or activity pings through gpuherd). crc32, not a
+        # seeded Random: list() of thousands of machines must stay cheap.
+        return float(zlib.crc32(f"sandbox-util:{self.seed}:{record['provider_id']}:{minute}".encode()) % 4)
 
     # ------------------------------------------------------------------ instances
 
