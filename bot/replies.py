@@ -280,6 +280,8 @@ def status_reply(r: StatusResult, single: bool = False) -> Reply:
     for v in r.instances:
         if v.guard_error:
             reply = reply.with_note(f"⚠ {v.id}: {v.guard_error}")
+    for message in r.stale.values():
+        reply = reply.with_note(f"⚠ states may be out of date: {message}")
     return _simulated(reply, r.simulated)
 
 

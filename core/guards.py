@@ -72,9 +72,9 @@ class Guards:
         report = PassReport(started=now)
         due = self._due(now)
         if due:
-            rows, views, failed = await self._provider_views(due)
-            await asyncio.gather(*(self._check(rows[inst.id], views.get(inst.id), failed.get(inst.provider), now,
-                                               report) for inst in due))
+            synced = await self.service.refresh(due)
+            await asyncio.gather(*(self._check(synced.rows[inst.id], synced.views.get(inst.id),
+                                               synced.failed.get(inst.provider), now, report) for inst in due))
         if self._budgets_due(now):
             await self.check_budgets(now, report)
         report.next_wake = self.next_wake()
@@ -108,38 +108,6 @@ class Guards:
             value = s.exec(select(func.min(Instance.next_guard_at)).where(  # type: ignore[call-overload]
                 Instance.state.not_in(final))).one()[0]
         return as_utc(value) if value else None
-
-    async def _provider_views(self, due: list[Instance]) -> tuple[dict[str, Instance],
-                                                                  dict[str, ProviderInstance | None], dict[str, str]]:
-        """Sync due instances with their providers (one list call each). A provider that cannot
-        be reached is named, and its instances are left alone: a guard that cannot check says so."""
-        views: dict[str, ProviderInstance | None] = {}
-        failed: dict[str, str] = {}
-        names = sorted({i.provider for i in due if i.provider_id})
-        results = await asyncio.gather(*(self._list(n) for n in names), return_exceptions=True)
-        for name, result in zip(names, results, strict=True):
-            if isinstance(result, BaseException):
-                failed[name] = result.message if isinstance(result, GpuherdError) else type(result).__name__
-                continue
-            by_id = {p.provider_id: p for p in result}
-            for inst in due:
-                if inst.provider == name:
-                    views[inst.id] = by_id.get(inst.provider_id or "")
-        rows = {i.id: i for i in due}
-        synced = [i for i in due if i.id in views]
-        if synced:
-            now = self.clock.now()
-            with self.service.db.session() as s:
-                fresh = {i.id: i for i in s.exec(select(Instance).where(  # type: ignore[call-overload]
-                    Instance.id.in_([i.id for i in synced]))).scalars()}  # type: ignore[attr-defined]
-                for iid, row in fresh.items():
-                    self.service._apply_provider_state(s, row, views[iid], now)
-                s.commit()
-            rows.update(fresh)
-        return rows, views, failed
-
-    async def _list(self, name: str) -> list[ProviderInstance]:
-        return await self.service.providers.get(name).list()
 
     # --- one instance --------------------------------------------------------------------
     async def _check(self, inst: Instance, pinst: ProviderInstance | None, provider_error: str | None,

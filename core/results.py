@@ -124,6 +124,7 @@ class StatusResult(BaseModel):
     instances: list[InstanceView]
     run_rate: Decimal
     include_ended: bool = False
+    stale: dict[str, str] = Field(default_factory=dict)   # provider -> why its states could not be refreshed
     simulated: bool = False
 
 

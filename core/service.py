@@ -9,6 +9,7 @@ import json
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any, TypeVar
@@ -524,30 +525,38 @@ class GpuService:
         replan(inst)
         s.add(inst)
 
-    async def refresh(self, instances: list[Instance]) -> None:
-        """One list call per provider, then sync each instance."""
+    async def refresh(self, instances: list[Instance]) -> Refresh:
+        """One list call per provider, then sync each instance. Returns the fresh rows, what each
+        provider reported, and which providers could not be asked (their rows are left as they were)."""
+        out = Refresh(rows={i.id: i for i in instances})
         by_provider: dict[str, list[Instance]] = {}
         for inst in instances:
             if not inst.state_enum.is_final and inst.state != InstanceState.PENDING.value and inst.provider_id:
                 by_provider.setdefault(inst.provider, []).append(inst)
         if not by_provider:
-            return
+            return out
         names = [n for n in by_provider if n in self.providers]
         listed = await asyncio.gather(*(self.providers.get(n).list() for n in names), return_exceptions=True)
+        for name, result in zip(names, listed, strict=True):
+            if isinstance(result, BaseException):
+                out.failed[name] = (result.message if isinstance(result, GpuherdError)
+                                    else f"{name}: unexpected error ({type(result).__name__})")
+                log.warning("could not list %s: %s", name, out.failed[name])
+                continue
+            seen = {p.provider_id: p for p in result}
+            for inst in by_provider[name]:
+                out.views[inst.id] = seen.get(inst.provider_id or "")
+        if not out.views:
+            return out
         now = self.clock.now()
         with self.db.session() as s:
-            ids = [i.id for group in by_provider.values() for i in group]
-            fresh = {i.id: i for i in s.exec(select(Instance).where(Instance.id.in_(ids))).scalars()}  # type: ignore[call-overload,attr-defined]
-            for name, result in zip(names, listed, strict=True):
-                if isinstance(result, BaseException):
-                    log.warning("could not list %s: %s", name, result)
-                    continue
-                seen = {p.provider_id: p for p in result}
-                for inst in by_provider[name]:
-                    row = fresh.get(inst.id)
-                    if row is not None:
-                        self._apply_provider_state(s, row, seen.get(row.provider_id or ""), now)
+            fresh = {i.id: i for i in s.exec(select(Instance).where(  # type: ignore[call-overload]
+                Instance.id.in_(list(out.views)))).scalars()}  # type: ignore[attr-defined]
+            for iid, row in fresh.items():
+                self._apply_provider_state(s, row, out.views[iid], now)
             s.commit()
+        out.rows.update(fresh)
+        return out
 
     # --- start / stop / destroy ----------------------------------------------------------
     def _get(self, s: Session, instance_id: str) -> Instance:
@@ -829,14 +838,12 @@ class GpuService:
                 if not include_ended:
                     stmt = stmt.where(Instance.state.not_in([st.value for st in InstanceState if st.is_final]))
                 rows = list(s.exec(stmt).scalars())  # type: ignore[call-overload]
-        if refresh:
-            await self.refresh(rows)
+        synced = await self.refresh(rows) if refresh else Refresh(rows={r.id: r for r in rows})
         with self.db.session() as s:
-            by_id = {i.id: i for i in s.exec(select(Instance).where(  # type: ignore[call-overload]
-                Instance.id.in_([r.id for r in rows]))).scalars()}  # type: ignore[attr-defined]
-            views = self._views(s, [by_id[r.id] for r in rows if r.id in by_id])
+            views = self._views(s, [synced.rows[r.id] for r in rows])
             run_rate = Ledger.run_rate(s)
         return StatusResult(instances=views, run_rate=run_rate, include_ended=include_ended,
+                            stale=synced.failed,
                             simulated=any(v.simulated for v in views) or self.simulated)
 
     def _view(self, s: Session, inst: Instance) -> InstanceView:
@@ -1073,6 +1080,13 @@ class GpuService:
     def instance_count(self) -> int:
         with self.db.session() as s:
             return int(s.exec(select(func.count()).select_from(Instance)).one()[0])  # type: ignore[call-overload]
+
+
+@dataclass
+class Refresh:
+    rows: dict[str, Instance]                                         # by id, synced where possible
+    views: dict[str, ProviderInstance | None] = field(default_factory=dict)  # None: gone at the provider
+    failed: dict[str, str] = field(default_factory=dict)              # provider -> why it was not asked
 
 
 def _budget_uses(budgets: list[Budget], spend: dict[str, dict[str, Decimal]]) -> list[BudgetUse]:

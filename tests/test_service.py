@@ -463,3 +463,15 @@ async def test_a_stop_whose_process_died_is_picked_up_later(service, admin, sand
     assert (await service.status(admin)).instances[0].state == "stopped"
     with service.db.session() as s:
         assert [seg.kind for seg in Ledger.open_segments(s, r.instance.id)] == [STORAGE]
+
+
+async def test_status_says_when_a_provider_could_not_be_asked(service, admin, sandbox):
+    from bot.replies import status_reply
+
+    r = await _boot(service, admin)
+    sandbox.inject("unavailable", count=1, on="list")
+    status = await service.status(admin)
+    assert "sandbox" in status.stale and status.instances[0].state == "running"
+    assert any("states may be out of date" in n for n in status_reply(status).notes)
+    assert (await service.status(admin)).stale == {}
+    assert r.instance.id == status.instances[0].id
