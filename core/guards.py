@@ -24,12 +24,13 @@ from .auth import system_actor
 from .clock import as_utc
 from .errors import Conflict, GpuherdError, NotFound
 from .guard_plan import PROBE_INTERVAL, Step, idle_deadline, plan
-from .ledger import Ledger, month_of
+from .ledger import month_of
 from .models import Activity, BudgetAlert, Budget, Instance, InstanceState, SchedulerState
 from .money import from_micros, to_micros, usd
 from .notify import Notice, NoticeAction
 from .probes import ActivityStatus, MetricsSample, ProbeResult, combine, gpu_activity, probe_vllm
 from .providers.base import ProviderInstance
+from .results import BudgetUse
 from .service import GpuService
 
 log = logging.getLogger(__name__)
@@ -326,17 +327,13 @@ class Guards:
         month = month_of(now)
         sent: list[str] = []
         with self.service.db.session() as s:
-            budgets = list(s.exec(select(Budget)).scalars())  # type: ignore[call-overload]
-            scopes = sorted({b.scope for b in budgets})
-            rows = Ledger.grouped_by(s, month.start, month.end, now, scopes) if scopes else []
+            uses = self.service.budget_uses(s, list(s.exec(select(Budget)).scalars()))  # type: ignore[call-overload]
             state = s.get(SchedulerState, "guards") or SchedulerState(name="guards")
             state.budgets_checked_at = now
             s.add(state)
             s.commit()
-        spend = {k: dict(Ledger.rollup(rows, i)) for i, k in enumerate(scopes)}
-        for b in budgets:
-            limit = from_micros(b.monthly_micros)
-            spent = spend.get(b.scope, {}).get(b.name, Decimal(0))
+        for b in uses:
+            limit, spent = b.limit, b.spent
             pct = spent * 100 / limit if limit else Decimal(0)
             crossed = [t for t in THRESHOLDS if pct >= t and self._claim_alert(b, month.label, t, spent, now)]
             if crossed:
@@ -356,7 +353,7 @@ class Guards:
                 await self._enforce_cap(b, month.label, now, report)
         return sent
 
-    def _claim_alert(self, b: Budget, period: str, threshold: int, spent: Decimal, now: datetime) -> bool:
+    def _claim_alert(self, b: BudgetUse, period: str, threshold: int, spent: Decimal, now: datetime) -> bool:
         with self.service.db.session() as s:
             s.add(BudgetAlert(scope=b.scope, name=b.name, period=period, threshold=threshold,
                               spent_micros=to_micros(spent), created_at=now))
@@ -367,7 +364,7 @@ class Guards:
                 return False
         return True
 
-    async def _enforce_cap(self, b: Budget, period: str, now: datetime, report: PassReport | None) -> None:
+    async def _enforce_cap(self, b: BudgetUse, period: str, now: datetime, report: PassReport | None) -> None:
         column = Instance.team if b.scope == "team" else Instance.owner
         with self.service.db.session() as s:
             running = list(s.exec(select(Instance).where(  # type: ignore[call-overload]

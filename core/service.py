@@ -925,19 +925,21 @@ class GpuService:
 
     def _spent_budgets(self, actor: Actor) -> list[BudgetUse]:
         """The actor's team and user budgets that are used up this month."""
+        with self.db.session() as s:
+            own = list(s.exec(select(Budget).where(  # type: ignore[call-overload]
+                ((Budget.scope == "team") & (Budget.name == actor.team))
+                | ((Budget.scope == "user") & (Budget.name == actor.principal)))).scalars())
+            return [u for u in self.budget_uses(s, own) if u.spent >= u.limit]
+
+    def budget_uses(self, s: Session, budgets: list[Budget]) -> list[BudgetUse]:
+        """This month's spend against each budget, in one scan of the ledger."""
+        if not budgets:
+            return []
         now = self.clock.now()
         month = month_of(now)
-        with self.db.session() as s:
-            own = [b for b in s.exec(select(Budget).where(  # type: ignore[call-overload]
-                ((Budget.scope == "team") & (Budget.name == actor.team))
-                | ((Budget.scope == "user") & (Budget.name == actor.principal)))).scalars()]
-            uses = []
-            for b in own:
-                where = {"team": b.name} if b.scope == "team" else {"user": b.name}
-                uses.append(BudgetUse(scope=b.scope, name=b.name, limit=from_micros(b.monthly_micros),
-                                      spent=Ledger.total(s, month.start, month.end, now, **where),
-                                      hard_cap=b.hard_cap))
-        return [u for u in uses if u.spent >= u.limit]
+        keys = list(dict.fromkeys(b.scope for b in budgets))
+        rows = Ledger.grouped_by(s, month.start, month.end, now, keys)
+        return _budget_uses(budgets, {k: dict(Ledger.rollup(rows, i)) for i, k in enumerate(keys)})
 
     def _visible_budgets(self, s: Session, actor: Actor) -> list[Budget]:
         """Admins see every budget; others their team's and their own."""
@@ -949,14 +951,9 @@ class GpuService:
 
     def budgets(self, actor: Actor) -> BudgetResult:
         actor.require(Role.VIEWER, "viewing budgets")
-        now = self.clock.now()
-        month = month_of(now)
         with self.db.session() as s:
-            budgets = self._visible_budgets(s, actor)
-            keys = list(dict.fromkeys(b.scope for b in budgets))
-            rows = Ledger.grouped_by(s, month.start, month.end, now, keys) if keys else []
-        spend = {k: dict(Ledger.rollup(rows, i)) for i, k in enumerate(keys)}
-        return BudgetResult(budgets=_budget_uses(budgets, spend), period=month.label)
+            uses = self.budget_uses(s, self._visible_budgets(s, actor))
+        return BudgetResult(budgets=uses, period=month_of(self.clock.now()).label)
 
     def set_budget(self, actor: Actor, scope: str, name: str, amount: str | Decimal,
                    hard_cap: bool | None = None) -> BudgetResult:
