@@ -265,7 +265,7 @@ class Guards:
                 NoticeAction("Destroy now", f"/gpu destroy {inst.id}", "danger"),
                 NoticeAction("Start", f"/gpu start {inst.id}"))
         await self._notify(inst, f"guard.{step.kind}", text, now, actions=actions, level="warning")
-        self.service.audit_system(f"guard.{step.kind}", inst.id, text)
+        self.service.audit_system(act or "stopped", f"guard.{step.kind}", inst.id, text)  # nudge: stopped guard
         return 1
 
     # --- actions -------------------------------------------------------------------------
@@ -347,7 +347,7 @@ class Guards:
                     kind="budget.threshold", text=text, at=now, level="warning" if max(crossed) < 100 else "error",
                     team=b.name if b.scope == "team" else None, owner=b.name if b.scope == "user" else None,
                     actions=(NoticeAction("Costs", "/gpu costs"),)))
-                self.service.audit_system("budget.threshold", None, text)
+                self.service.audit_system("budget", "budget.threshold", None, text)
                 sent.append(text)
             if b.hard_cap and pct >= 100:
                 await self._enforce_cap(b, month.label, now, report)

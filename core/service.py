@@ -1015,13 +1015,10 @@ class GpuService:
                                               ok=r.ok, details=json.loads(r.details or "{}")) for r in rows])
 
     # --- guards --------------------------------------------------------------------------
-    def audit_system(self, event: str, instance_id: str | None, text: str) -> None:
-        """An audit event by a guard (system:idle, system:budget, ...)."""
-        name = event.split(".")[1] if "." in event else event
-        name = {"warn_idle": "idle", "warn_lifetime": "lifetime", "warn_stopped": "stopped",
-                "nudge": "stopped", "threshold": "budget"}.get(name, name)
+    def audit_system(self, guard: str, event: str, instance_id: str | None, text: str) -> None:
+        """An audit event by a guard, with `system:<guard>` as the actor."""
         with self.db.session() as s:
-            audit_log.record(s, system_actor(name), event, now=self.clock.now(), instance_id=instance_id, text=text)
+            audit_log.record(s, system_actor(guard), event, now=self.clock.now(), instance_id=instance_id, text=text)
             s.commit()
 
     def guard_overview(self, actor: Actor, limit: int = 10) -> GuardOverview:

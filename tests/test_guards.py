@@ -364,3 +364,12 @@ async def test_pass_report_counts_every_action_when_provider_calls_wait(service,
     report = await guards.run_pass()
     assert all(_inst(service, i).state == "stopped" for i in iids)
     assert report.acted == 4 and report.checked == 4
+
+
+async def test_warnings_are_audited_as_the_guard_that_gave_them(service, admin, guards, clock, sandbox):
+    iid = await _boot(service, admin, max_lifetime="2h")
+    await _run_until(guards, clock, 26)                       # idle warning at 25 min
+    sandbox.set_gpu_util(_inst(service, iid).provider_id, 90)  # then busy until the lifetime warning
+    await _run_until(guards, clock, 90)
+    actors = {e.event: e.actor for e in _events(service, "guard.warn_idle") + _events(service, "guard.warn_lifetime")}
+    assert actors == {"guard.warn_idle": "system:idle", "guard.warn_lifetime": "system:lifetime"}
