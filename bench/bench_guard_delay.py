@@ -24,18 +24,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import logging
 import math
 import random
 import statistics
 import tempfile
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import _path  # noqa: F401
+from _fleet import clone_instance
 from sqlalchemy import func, select
 
 from core.clock import Clock, epoch
@@ -43,7 +42,6 @@ from core.config import Settings
 from core.db import Database
 from core.guard_plan import idle_deadline, replan
 from core.guards import PASS_BATCH
-from core.ids import new_instance_id
 from core.ledger import COMPUTE
 from core.models import BillingSegment, Instance, InstanceState
 from core.notify import NotifierHub
@@ -91,23 +89,11 @@ def clone(svc: GpuService, sandbox: SandboxProvider, n: int, rng: random.Random)
         rows, segments = [], []
         for _ in range(n):
             model = rng.choice(models)
-            data = model.model_dump()
-            number = int(state["next_id"])
-            state["next_id"] = number + 1
-            pid = f"sbx-{number:06d}"
-            key = f"gh-{uuid.uuid4().hex}"
             owner_i = rng.randrange(len(USERS))
             started = now - timedelta(minutes=rng.randrange(40, 600))
-            data.update(id=new_instance_id(taken), idempotency_key=key, provider_id=pid, owner=USERS[owner_i],
-                        team=TEAMS[owner_i % len(TEAMS)], created_at=started, updated_at=started,
-                        started_at=started, last_activity_at=started,
-                        endpoint=(model.endpoint or "").replace(model.provider_id or "?", pid) or None,
-                        version=1, keep_until=None)
-            inst = Instance(**data)
-            taken.add(inst.id)
-            record = copy.deepcopy(state["instances"][model.provider_id])
-            record.update(provider_id=pid, label=key)
-            state["instances"][pid] = record
+            inst, _ = clone_instance(model, state, taken, owner=USERS[owner_i], team=TEAMS[owner_i % len(TEAMS)],
+                                     created_at=started, updated_at=started, started_at=started,
+                                     last_activity_at=started)
             segments.append(BillingSegment(instance_id=inst.id, kind=COMPUTE, rate_micros=inst.dph_micros,
                                            start_ts=epoch(started), owner=inst.owner, team=inst.team,
                                            template=inst.template, provider=inst.provider))

@@ -30,18 +30,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import math
 import random
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import _path  # noqa: F401
+from _fleet import clone_instance
 from sqlalchemy import select
 
 from core.clock import VirtualClock, epoch
@@ -49,7 +48,6 @@ from core.config import Settings
 from core.db import Database
 from core.guard_plan import replan
 from core.guards import PASS_BATCH, Guards
-from core.ids import new_instance_id
 from core.ledger import COMPUTE, STORAGE
 from core.models import BillingSegment, Instance, InstanceState
 from core.notify import NotifierHub
@@ -107,18 +105,7 @@ def build(svc: GpuService, sandbox: SandboxProvider, n: int, rng: random.Random)
                 s.exec(BillingSegment.__table__.delete().where(  # type: ignore[attr-defined]
                     BillingSegment.instance_id == inst.id))
             else:
-                data = model.model_dump()
-                number = int(state["next_id"])
-                state["next_id"] = number + 1
-                pid = f"sbx-{number:06d}"
-                key = f"gh-{uuid.uuid4().hex}"
-                data.update(id=new_instance_id(taken), idempotency_key=key, provider_id=pid,
-                            endpoint=(model.endpoint or "").replace(model.provider_id or "?", pid) or None)
-                inst = Instance(**data)
-                taken.add(inst.id)
-                record = copy.deepcopy(state["instances"][model.provider_id])
-                record.update(provider_id=pid, label=key)
-                state["instances"][pid] = record
+                inst, record = clone_instance(model, state, taken)
                 rows.append(inst)
             owner_i = rng.randrange(len(USERS))
             inst.owner, inst.team = USERS[owner_i], TEAMS[owner_i % len(TEAMS)]
@@ -243,7 +230,7 @@ async def run(args: argparse.Namespace) -> None:
 
         sandbox.list = timed_list  # type: ignore[method-assign]
         sync_ms: list[float] = []
-        original_views = guards._provider_views
+        original_views = svc.refresh
 
         async def timed_views(due):
             began = time.perf_counter()
@@ -251,7 +238,7 @@ async def run(args: argparse.Namespace) -> None:
             sync_ms.append((time.perf_counter() - began) * 1000)
             return out
 
-        guards._provider_views = timed_views  # type: ignore[method-assign]
+        svc.refresh = timed_views  # type: ignore[method-assign]
 
         began = time.perf_counter()
         await guards.check_budgets(clock.now())

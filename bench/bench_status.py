@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import functools
 import json
 import math
@@ -22,13 +21,13 @@ import random
 import statistics
 import tempfile
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import _path  # noqa: F401
+from _fleet import clone_instance
 from sqlalchemy import select
 
 from bot.grammar import Context, dispatch
@@ -36,7 +35,6 @@ from bot.render_text import to_text
 from core.clock import VirtualClock, epoch
 from core.config import Settings
 from core.db import Database
-from core.ids import new_instance_id
 from core.ledger import COMPUTE, STORAGE
 from core.models import BillingSegment, Instance, InstanceState
 from core.providers.registry import ProviderRegistry
@@ -85,25 +83,12 @@ def clone_the_rest(svc: GpuService, sandbox: SandboxProvider, clock: VirtualCloc
         segments: list[BillingSegment] = []
         for _ in range(n):
             model = rng.choice(stopped if rng.random() < STOPPED_SHARE and stopped else running)
-            data = model.model_dump()
-            number = int(state["next_id"])
-            state["next_id"] = number + 1
-            pid = f"sbx-{number:06d}"
-            key = f"gh-{uuid.uuid4().hex}"
             owner_i = rng.randrange(len(USERS))
             created = now - timedelta(minutes=rng.randrange(10, 3 * 24 * 60))
             started = created
-            data.update(id=new_instance_id(taken), idempotency_key=key, provider_id=pid,
-                        owner=USERS[owner_i], team=TEAMS[owner_i % len(TEAMS)],
-                        created_at=created, updated_at=created, started_at=started,
-                        last_activity_at=started + timedelta(minutes=rng.randrange(0, 60)),
-                        endpoint=(model.endpoint or "").replace(model.provider_id or "?", pid) or None,
-                        version=1, keep_until=None)
-            inst = Instance(**data)
-            taken.add(inst.id)
-            record = copy.deepcopy(state["instances"][model.provider_id])
-            record.update(provider_id=pid, label=key)
-            state["instances"][pid] = record
+            inst, _ = clone_instance(model, state, taken, owner=USERS[owner_i], team=TEAMS[owner_i % len(TEAMS)],
+                                     created_at=created, updated_at=created, started_at=started,
+                                     last_activity_at=started + timedelta(minutes=rng.randrange(0, 60)))
             base = dict(instance_id=inst.id, owner=inst.owner, team=inst.team, template=inst.template,
                         provider=inst.provider)
             if inst.state == InstanceState.STOPPED.value:
