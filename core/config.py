@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import platformdirs
-from pydantic import Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,9 +39,15 @@ def _local_user() -> str:
         return "local"
 
 
+def _env(field: str, official: str) -> AliasChoices:
+    """A setting read from GPUHERD_<FIELD>, the official tool's variable, or `field` in config.toml."""
+    return AliasChoices(f"{ENV_PREFIX}{field.upper()}", official, field)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
+        populate_by_name=True,
         env_file=".env",
         env_file_encoding="utf-8",
         extra="forbid",
@@ -60,6 +66,38 @@ class Settings(BaseSettings):
     sandbox_time_scale: float = Field(default=0.2, ge=0, le=100,
                                       description="multiplies simulated boot/stop timings; 0 = instant")
     sandbox_faults: str = Field(default="", description="e.g. 'capacity=0.2,timeout=0.1,rate_limit=0.1'")
+
+    # real providers: each is configured when its credentials are set. The variable names are the
+    # official tools' own (VAST_API_KEY, VAST_URL, RUNPOD_API_KEY, ...), so an existing setup works.
+    vast_api_key: SecretStr | None = Field(default=None, validation_alias=_env("vast_api_key", "VAST_API_KEY"))
+    vast_url: str = Field(default="https://console.vast.ai", validation_alias=_env("vast_url", "VAST_URL"),
+                          description="vast.ai API base URL (as the vastai CLI's VAST_URL)")
+    runpod_api_key: SecretStr | None = Field(default=None,
+                                             validation_alias=_env("runpod_api_key", "RUNPOD_API_KEY"))
+    runpod_url: str = Field(default="https://api.runpod.io",
+                            validation_alias=_env("runpod_url", "RUNPOD_API_BASE_URL"),
+                            description="RunPod API base URL (as the runpod SDK's RUNPOD_API_BASE_URL)")
+    aws: Literal["auto", "on", "off"] = Field(
+        default="auto", description="auto: use AWS EC2 when boto3 finds credentials in the AWS chain")
+    aws_regions: list[str] = Field(default_factory=lambda: ["us-east-1"], min_length=1,
+                                   description="regions searched for GPU instance types")
+    aws_ami: str | None = Field(default=None, description="AMI to boot; default: the newest Deep Learning AMI")
+    aws_subnet_id: str | None = None
+    aws_security_group_ids: list[str] = Field(default_factory=list)
+    aws_key_name: str | None = None
+    aws_ebs_gb_month: str = Field(default="0.08", description="gp3 USD per GB-month, billed while stopped")
+    surf_api_token: SecretStr | None = Field(default=None,
+                                             validation_alias=_env("surf_api_token", "SURF_API_TOKEN"))
+    surf_url: str = Field(default="https://gw.live.surfresearchcloud.nl/v1",
+                          description="SURF Research Cloud API base URL")
+    surf_name_filter: str = Field(default="", description="only workspaces whose name contains this")
+    provider_timeout_s: float = Field(default=10.0, gt=0, le=300,
+                                      description="per-provider time limit of one search")
+    offer_cache_s: float = Field(default=30.0, ge=0, le=3600, description="how long search results are reused")
+    reconcile_interval_s: float = Field(default=300.0, ge=10, le=86400,
+                                        description="how often every provider's machines are compared with the database")
+    attach: list[str] = Field(default_factory=list,
+                              description="machines created elsewhere to put under gpuherd, e.g. ['vast:12345']")
 
     # who is who
     local_user: str = Field(default_factory=_local_user, description="principal name of the shell user")

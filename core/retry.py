@@ -33,3 +33,14 @@ async def with_retries(call: Callable[[], Awaitable[T]], *, attempts: int = 4, b
             log.warning("%s failed (%s), retry %d/%d in %.2fs", what, exc.code, attempt, attempts - 1, delay)
             await sleep(delay)
     raise AssertionError("unreachable")
+
+
+async def provider_call(provider: object, call: Callable[[], Awaitable[T]], *,
+                        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+                        what: str = "provider call") -> T:
+    """One call to a provider, retried here only when its client does not already retry the way
+    its official SDK does (retrying twice over would multiply the waits)."""
+    caps = getattr(provider, "capabilities", None)
+    if caps is not None and getattr(caps, "retries_internally", False):
+        return await call()
+    return await with_retries(call, sleep=sleep, what=what)

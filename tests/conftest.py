@@ -25,14 +25,19 @@ from core.templates import TemplateCatalog
 PG_URL = os.environ.get("GPUHERD_TEST_POSTGRES_URL")
 PG_SKIP = "PostgreSQL tests need GPUHERD_TEST_POSTGRES_URL (CI sets it; see DEVELOPERS.md)"
 START = datetime(2026, 11, 10, 9, 0, tzinfo=UTC)   # a Tuesday
+PROVIDER_ENV = {"VAST_API_KEY", "VAST_URL", "RUNPOD_API_KEY", "RUNPOD_API_BASE_URL", "SURF_API_TOKEN"}
 
 
 @pytest.fixture(autouse=True)
 def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test reads the developer's own config or data directory."""
     for key in list(os.environ):
-        if key.startswith("GPUHERD_") and key != "GPUHERD_TEST_POSTGRES_URL":
+        if (key.startswith(("GPUHERD_", "AWS_")) and key != "GPUHERD_TEST_POSTGRES_URL") or key in PROVIDER_ENV:
             monkeypatch.delenv(key)
+    # boto3 must not find the developer's ~/.aws either
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     monkeypatch.setenv("GPUHERD_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
 

@@ -34,10 +34,13 @@ class Capabilities(BaseModel):
     can_create: bool = True
     can_stop: bool = True
     can_start: bool = True
+    can_destroy: bool = True              # SURF workspaces are deleted in the portal, not by gpuherd
+    can_list: bool = True
     reports_gpu_utilisation: bool = False
     storage_bills_while_stopped: bool = True
     reports_actual_billing: bool = False
     simulated: bool = False
+    retries_internally: bool = False      # the client already retries as its official SDK does
 
 
 class CreateRequest(BaseModel):
@@ -52,6 +55,8 @@ class CreateRequest(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     ports: list[int] = Field(default_factory=list)
     disk_gb: float = 20
+    interruptible: bool = False           # spot/bid rental where the offer allows it
+    bid_dph: Decimal | None = None        # max USD/h for an interruptible rental
     onstart: str | None = None
     health_path: str | None = None
     health_port: int | None = None
@@ -71,6 +76,9 @@ class ProviderInstance(BaseModel):
     gpu_util: float | None = None         # 0..100 where reported
     started_at: datetime | None = None
     message: str | None = None            # provider's status text
+    offer_id: str | None = None           # what it was rented from, where the provider says
+    image: str | None = None
+    interruptible: bool = False
 
 
 class Provider(abc.ABC):
@@ -115,6 +123,10 @@ class Provider(abc.ABC):
         if instance.healthy is not None:
             return instance.healthy
         return instance.state is ProviderState.RUNNING
+
+    async def balance(self) -> Decimal | None:
+        """Account credit in USD where the provider reports one."""
+        return None
 
     async def aclose(self) -> None:
         """Release connections."""
