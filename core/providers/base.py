@@ -10,7 +10,12 @@ from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from typing import TYPE_CHECKING
+
 from ..offers import Offer
+
+if TYPE_CHECKING:
+    from ..query import OfferQuery
 
 
 class ProviderState(str, enum.Enum):
@@ -89,9 +94,15 @@ class Provider(abc.ABC):
     capabilities: Capabilities = Capabilities()
 
     @abc.abstractmethod
-    async def search(self) -> list[Offer]:
+    async def search(self, query: OfferQuery | None = None) -> list[Offer]:
         """Current offers. Filtering happens in core.query over the normalised list; providers
-        whose API can filter server-side may narrow first but must not drop matching offers."""
+        whose API can filter server-side may use `query` to narrow first, but must never drop an
+        offer the query matches."""
+
+    def search_key(self, query: OfferQuery | None) -> str:
+        """What makes two searches differ at this provider, for the offer cache. A provider that
+        filters server-side returns what it would send; one that always lists everything, ''."""
+        return ""
 
     async def get_offer(self, offer_id: str) -> Offer | None:
         for offer in await self.search():

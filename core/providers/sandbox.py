@@ -49,6 +49,7 @@ from ..errors import (
     RateLimited,
 )
 from ..offers import Offer
+from ..query import OfferQuery
 from .base import Capabilities, CreateRequest, Provider, ProviderInstance, ProviderState
 
 SIMULATED_NOTE = "Simulated: sandbox provider — no real machines, no real charges."
@@ -271,7 +272,7 @@ class SandboxProvider(Provider):
             return None
         return self._priced(base, epoch(now) // PRICE_WINDOW_S, now)
 
-    async def search(self) -> list[Offer]:
+    async def search(self, query: OfferQuery | None = None) -> list[Offer]:
         fault = self._take_fault("search")
         offers = self._offers_at(self.clock.now())
         self._raise_after(fault)
