@@ -219,3 +219,25 @@ class ActionRecord(SQLModel, table=True):
     instance_id: str | None = Field(default=None, max_length=16)
     result: str = Field(sa_type=Text)                  # JSON of the result object
     created_at: datetime = Field(sa_column=_ts(nullable=False))
+
+
+class UnmanagedInstance(SQLModel, table=True):
+    """A machine a provider lists that gpuherd does not manage and that carries no gpuherd label:
+    created by hand in the console, or by another tool. Reconcile reports each one to admins once
+    (it may be someone's forgotten GPU) and keeps the row so the report is not repeated."""
+
+    __tablename__ = "unmanaged_instances"
+    __table_args__ = (UniqueConstraint("provider", "provider_id"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    provider: str = Field(max_length=32)
+    provider_id: str = Field(max_length=128)
+    label: str | None = Field(default=None, max_length=256)
+    state: str = Field(max_length=16)
+    gpu_name: str = Field(default="", max_length=64)
+    num_gpus: int = 0
+    dph_micros: int = Field(default=0, sa_type=BigInteger)
+    first_seen_at: datetime = Field(sa_column=_ts(nullable=False))
+    last_seen_at: datetime = Field(sa_column=_ts(nullable=False))
+    reported_at: datetime | None = Field(default=None, sa_column=_ts())
+    gone_at: datetime | None = Field(default=None, sa_column=_ts())         # no longer listed

@@ -49,7 +49,9 @@ class SearchResult(BaseModel):
     total_matches: int
     providers: list[str]
     failures: dict[str, str] = Field(default_factory=dict)
-    price_age_s: int = 0
+    price_age_s: int = 0                                        # the oldest provider's
+    provider_ages: dict[str, int] = Field(default_factory=dict)  # seconds since each was asked
+    price_notes: list[str] = Field(default_factory=list)        # prices not read live, and from where
     simulated: bool = False
 
 

@@ -34,6 +34,7 @@ from .errors import (
     NotFound,
     PermissionDenied,
     ProviderError,
+    ProviderTimeout,
 )
 from .ids import ID_RE, new_instance_id, normalise_instance_id
 from .ledger import COMPUTE, STORAGE, Ledger, month_of, parse_period
@@ -43,7 +44,7 @@ from .notify import Notice, NotifierHub
 from .offers import Offer
 from .providers.base import CreateRequest, Provider, ProviderInstance, ProviderState
 from .providers.registry import ProviderRegistry, build_registry
-from .query import parse_query
+from .query import OfferQuery, parse_query
 from .results import (
     AuditEntry,
     AuditResult,
@@ -65,7 +66,7 @@ from .results import (
     TemplateList,
     TemplateSummary,
 )
-from .retry import with_retries
+from .retry import provider_call
 from .templates import Template, TemplateCatalog, format_duration, parse_duration, validate_overrides
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,6 @@ R = TypeVar("R", bound=BaseModel)
 Progress = Callable[[str], Awaitable[None] | None]
 
 MAX_BUDGET = Decimal("10000000")       # USD/month; anything above is a typo, not a budget
-OFFER_CACHE_TTL_S = 30.0
 DEFAULT_KEEP = timedelta(hours=1)
 MAX_KEEP = timedelta(days=7)
 STALE_CLAIM = timedelta(minutes=10)   # a stop/destroy in flight longer than this died with its process
@@ -114,7 +114,8 @@ class GpuService:
         self.hub = hub or NotifierHub()
         self.directory = Directory(settings.default_role, settings.default_team, settings.admins)
         self._sleep = sleep
-        self._offer_cache: dict[str, tuple[float, datetime, list[Offer]]] = {}
+        self._offer_cache: dict[tuple[str, str], tuple[float, datetime, list[Offer]]] = {}
+        self._in_flight: dict[tuple[str, str], asyncio.Future[tuple[list[Offer], datetime]]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **kw: Any) -> GpuService:
@@ -156,36 +157,60 @@ class GpuService:
         return any(p.capabilities.simulated for p in self.providers.all())
 
     # --- search --------------------------------------------------------------------------
-    async def _offers(self, provider: Provider) -> tuple[list[Offer], datetime]:
-        cached = self._offer_cache.get(provider.name)
+    async def _offers(self, provider: Provider, query: OfferQuery | None) -> tuple[list[Offer], datetime]:
+        """One provider's offers, from the cache while fresh. Concurrent searches for the same
+        thing share one request instead of each asking the provider."""
+        key = (provider.name, provider.search_key(query))
+        cached = self._offer_cache.get(key)
         now_mono = self.clock.monotonic()
-        if cached and now_mono - cached[0] < OFFER_CACHE_TTL_S:
+        if cached and now_mono - cached[0] < self.settings.offer_cache_s:
             return cached[2], cached[1]
-        offers = await provider.search()
+        flight = self._in_flight.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(self._fetch_offers(provider, query, key))
+            self._in_flight[key] = flight
+            flight.add_done_callback(lambda _f, k=key: self._in_flight.pop(k, None))
+        return await asyncio.shield(flight)
+
+    async def _fetch_offers(self, provider: Provider, query: OfferQuery | None,
+                            key: tuple[str, str]) -> tuple[list[Offer], datetime]:
+        offers = await provider_call(provider, lambda: provider.search(query), sleep=self._sleep,
+                                     what=f"{provider.name} search")
         fetched = self.clock.now()
-        self._offer_cache[provider.name] = (now_mono, fetched, offers)
+        self._offer_cache[key] = (self.clock.monotonic(), fetched, offers)
+        if len(self._offer_cache) > 256:  # many distinct queries: drop the oldest
+            oldest = min(self._offer_cache, key=lambda k: self._offer_cache[k][0])
+            self._offer_cache.pop(oldest, None)
         return offers, fetched
 
-    async def _gather_offers(self, names: list[str]) -> tuple[list[Offer], dict[str, str], datetime | None]:
-        """Ask every provider at once; one failing never breaks the others."""
-        providers = [self.providers.get(n) for n in names]
-        results = await asyncio.gather(*(self._offers(p) for p in providers), return_exceptions=True)
-        offers: list[Offer] = []
-        failures: dict[str, str] = {}
-        oldest: datetime | None = None
+    async def _gather_offers(self, names: list[str], query: OfferQuery | None = None) -> Gathered:
+        """Ask every provider at once, each within the per-provider time limit; one failing or
+        slow provider never holds up or breaks the others: its failure is named instead."""
+        providers = [p for p in (self.providers.get(n) for n in names) if p.capabilities.can_search]
+        limit = self.settings.provider_timeout_s
+
+        async def one(p: Provider) -> tuple[list[Offer], datetime]:
+            try:
+                return await asyncio.wait_for(self._offers(p, query), timeout=limit)
+            except TimeoutError:
+                raise ProviderTimeout(p.display_name, f"no answer within {limit:g}s; "
+                                                      "shown without its offers") from None
+
+        results = await asyncio.gather(*(one(p) for p in providers), return_exceptions=True)
+        out = Gathered()
         for provider, result in zip(providers, results, strict=True):
             if isinstance(result, BaseException):
-                failures[provider.name] = (result.message if isinstance(result, GpuherdError)
-                                           else f"{provider.name}: unexpected error ({type(result).__name__})")
+                out.failures[provider.name] = (result.message if isinstance(result, GpuherdError)
+                                               else f"{provider.name}: unexpected error ({type(result).__name__})")
                 if not isinstance(result, GpuherdError):
                     log.error("search on %s failed", provider.name, exc_info=result)
                 continue
             found, fetched = result
-            offers.extend(found)
-            oldest = fetched if oldest is None or fetched < oldest else oldest
-        return offers, failures, oldest
+            out.offers.extend(found)
+            out.fetched[provider.name] = fetched
+        return out
 
-    def _provider_names(self, wanted: set[str] | None) -> list[str]:
+    def _provider_names(self, wanted: set[str] | frozenset[str] | None) -> list[str]:
         if not wanted:
             return self.providers.names()
         for name in wanted:
@@ -196,14 +221,18 @@ class GpuService:
         actor.require(Role.VIEWER, "searching")
         query = parse_query(text)
         names = self._provider_names(query.providers)
-        offers, failures, fetched = await self._gather_offers(names)
-        matched = [o for o in offers if query.matches(o)]
+        got = await self._gather_offers(names, query)
+        matched = [o for o in got.offers if query.matches(o)]
         limit = query.limit or 10
         shown = query.sort(matched, limit)
-        age = int((self.clock.now() - fetched).total_seconds()) if fetched else 0
+        now = self.clock.now()
+        ages = {name: max(0, int((now - at).total_seconds())) for name, at in got.fetched.items()}
+        notes = sorted({f"{o.provider}: {o.price_source}" for o in shown if o.price_source})
+        searched = [n for n in names if self.providers.get(n).capabilities.can_search]
         return SearchResult(query=text, description=query.describe(), offers=shown,
-                            total_matches=len(matched), providers=names, failures=failures,
-                            price_age_s=max(age, 0),
+                            total_matches=len(matched), providers=searched, failures=got.failures,
+                            price_age_s=max(ages.values(), default=0), provider_ages=ages,
+                            price_notes=notes,
                             simulated=any(o.simulated for o in matched) or self._any_simulated(names))
 
     def _any_simulated(self, names: list[str]) -> bool:
@@ -312,18 +341,24 @@ class GpuService:
 
     async def _choose_offers(self, template: Template, *, offer: str | None,
                              provider: str | None) -> list[Offer]:
-        """Offers that fit the template, cheapest first (price limit applied by the caller)."""
+        """Offers that fit the template, cheapest first at the template's disk size (price limit
+        applied by the caller). Each is re-quoted with `dph` = what it will cost while running."""
         if offer:
             if ":" not in offer:
                 raise InvalidInput(f"offer='{offer}' should look like <provider>:<id>, e.g. sandbox:sb-0042.")
             pname, oid = offer.split(":", 1)
-            found = await self.providers.get(pname).get_offer(oid)
+            chosen = self.providers.get(pname)
+            if not chosen.capabilities.can_create:
+                raise InvalidInput(f"{chosen.display_name} has no offers to boot: gpuherd only attaches its "
+                                   f"machines (gpuherd attach {pname}:<id>).")
+            found = await provider_call(chosen, lambda: chosen.get_offer(oid), sleep=self._sleep,
+                                        what=f"{pname} offer {oid}")
             if found is None:
                 raise NotFound(f"Offer {offer} is not available any more. Run /gpu search for current offers.")
             problem = template.offer_rejection(found)
             if problem:
                 raise InvalidInput(f"Offer {offer} does not fit template '{template.name}': {problem}.")
-            return [found]
+            return [self._priced_for(found, template)]
         allowed = set(template.providers) if template.providers else None
         if provider:
             self.providers.get(provider)
@@ -331,17 +366,23 @@ class GpuService:
                 raise InvalidInput(f"Template '{template.name}' may only boot on {', '.join(sorted(allowed))}.")
             allowed = {provider}
         names = self._provider_names(allowed) if allowed else self.providers.names()
+        names = [n for n in names if self.providers.get(n).capabilities.can_create]
         if not names:
-            raise NoMatchingOffer(f"No configured provider may run '{template.name}' "
-                                  f"(allowed: {', '.join(sorted(allowed or []))}).")
-        offers, failures, _ = await self._gather_offers(names)
-        fitting = [o for o in offers if template.offer_rejection(o) is None]
+            raise NoMatchingOffer(f"No configured provider can boot '{template.name}' "
+                                  f"(allowed: {', '.join(sorted(allowed or [])) or 'none configured'}).")
+        got = await self._gather_offers(names, template.offer_query())
+        fitting = [self._priced_for(o, template) for o in got.offers if template.offer_rejection(o) is None]
         fitting.sort(key=lambda o: (o.dph, -o.reliability, o.ref))
         if not fitting:
-            failed = f" ({'; '.join(failures.values())})" if failures else ""
+            failed = f" ({'; '.join(got.failures.values())})" if got.failures else ""
             raise NoMatchingOffer(f"No offer fits '{template.name}' right now: it needs "
                                   f"{template.constraint_text()}{failed}.")
         return fitting
+
+    @staticmethod
+    def _priced_for(offer: Offer, template: Template) -> Offer:
+        """The offer as this template would pay for it: its disk, not the search's standard one."""
+        return offer.model_copy(update={"dph": offer.dph_for(template.disk_gb)})
 
     def _write_intent(self, actor: Actor, template: Template, offer: Offer, key: str,
                       cleaned: dict[str, Any]) -> Instance:
@@ -384,17 +425,28 @@ class GpuService:
 
     async def _find_by_label(self, provider: Provider, label: str) -> ProviderInstance | None:
         try:
-            listed = await with_retries(provider.list, sleep=self._sleep, what=f"{provider.name} list")
+            listed = await provider_call(provider, provider.list, sleep=self._sleep, what=f"{provider.name} list")
         except ProviderError:
             return None
         return next((p for p in listed if p.label == label), None)
 
     def _record_created(self, actor: Actor, instance_id: str, offer: Offer, pinst: ProviderInstance,
                         template: Template) -> InstanceView:
+        """Tie the intent row to the machine and start billing. Exactly once: a boot that comes
+        back late and a reconcile that found the machine first cannot both record it."""
         now = self.clock.now()
         with self.db.session() as s:
+            claimed = s.exec(update(Instance).where(  # type: ignore[call-overload]
+                Instance.id == instance_id, Instance.provider_id.is_(None))  # type: ignore[union-attr]
+                .values(provider_id=pinst.provider_id))
             inst = s.get(Instance, instance_id)
             assert inst is not None
+            if claimed.rowcount != 1:
+                s.rollback()
+                return self._view(s, inst)
+            s.refresh(inst)
+            inst.status_message = None
+            inst.destroyed_at = None
             inst.provider = offer.provider
             inst.provider_id = pinst.provider_id
             inst.offer_id = offer.offer_id
@@ -659,7 +711,8 @@ class GpuService:
         """Run a claimed action at the provider, retrying where safe. On failure the claim is
         undone, the failure audited, and the user told what state the machine is left in."""
         try:
-            await with_retries(call, sleep=self._sleep, what=f"{action} {inst.id}")
+            await provider_call(self.providers.get(inst.provider), call, sleep=self._sleep,
+                                what=f"{action} {inst.id}")
         except GpuherdError as exc:
             if done_anyway is not None and await done_anyway():
                 return
@@ -1074,6 +1127,13 @@ class GpuService:
     def instance_count(self) -> int:
         with self.db.session() as s:
             return int(s.exec(select(func.count()).select_from(Instance)).one()[0])  # type: ignore[call-overload]
+
+
+@dataclass
+class Gathered:
+    offers: list[Offer] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)        # provider -> why it is missing
+    fetched: dict[str, datetime] = field(default_factory=dict)    # provider -> when its offers were asked
 
 
 @dataclass

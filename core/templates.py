@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .errors import ConfigError, InvalidInput, NotFound
 from .money import to_decimal
 from .offers import Offer
+from .query import Filter, OfferQuery
 
 # --------------------------------------------------------------------------------------------
 # Durations
@@ -482,6 +483,14 @@ class Template(BaseModel):
                 _norm_gpu(g) for g in self.gpu_names}:
             return f"GPU {offer.gpu_name} is not one of {', '.join(self.gpu_names)}"
         return None
+
+    def offer_query(self) -> OfferQuery:
+        """What a provider may narrow its search by for this template: GPU count and memory only,
+        never price (a pricier offer must still reach the price guard's confirmation)."""
+        return OfferQuery(filters=(
+            Filter(field="num_gpus", op="eq", value=self.num_gpus),
+            Filter(field="gpu_ram", op="gte", value=max(0.0, self.min_gpu_ram - GPU_RAM_TOLERANCE_GB)),
+        ))
 
     def constraint_text(self) -> str:
         """What an offer needs, in words: '1 GPU with at least 8 GB, up to $0.50/h'."""

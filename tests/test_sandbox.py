@@ -19,6 +19,7 @@ from core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
+from core.offers import quote
 from core.providers.base import CreateRequest, ProviderState
 from core.providers.sandbox import SIMULATED_NOTE, SandboxProvider, parse_faults
 
@@ -76,7 +77,9 @@ async def test_catalogue_covers_models_with_plausible_fields(sandbox, clock):
         assert o.provider == "sandbox" and o.simulated
         assert o.fetched_at == clock.now()
         assert o.num_gpus in (1, 2, 4, 8)
-        assert o.dph == o.dph.quantize(Decimal("0.001")) and o.dph > 0
+        # compute (to the tenth of a cent) plus a SEARCH_DISK_GB disk, exact to the micro-dollar
+        assert o.dph == o.dph.quantize(Decimal("0.000001")) and o.dph > 0
+        assert o.dph - quote(Decimal(0), o.storage_cost) == (o.dph - quote(Decimal(0), o.storage_cost)).quantize(Decimal("0.001"))
         assert 0.90 <= o.reliability <= 0.999
         assert Decimal("0.10") <= o.storage_cost <= Decimal("0.30")
         assert re.fullmatch(r".+, [A-Z]{2}", o.location) and o.location.endswith(o.country)

@@ -48,7 +48,7 @@ from ..errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from ..offers import Offer
+from ..offers import Offer, quote
 from ..query import OfferQuery
 from .base import Capabilities, CreateRequest, Provider, ProviderInstance, ProviderState
 
@@ -235,7 +235,7 @@ class SandboxProvider(Provider):
                 cpu_cores=cpu_cores,
                 cpu_ram=cpu_ram,
                 disk_space=disk_space,
-                dph=_dph(per_gpu, num_gpus),
+                dph=_dph(per_gpu, num_gpus, storage_cost),
                 storage_cost=storage_cost,
                 reliability=reliability,
                 location=location,
@@ -263,7 +263,7 @@ class SandboxProvider(Provider):
         if self.price_drift:
             factor = random.Random(f"sandbox-drift:{self.seed}:{base.index}:{window}").uniform(
                 -self.price_drift, self.price_drift)
-            update["dph"] = _dph(base.per_gpu * (1 + factor), base.offer.num_gpus)
+            update["dph"] = _dph(base.per_gpu * (1 + factor), base.offer.num_gpus, base.offer.storage_cost)
         return base.offer.model_copy(update=update)
 
     def _offer(self, offer_id: str, now: datetime) -> Offer | None:
@@ -536,7 +536,7 @@ class SandboxProvider(Provider):
                 "num_gpus": offer.num_gpus,
                 "gpu_ram": offer.gpu_ram,
                 "location": offer.location,
-                "dph": str(offer.dph),
+                "dph": str(offer.dph_for(request.disk_gb)),
                 "storage_dph": str(offer.storage_rate(request.disk_gb)),
                 "disk_gb": request.disk_gb,
                 "image": request.image,
@@ -630,8 +630,9 @@ class SandboxProvider(Provider):
             record.update(action="error", action_at=_format_time(now), error=message)
 
 
-def _dph(per_gpu: float, num_gpus: int) -> Decimal:
-    return (Decimal(str(round(per_gpu, 3))) * num_gpus).quantize(_MILLI)
+def _dph(per_gpu: float, num_gpus: int, storage_cost: Decimal) -> Decimal:
+    """Quoted as every provider quotes: compute plus a SEARCH_DISK_GB disk while running."""
+    return quote((Decimal(str(round(per_gpu, 3))) * num_gpus).quantize(_MILLI), storage_cost)
 
 
 def _format_time(value: datetime) -> str:

@@ -1,0 +1,202 @@
+"""A loopback fake of the SURF Research Cloud workspace API, shaped as gpuherd's provider assumes
+it (core/providers/surf.py says which facts are official and which are third-party).
+
+- Auth: the bare token in `authorization`; anything else, "Bearer <token>" included, is a 401.
+  The 401 body deliberately echoes what it was sent, so tests prove the client scrubs the token.
+- `GET {prefix}/workspace/workspaces/` (op "list"): filters `application_type` and hides deleted
+  workspaces with `deleted=false`; pages of `page_size` with absolute `next`/`previous` links
+  built on `public_url` (default: this server), so a test can make SURF name another host.
+- `GET {prefix}/workspace/workspaces/{id}/` (op "get"): 404 for an unknown id; a deleted one is
+  still answered, with `deleted: true`.
+- `POST .../{id}/actions/pause/` (op "stop") and `.../actions/resume/` (op "start"): 202, the
+  workspace goes pausing/resuming and records a workspace_action; reads (get or list) move it on,
+  `reads_per_phase` reads per step. `fail_resume()` makes the next resume fail with a
+  workspace_actions error, as SURF reports no free GPUs.
+No route exists for search, create or destroy: gpuherd must never send them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlencode
+
+from .loopback import Fault, Handled, LoopbackServer, Request, Response
+
+TOKEN = "surf-test-token-0f9e8d7c6b5a"
+NO_GPUS = "Resume failed: no GPUs available for flavour 'gpu-a10-11core-88gb' (No valid host was found)"
+
+
+@dataclass
+class _Step:
+    reads: int                  # reads left before this step applies
+    status: str
+    action_status: str
+    error: str | None = None
+
+
+@dataclass
+class Workspace:
+    id: str
+    name: str
+    status: str = "running"
+    application_type: str = "Compute"
+    deleted: bool = False
+    ip: str = "145.100.0.10"
+    gpu: str | None = None
+    gpu_count: int | None = None
+    actions: list[dict[str, Any]] = field(default_factory=list)
+    plan: list[_Step] = field(default_factory=list)
+
+    def body(self) -> dict[str, Any]:
+        meta: dict[str, Any] = {"ip": self.ip}
+        if self.gpu is not None:
+            meta["gpu"] = self.gpu
+        if self.gpu_count is not None:
+            meta["gpu_count"] = self.gpu_count
+        return {"id": self.id, "name": self.name, "status": self.status, "active": not self.deleted,
+                "deleted": self.deleted, "application_type": self.application_type,
+                "resource_meta": meta, "workspace_actions": [dict(a) for a in self.actions]}
+
+
+class FakeSurf(LoopbackServer):
+    def __init__(self, *, token: str = TOKEN, prefix: str = "/v1", page_size: int = 3,
+                 reads_per_phase: int = 2, public_url: str | None = None, latency_s: float = 0.0) -> None:
+        self.token = token
+        self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
+        self.page_size = page_size
+        self.reads_per_phase = reads_per_phase
+        self.public_url = public_url          # base written into next/previous links
+        self.workspaces: dict[str, Workspace] = {}
+        self._resume_failures: list[tuple[str, int]] = []
+        self._action_ids = itertools.count(1)
+        super().__init__(latency_s=latency_s)
+
+    # --- state -------------------------------------------------------------------------
+    def add(self, name: str, status: str = "running", **kw: Any) -> str:
+        ws = Workspace(id=kw.pop("id", None) or str(uuid.uuid4()), name=name, status=status, **kw)
+        with self._lock:
+            self.workspaces[ws.id] = ws
+        return ws.id
+
+    def fail_resume(self, error: str = NO_GPUS, *, after_reads: int = 1) -> None:
+        """The next resume is accepted, then fails `after_reads` reads later with `error`."""
+        with self._lock:
+            self._resume_failures.append((error, after_reads))
+
+    def delete(self, ws_id: str) -> None:
+        with self._lock:
+            ws = self.workspaces[ws_id]
+            ws.deleted, ws.status, ws.plan = True, "deleted", []
+
+    def forget(self, ws_id: str) -> None:
+        with self._lock:
+            self.workspaces.pop(ws_id, None)
+
+    # --- routes ------------------------------------------------------------------------
+    def routes(self) -> None:
+        base = f"{self.prefix}/workspace/workspaces"
+        self.route("GET", f"{base}/", self._list, "list")
+        self.route("GET", f"{base}/{{id}}/", self._get, "get")
+        self.route("POST", f"{base}/{{id}}/actions/pause/", self._pause, "stop")
+        self.route("POST", f"{base}/{{id}}/actions/resume/", self._resume, "start")
+
+    def authorised(self, request: Request) -> bool:
+        return _header(request, "authorization") == self.token
+
+    def unauthorised(self, request: Request) -> Response:
+        got = _header(request, "authorization")
+        return Response(401, {"detail": f"Invalid token: {got!r}" if got else
+                              "Authentication credentials were not provided."})
+
+    def fault_response(self, fault: Fault, request: Request) -> Response:
+        if fault.kind == "capacity":
+            return Response(400, {"detail": "No GPUs available for this flavour right now."})
+        return self.unauthorised(request)
+
+    def _link(self, request: Request, page: int) -> str:
+        base = self.public_url.rstrip("/") if self.public_url else f"{self.url}{self.prefix}"
+        query = {**request.query, "page": str(page)}
+        return f"{base}/workspace/workspaces/?{urlencode(query)}"
+
+    def _list(self, request: Request, params: dict[str, str]) -> Response:
+        kind = request.query.get("application_type")
+        hide_deleted = request.query.get("deleted", "").lower() == "false"
+        rows = [ws for ws in self.workspaces.values()
+                if (kind is None or ws.application_type == kind) and not (hide_deleted and ws.deleted)]
+        try:
+            page = int(request.query.get("page", "1"))
+        except ValueError:
+            raise Handled(Response(404, {"detail": "Invalid page."})) from None
+        pages = max(1, -(-len(rows) // self.page_size))
+        if not 1 <= page <= pages:
+            raise Handled(Response(404, {"detail": "Invalid page."}))
+        chunk = rows[(page - 1) * self.page_size: page * self.page_size]
+        for ws in chunk:
+            self._advance(ws)
+        return Response(200, {"count": len(rows),
+                              "next": self._link(request, page + 1) if page < pages else None,
+                              "previous": self._link(request, page - 1) if page > 1 else None,
+                              "results": [ws.body() for ws in chunk]})
+
+    def _find(self, ws_id: str) -> Workspace:
+        ws = self.workspaces.get(ws_id)
+        if ws is None:
+            raise Handled(Response(404, {"detail": "Not found."}))
+        return ws
+
+    def _get(self, request: Request, params: dict[str, str]) -> Response:
+        ws = self._find(params["id"])
+        self._advance(ws)
+        return Response(200, ws.body())
+
+    def _pause(self, request: Request, params: dict[str, str]) -> Response:
+        ws = self._find(params["id"])
+        if ws.deleted or ws.status != "running":
+            raise Handled(Response(400, {"detail": f"Workspace cannot be paused while {ws.status}."}))
+        action = self._record(ws, "pause")
+        ws.status = "pausing"
+        ws.plan = [_Step(self.reads_per_phase, "paused", "finished")]
+        return Response(202, {"id": action["id"], "type": "pause", "status": "running"})
+
+    def _resume(self, request: Request, params: dict[str, str]) -> Response:
+        ws = self._find(params["id"])
+        if ws.deleted or ws.status != "paused":
+            raise Handled(Response(400, {"detail": f"Workspace cannot be resumed while {ws.status}."}))
+        action = self._record(ws, "resume")
+        ws.status = "resuming"
+        if self._resume_failures:
+            error, after = self._resume_failures.pop(0)
+            ws.plan = [_Step(after, "paused", "failed", error)]
+        else:
+            ws.plan = [_Step(self.reads_per_phase, "running", "finished")]
+        return Response(202, {"id": action["id"], "type": "resume", "status": "running"})
+
+    def _record(self, ws: Workspace, kind: str) -> dict[str, Any]:
+        action = {"id": next(self._action_ids), "type": kind, "status": "running", "result": {}}
+        ws.actions.append(action)
+        return action
+
+    @staticmethod
+    def _advance(ws: Workspace) -> None:
+        """One read: the next step of the workspace's plan comes closer, and applies when due."""
+        if not ws.plan:
+            return
+        step = ws.plan[0]
+        step.reads -= 1
+        if step.reads > 0:
+            return
+        ws.plan.pop(0)
+        ws.status = step.status
+        if ws.actions:
+            ws.actions[-1]["status"] = step.action_status
+            ws.actions[-1]["result"] = {"error": step.error} if step.error else {}
+
+
+def _header(request: Request, name: str) -> str | None:
+    for key, value in request.headers.items():
+        if key.lower() == name:
+            return value
+    return None
