@@ -25,3 +25,17 @@ def normalise_instance_id(text: str) -> str:
     if not t.startswith("g-") and re.fullmatch(r"[0-9a-f]{4,8}", t):
         t = "g-" + t
     return t
+
+
+LABEL_PREFIX = "gh-"
+
+
+def label_for(key: str) -> str:
+    """The label a machine carries at its provider: the boot's idempotency key, marked as
+    gpuherd's so reconcile can tell our machines from ones made by hand. Keys gpuherd generates
+    already start with the mark; keys a surface supplies get it added."""
+    return key if key.startswith(LABEL_PREFIX) else f"{LABEL_PREFIX}{key}"
+
+
+def is_gpuherd_label(label: str | None) -> bool:
+    return bool(label) and label.startswith(LABEL_PREFIX)  # type: ignore[union-attr]

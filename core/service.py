@@ -36,7 +36,7 @@ from .errors import (
     ProviderError,
     ProviderTimeout,
 )
-from .ids import ID_RE, new_instance_id, normalise_instance_id
+from .ids import ID_RE, label_for, new_instance_id, normalise_instance_id
 from .ledger import COMPUTE, STORAGE, Ledger, month_of, parse_period
 from .models import ActionRecord, Budget, Instance, InstanceState, Role, SchedulerState, User
 from .money import HOURS_PER_DAY, HOURS_PER_MONTH, from_micros, rate, to_decimal, to_micros, usd
@@ -410,7 +410,7 @@ class GpuService:
     async def _create_at_provider(self, instance: Instance, template: Template, offer: Offer,
                                   key: str) -> ProviderInstance:
         provider = self.providers.get(offer.provider)
-        request = CreateRequest(offer_id=offer.offer_id, label=key, **template.to_create_fields())
+        request = CreateRequest(offer_id=offer.offer_id, label=label_for(key), **template.to_create_fields())
         try:
             # a create is not safely repeatable: on a timeout the machine may exist, so look for
             # our label instead of calling create again
@@ -418,7 +418,7 @@ class GpuService:
         except ProviderError as exc:
             if not exc.retryable:
                 raise
-            found = await self._find_by_label(provider, key)
+            found = await self._find_by_label(provider, label_for(key))
             if found is not None:
                 return found
             raise
@@ -577,27 +577,42 @@ class GpuService:
         replan(inst)
         s.add(inst)
 
-    async def refresh(self, instances: list[Instance]) -> Refresh:
+    async def refresh(self, instances: list[Instance], *, list_providers: list[str] | None = None) -> Refresh:
         """One list call per provider, then sync each instance. Returns the fresh rows, what each
-        provider reported, and which providers could not be asked (their rows are left as they were)."""
+        provider reported, every listing (`list_providers` are listed even without rows: reconcile
+        wants to see machines gpuherd does not know), and which providers could not be asked
+        (their rows are left as they were)."""
         out = Refresh(rows={i.id: i for i in instances})
         by_provider: dict[str, list[Instance]] = {}
         for inst in instances:
             if not inst.state_enum.is_final and inst.state != InstanceState.PENDING.value and inst.provider_id:
                 by_provider.setdefault(inst.provider, []).append(inst)
-        if not by_provider:
+        names = [n for n in dict.fromkeys([*by_provider, *(list_providers or [])]) if n in self.providers]
+        names = [n for n in names if self.providers.get(n).capabilities.can_list]
+        if not names:
             return out
-        names = [n for n in by_provider if n in self.providers]
-        listed = await asyncio.gather(*(self.providers.get(n).list() for n in names), return_exceptions=True)
+        listed = await asyncio.gather(*(self._list(self.providers.get(n)) for n in names), return_exceptions=True)
+        missing: list[tuple[str, Instance]] = []
         for name, result in zip(names, listed, strict=True):
             if isinstance(result, BaseException):
                 out.failed[name] = (result.message if isinstance(result, GpuherdError)
                                     else f"{name}: unexpected error ({type(result).__name__})")
                 log.warning("could not list %s: %s", name, out.failed[name])
                 continue
+            out.listed[name] = result
             seen = {p.provider_id: p for p in result}
-            for inst in by_provider[name]:
-                out.views[inst.id] = seen.get(inst.provider_id or "")
+            for inst in by_provider.get(name, []):
+                if inst.provider_id in seen:
+                    out.views[inst.id] = seen[inst.provider_id]
+                else:
+                    missing.append((name, inst))
+        if missing:
+            # absent from a listing is not proof of death (a page that shifted, a filtered list):
+            # ask for each one before closing its bill
+            confirmed = await asyncio.gather(*(self._confirm(self.providers.get(n), i) for n, i in missing))
+            for (_, inst), found in zip(missing, confirmed, strict=True):
+                if found is not False:
+                    out.views[inst.id] = found
         if not out.views:
             return out
         now = self.clock.now()
@@ -605,10 +620,25 @@ class GpuService:
             fresh = {i.id: i for i in s.exec(select(Instance).where(  # type: ignore[call-overload]
                 Instance.id.in_(list(out.views)))).scalars()}  # type: ignore[attr-defined]
             for iid, row in fresh.items():
+                before = row.state
                 self._apply_provider_state(s, row, out.views[iid], now)
+                if row.state == InstanceState.LOST.value and before != row.state:
+                    out.lost.append(iid)
             s.commit()
         out.rows.update(fresh)
         return out
+
+    async def _list(self, provider: Provider) -> list[ProviderInstance]:
+        return await provider_call(provider, provider.list, sleep=self._sleep, what=f"{provider.name} list")
+
+    async def _confirm(self, provider: Provider, inst: Instance) -> ProviderInstance | None | bool:
+        """The machine as `get` sees it; None when gone; False when the provider cannot say."""
+        try:
+            return await provider_call(provider, lambda: provider.get(inst.provider_id or ""),
+                                       sleep=self._sleep, what=f"{provider.name} get")
+        except GpuherdError as exc:
+            log.warning("could not confirm %s at %s: %s", inst.id, provider.name, exc.message)
+            return False
 
     # --- start / stop / destroy ----------------------------------------------------------
     def _get(self, s: Session, instance_id: str) -> Instance:
@@ -1112,7 +1142,7 @@ class GpuService:
             except ProviderError as exc:
                 log.warning("cannot resolve pending %s: %s", inst.id, exc.message)
                 continue
-            found = next((p for p in listed if p.label == inst.idempotency_key), None)
+            found = next((p for p in listed if p.label == label_for(inst.idempotency_key)), None)
             if found is None:
                 self._mark_failed(system, inst.id, GpuherdError("boot interrupted before the provider created it"))
                 continue
@@ -1141,6 +1171,8 @@ class Refresh:
     rows: dict[str, Instance]                                         # by id, synced where possible
     views: dict[str, ProviderInstance | None] = field(default_factory=dict)  # None: gone at the provider
     failed: dict[str, str] = field(default_factory=dict)              # provider -> why it was not asked
+    listed: dict[str, list[ProviderInstance]] = field(default_factory=dict)  # provider -> its machines
+    lost: list[str] = field(default_factory=list)                     # ids found gone by this refresh
 
 
 def _budget_uses(budgets: list[Budget], spend: dict[str, dict[str, Decimal]]) -> list[BudgetUse]:

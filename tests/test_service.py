@@ -134,13 +134,15 @@ async def test_intent_is_written_before_the_provider_call(service, admin, sandbo
 
     async def spy(request):
         with service.db.session() as s:
-            row = s.exec(select(Instance).where(Instance.idempotency_key == request.label)).scalars().one()
+            row = s.exec(select(Instance).where(Instance.idempotency_key == "intent-1")).scalars().one()
             seen["state"] = row.state
+        seen["label"] = request.label
         return await real_create(request)
 
     monkeypatch.setattr(sandbox, "create", spy)
     await _boot(service, admin, idempotency_key="intent-1")
     assert seen["state"] == InstanceState.PENDING.value
+    assert seen["label"] == "gh-intent-1", "the machine carries the key, marked as gpuherd's"
 
 
 async def test_crash_after_create_is_adopted_by_label(service, admin, sandbox, monkeypatch, clock):
@@ -469,7 +471,7 @@ async def test_status_says_when_a_provider_could_not_be_asked(service, admin, sa
     from bot.replies import status_reply
 
     r = await _boot(service, admin)
-    sandbox.inject("unavailable", count=1, on="list")
+    sandbox.inject("unavailable", count=4, on="list")  # outlasts the retries
     status = await service.status(admin)
     assert "sandbox" in status.stale and status.instances[0].state == "running"
     assert any("states may be out of date" in n for n in status_reply(status).notes)

@@ -105,8 +105,8 @@ _GOAL = {
     "resume": (ProviderState.STARTING, ProviderState.RUNNING),
 }
 _FAILED = {"failed", "failure", "error", "errored"}
-_CAPACITY = re.compile(r"gpu|capacity|no valid host|not enough|insufficient|available|no free|"
-                       r"out of resources", re.IGNORECASE)
+_CAPACITY = re.compile(r"gpu|capacity|no valid host|not enough (?:hosts|resources)|available|no free|"
+                       r"insufficient (?:compute )?(?:resources|capacity)|out of resources", re.IGNORECASE)
 
 
 class SurfProvider(Provider):
