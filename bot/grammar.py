@@ -355,3 +355,28 @@ async def _budget(ctx: Context, args: Args) -> Reply:
         raise InvalidInput(f"How much per month? /gpu budget set {scope}={name} 500")
     hard = args.flag("hard_cap") if "hard_cap" in args.options else None
     return replies.budget_reply(ctx.service.set_budget(ctx.actor, scope, name, args.positional[1], hard))
+
+
+@REGISTRY.command(
+    "attach", role=Role.ADMIN, summary="Put a machine created elsewhere under gpuherd's guards and ledger",
+    usage="/gpu attach <provider>:<id> [template=<name>] [idle=<duration>] [owner=<principal>]",
+    max_positional=1, options=("template", "idle", "owner"),
+    details=("The machine keeps running; from now on the idle guard watches it and the ledger bills it. "
+             "A template gives it that template's guard settings. SURF Research Cloud workspaces are "
+             "attached this way (gpuherd cannot create them)."),
+    examples=("/gpu attach vast:12345", "/gpu attach surf:3f1c… idle=2h", "/gpu attach aws:i-0abc… template=research"))
+async def _attach(ctx: Context, args: Args) -> Reply:
+    if not args.positional:
+        raise InvalidInput("Which machine? Usage: /gpu attach <provider>:<id>, e.g. /gpu attach vast:12345")
+    r = await ctx.service.attach(ctx.actor, args.positional[0], template=args.options.get("template"),
+                                 idle=args.options.get("idle"), owner=args.options.get("owner"))
+    return replies.attach_reply(r)
+
+
+@REGISTRY.command(
+    "reconcile", role=Role.ADMIN, summary="Compare every provider's machines with gpuherd's records now",
+    usage="/gpu reconcile",
+    details=("Adopts machines carrying a gpuherd label, closes the bill of machines gone at the provider, and "
+             "lists machines gpuherd does not manage. It also runs on its own every few minutes."))
+async def _reconcile(ctx: Context, args: Args) -> Reply:
+    return replies.reconcile_reply(await ctx.service.reconcile(ctx.actor))

@@ -11,8 +11,11 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from core.money import rate, usd
+from core.offers import SEARCH_DISK_GB
 from core.providers.sandbox import SIMULATED_NOTE
 from core.results import (
+    AttachResult,
+    ReconcileResult,
     AuditResult,
     BootResult,
     BudgetResult,
@@ -137,7 +140,12 @@ def search_reply(r: SearchResult) -> Reply:
         reply = reply.with_note(f"Showing the cheapest {len(r.offers)}; add limit=N for more.")
     for provider, message in r.failures.items():
         reply = reply.with_note(f"⚠ {provider} did not answer: {message}")
-    reply = reply.with_note(f"Prices from {', '.join(r.providers)}, {r.price_age_s}s old.")
+    ages = ", ".join(f"{name} {duration(r.provider_ages[name])} ago" for name in r.providers
+                     if name in r.provider_ages)
+    if ages:
+        reply = reply.with_note(f"Prices asked: {ages}. $/h includes a {SEARCH_DISK_GB} GB disk.")
+    for note in r.price_notes:
+        reply = reply.with_note(f"Price not live: {note}")
     return _simulated(reply, r.simulated)
 
 
@@ -363,3 +371,33 @@ def budget_reply(r: BudgetResult) -> Reply:
     return Reply(title=title, level="success" if r.changed else "info",
                  fields=[budget_line(b) for b in r.budgets],
                  text="" if r.budgets else "No budgets set. An admin sets one with /gpu budget set team=<team> <USD>.")
+
+
+def attach_reply(r: AttachResult) -> Reply:
+    v = r.instance
+    reply = Reply(title=f"Attached {v.provider}:{v.provider_id} as {v.id}", level="success",
+                  text=f"gpuherd now guards and bills {v.id} ({v.state}, {rate(v.current_dph)}).",
+                  fields=instance_fields(v), actions=instance_actions(v))
+    return _simulated(reply, r.simulated)
+
+
+def reconcile_reply(r: ReconcileResult) -> Reply:
+    counts = ", ".join(f"{name}: {n}" for name, n in r.checked.items()) or "none"
+    rows = [[f"{u.provider}:{u.provider_id}", u.gpu_name or "—", str(u.num_gpus), u.state, rate(u.dph),
+             u.label or "—", "new" if u.new else ""] for u in r.unmanaged]
+    reply = Reply(
+        title="Reconciled providers with gpuherd's records",
+        level="warning" if (r.unmanaged or r.lost or r.failed) else "success",
+        text=f"Machines listed — {counts}.",
+        fields=[ReplyField(label=label, value=", ".join(ids))
+                for label, ids in (("adopted", r.adopted), ("gone at the provider (billing closed)", r.lost),
+                                   ("interrupted boots marked failed", r.failed_intents)) if ids],
+        tables=[Table(columns=["machine", "gpu", "n", "state", "$/h", "label", ""], rows=rows)] if rows else [],
+        actions=[Action(label=f"Attach {u.provider}:{u.provider_id}", command=f"/gpu attach {u.provider}:{u.provider_id}")
+                 for u in r.unmanaged[:3]])
+    if r.unmanaged:
+        reply = reply.with_note("Not managed by gpuherd: stop them at the provider if nobody needs them, "
+                                "or /gpu attach <provider>:<id> to guard them.")
+    for provider, message in r.failed.items():
+        reply = reply.with_note(f"⚠ {provider} could not be listed: {message}")
+    return _simulated(reply, r.simulated)

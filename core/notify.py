@@ -32,6 +32,7 @@ class Notice:
     simulated: bool = False
     actor: str | None = None     # who caused it (a user's own command, or system:idle)
     level: str = "info"          # info | warning | error
+    to_admins: bool = False      # for the admins (a machine gpuherd does not manage), not an owner
 
 
 Subscriber = Callable[[Notice], Awaitable[None] | None]

@@ -212,3 +212,30 @@ class GuardOverview(BaseModel):
     upcoming: list[InstanceView]            # instances with a guard action coming, soonest first
     blind: list[InstanceView]               # instances a guard could not check
     simulated: bool = False
+
+
+class UnmanagedView(BaseModel):
+    provider: str
+    provider_id: str
+    label: str | None
+    state: str
+    gpu_name: str
+    num_gpus: int
+    dph: Decimal
+    new: bool = False               # first seen by this reconcile (admins were just told)
+
+
+class ReconcileResult(BaseModel):
+    providers: list[str]
+    checked: dict[str, int] = Field(default_factory=dict)       # provider -> machines it listed
+    adopted: list[str] = Field(default_factory=list)            # instance ids now tracked
+    lost: list[str] = Field(default_factory=list)               # gone at the provider; billing closed
+    failed_intents: list[str] = Field(default_factory=list)     # boots that never reached the provider
+    unmanaged: list[UnmanagedView] = Field(default_factory=list)
+    failed: dict[str, str] = Field(default_factory=dict)        # provider -> why it was not listed
+    simulated: bool = False
+
+
+class AttachResult(BaseModel):
+    instance: InstanceView
+    simulated: bool = False

@@ -46,6 +46,8 @@ from .providers.base import CreateRequest, Provider, ProviderInstance, ProviderS
 from .providers.registry import ProviderRegistry, build_registry
 from .query import OfferQuery, parse_query
 from .results import (
+    AttachResult,
+    ReconcileResult,
     AuditEntry,
     AuditResult,
     BootResult,
@@ -464,7 +466,12 @@ class GpuService:
             inst.version += 1
             replan(inst)
             s.add(inst)
-            Ledger.open(s, inst, COMPUTE, inst.dph_micros, now)
+            if inst.state == InstanceState.STOPPED.value:  # adopted after it was stopped
+                inst.stopped_at = now
+                if inst.storage_dph_micros:
+                    Ledger.open(s, inst, STORAGE, inst.storage_dph_micros, now)
+            else:
+                Ledger.open(s, inst, COMPUTE, inst.dph_micros, now)
             audit_log.record(s, actor, "boot", now=now, instance_id=inst.id, template=template.name,
                              provider=inst.provider, offer=offer.ref, gpu=f"{inst.gpu_name} x{inst.num_gpus}",
                              dph=str(from_micros(inst.dph_micros)), overrides=json.loads(inst.overrides))
@@ -548,8 +555,9 @@ class GpuService:
             new = _STATE_MAP.get(pinst.state, state)
             if new is InstanceState.STOPPING:
                 new = state if not in_flight else InstanceState.RUNNING  # billed as running until stopped
-            if state is InstanceState.STARTING and new is InstanceState.STOPPED:
-                return  # our start was accepted; the provider has not caught up yet
+            if (state is InstanceState.STARTING and new is InstanceState.STOPPED
+                    and now - as_utc(inst.updated_at) < STALE_CLAIM):
+                return  # our start was accepted; the provider has not caught up yet (or it failed late)
             if new is InstanceState.RUNNING and state in (InstanceState.PROVISIONING, InstanceState.LOADING,
                                                           InstanceState.STARTING):
                 # ready now: the idle clock starts when someone could first use it, not at the order
@@ -1153,6 +1161,22 @@ class GpuService:
             self._record_created(system, inst.id, offer, found, template)
             adopted.append(inst.id)
         return adopted
+
+    # --- reconcile / attach --------------------------------------------------------------
+    async def reconcile(self, actor: Actor | None = None) -> ReconcileResult:
+        """Compare every provider's machines with the database (see core.reconcile)."""
+        from .reconcile import Reconciler
+        result = await Reconciler(self).run(actor)
+        return result.model_copy(update={"simulated": self.simulated})
+
+    async def attach(self, actor: Actor, ref: str, *, template: str | None = None, idle: str | None = None,
+                     owner: str | None = None) -> AttachResult:
+        from .reconcile import Reconciler
+        return await Reconciler(self).attach(actor, ref, template=template, idle=idle, owner=owner)
+
+    async def attach_configured(self) -> list[str]:
+        from .reconcile import Reconciler
+        return await Reconciler(self).attach_configured()
 
     def instance_count(self) -> int:
         with self.db.session() as s:

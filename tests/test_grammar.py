@@ -19,6 +19,7 @@ from bot.render_text import to_text
 from bot.replies import Reply
 from core.auth import Actor
 from core.models import AuditEvent, BillingSegment, Budget, Instance, InstanceState
+from core.providers.base import CreateRequest
 from core.providers.sandbox import SIMULATED_NOTE, SandboxProvider
 from core.service import GpuService
 
@@ -140,6 +141,18 @@ async def test_every_command_parses_and_answers_with_the_right_reply(service: Gp
     r = await ok(f"/gpu audit 50 {iid}", title="Audit · last ", simulated=False)
     events = [row[3] for row in r.tables[0].rows]
     assert {"boot", "keep", "stop", "start"} <= set(events)
+
+    # a machine made outside gpuherd: reconcile reports it, attach takes it in
+    offer = min(await sandbox.search(), key=lambda o: o.dph)
+    stranger = await sandbox.create(CreateRequest(offer_id=offer.offer_id, label="by-hand", image="x/y:1"))
+    r = await ok("/gpu reconcile", title="Reconciled providers", level="warning")
+    assert [row[0] for row in r.tables[0].rows] == [f"sandbox:{stranger.provider_id}"]
+    assert r.actions[0].command == f"/gpu attach sandbox:{stranger.provider_id}"
+    r = await ok(r.actions[0].command + " idle=2h", title=f"Attached sandbox:{stranger.provider_id} as g-",
+                 level="success")
+    attached = r.title.split()[-1]
+    assert instance_state(service, attached) in ("provisioning", "loading", "running")
+    r = await ok(f"/gpu destroy {attached} confirm=yes", title=f"Destroyed {attached}", level="success")
 
     r = await ok(f"/gpu destroy {iid}", title=f"Destroy {iid}?", level="warning")
     assert r.confirmation is not None and instance_state(service, iid) == "running"
