@@ -79,6 +79,9 @@ async def _shell(yes: bool) -> int:
         adopted = await service.resolve_pending()  # boots a crash interrupted
         if adopted:
             Console(stderr=True).print(f"[yellow]Adopted {', '.join(adopted)}: booted before a crash.[/yellow]")
+        attached = await service.attach_configured()
+        if attached:
+            Console(stderr=True).print(f"Attached from the configuration: {', '.join(attached)}")
         shell = Shell(service, yes=yes)
         await scheduler.start()  # guards run in the background while you type
         return await shell.run()
@@ -105,6 +108,7 @@ async def _run_guards() -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         await service.resolve_pending()
+        await service.attach_configured()
         await scheduler.start()
         console.print(f"guards running as {scheduler.identity} ({scheduler.leadership.describe()}); Ctrl-C stops")
         await stop.wait()

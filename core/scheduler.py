@@ -25,6 +25,7 @@ from .service import GpuService
 
 log = logging.getLogger(__name__)
 JOB_ID = "guards"
+RECONCILE_ID = "reconcile"
 
 
 class GuardScheduler:
@@ -50,6 +51,10 @@ class GuardScheduler:
         self._scheduler = AsyncIOScheduler(timezone=UTC)
         self._scheduler.start()
         self._arm(datetime.now(UTC))
+        interval = self.service.settings.reconcile_interval_s
+        self._scheduler.add_job(self.reconcile_tick, "interval", seconds=interval, id=RECONCILE_ID,
+                                next_run_time=datetime.now(UTC) + timedelta(seconds=min(30.0, interval)),
+                                coalesce=True, max_instances=1, misfire_grace_time=None)
 
     async def stop(self) -> None:
         if self._scheduler is not None:
@@ -93,6 +98,32 @@ class GuardScheduler:
             finally:
                 self._arm(wake)
             return report
+
+    async def reconcile_tick(self) -> None:
+        """Periodic reconcile, run by the guard leader only (one process asks the providers)."""
+        if not self.is_leader:
+            return
+        now = self.service.clock.now()
+        error = None
+        result = None
+        try:
+            result = await self.service.reconcile()
+        except Exception as exc:  # never kill the scheduler
+            log.exception("reconcile failed")
+            error = f"reconcile failed: {type(exc).__name__}: {exc}"[:500]
+        try:
+            with self.service.db.session() as s:
+                row = s.get(SchedulerState, RECONCILE_ID) or SchedulerState(name=RECONCILE_ID)
+                row.leader = self.identity
+                row.last_run_at = now
+                row.last_checked = sum(result.checked.values()) if result else 0
+                row.last_acted = len(result.adopted) + len(result.lost) if result else 0
+                problems = [f"{k}: {v}" for k, v in result.failed.items()] if result else []
+                row.last_error = error or ("; ".join(problems)[:500] or None)
+                s.add(row)
+                s.commit()
+        except Exception:
+            log.exception("reconcile: could not record its state")
 
     def _lead(self) -> bool:
         held = self.leadership.holds() or self.leadership.try_acquire()

@@ -215,3 +215,32 @@ async def test_a_failure_to_record_state_does_not_stop_the_scheduler(tmp_path, m
     finally:
         await scheduler.stop()
     await service.aclose()
+
+
+async def test_reconcile_runs_on_its_own_for_the_leader_only(tmp_path):
+    from core.models import UnmanagedInstance
+    from core.providers.base import CreateRequest
+
+    service = _real_service(tmp_path, f"sqlite:///{tmp_path / 'g.db'}", reconcile_interval_s=10)
+    sandbox = service.providers.get("sandbox")
+    offer = (await sandbox.search())[0]
+    stranger = await sandbox.create(CreateRequest(offer_id=offer.offer_id, label="by-hand", image="x/y:1"))
+    leader, standby = GuardScheduler(service), GuardScheduler(service)
+    await standby.reconcile_tick()                    # not leading yet: does nothing
+    with service.db.session() as s:
+        assert s.get(SchedulerState, "reconcile") is None
+    assert await leader.tick() is not None
+    await leader.reconcile_tick()
+    with service.db.session() as s:
+        state = s.get(SchedulerState, "reconcile")
+        assert state.leader == leader.identity and state.last_checked == 1 and state.last_error is None
+        [row] = s.exec(select(UnmanagedInstance)).scalars().all()
+        assert row.provider_id == stranger.provider_id
+    await leader.start()
+    try:
+        jobs = {j.id: j for j in leader._scheduler.get_jobs()}
+        assert jobs["reconcile"].trigger.interval == timedelta(seconds=10)
+    finally:
+        await leader.stop()
+        await standby.stop()
+        await service.aclose()
