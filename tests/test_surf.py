@@ -197,9 +197,20 @@ async def test_an_old_failed_resume_is_not_blamed_on_a_new_one(fake: FakeSurf, s
     fake.fail_resume()
     with pytest.raises(CapacityError):
         await surf.start(ws)
+    fake.late_actions = True        # the new resume is not listed yet; the failed one still is
     resumed = await surf.start(ws)                  # GPUs are free again
     assert resumed.state is ProviderState.STARTING
     assert (await surf.get(ws)).state is ProviderState.RUNNING
+
+
+@pytest.mark.parametrize("op", ["stop", "start"])
+async def test_an_action_repeated_after_a_lost_answer_succeeds(fake: FakeSurf, surf: SurfProvider, op: str):
+    ws = fake.add("gpuherd-1", "running" if op == "stop" else "paused")
+    fake.lose_answer(op)      # SURF acts, the gateway answers 502; the retry is refused as a repeat
+    got = await (surf.stop(ws) if op == "stop" else surf.start(ws))
+    assert got.state is (ProviderState.STOPPING if op == "stop" else ProviderState.STARTING)
+    assert len(fake.calls(op)) == 2
+    assert len(fake.workspaces[ws].actions) == 1, "the repeat did not start a second action"
 
 
 async def test_refused_action_is_a_state_error(fake: FakeSurf, surf: SurfProvider):

@@ -130,6 +130,13 @@ class ApiClient:
             if classify is not None:
                 problem = classify(response, decoded)
                 if problem is not None:
+                    # an error inside a 200 (GraphQL) that says "try again" is retried like a 503
+                    if problem.retryable and idempotent and not last:
+                        wait = getattr(problem, "retry_after", None)
+                        await self._pause(wait if wait is not None else delay, what, problem.code,
+                                          jitter=wait is None)
+                        delay *= self.backoff_factor
+                        continue
                     raise problem
             return decoded
         raise AssertionError("unreachable")

@@ -95,7 +95,8 @@ DEAD -> ERROR; anything else -> UNKNOWN.
   only shows "RESERVED").
 * The pod's `env` is never requested: it holds the user's tokens.
 * start: `podResume(podId, gpuCount)`, or for a spot pod `podBidResume` at its previous bid
-  (`costPerHr / gpuCount`), or the current minimum bid when that is unknown.
+  (`costPerHr / gpuCount`); when that is unknown, at the type's higher cloud spot price (a pod
+  does not say which cloud it is on, and `minimumBidPrice` is the lower of the two floors).
 * destroy: `podTerminate`; a pod that is already gone is success, and any other refusal is checked
   against `get` before it is reported.
 * balance: `myself { clientBalance }`. `clientBalance` is not in the reference; it is the field
@@ -325,11 +326,11 @@ class RunPodProvider(Provider):
                     "and boot a new one (the volume is lost)." if "free gpus" in low else
                     "Pick another offer or try again later.")
             return CapacityError(DISPLAY, f"{what}: no capacity: {text}", hint=hint)
-        if any(marker in low for marker in NOT_FOUND_MARKERS):
-            return NotFoundAtProvider(DISPLAY, f"{what}: not found: {text}")
-        if any(marker in low for marker in AUTH_MARKERS):
+        if any(marker in low for marker in AUTH_MARKERS):   # before "not found": "API key not found"
             return AuthError(DISPLAY, f"the API key was refused ({what}: {text}). Check the key gpuherd "
                                       "is configured with.")
+        if any(marker in low for marker in NOT_FOUND_MARKERS):
+            return NotFoundAtProvider(DISPLAY, f"{what}: not found: {text}")
         if "rate limit" in low or "too many requests" in low:
             return RateLimited(DISPLAY, f"{what}: too many requests: {text}")
         if "something went wrong" in low:
@@ -385,7 +386,8 @@ class RunPodProvider(Provider):
                             extra["minimum_bid"] = str(minimum_bid)
                         offers.append(Offer(
                             provider=NAME, offer_id=key.offer_id, gpu_name=gpu_name, num_gpus=count,
-                            gpu_ram=memory, dph=quote(per_gpu * count, RUNNING_VOLUME_GB_MONTH),
+                            gpu_ram=memory,
+                            dph=quote(per_gpu * count, RUNNING_VOLUME_GB_MONTH, SEARCH_DISK_GB),
                             storage_cost=STOPPED_VOLUME_GB_MONTH,
                             running_storage_cost=RUNNING_VOLUME_GB_MONTH,
                             verified=True, interruptible=spot, fetched_at=now, extra=extra))
@@ -497,19 +499,24 @@ class RunPodProvider(Provider):
         return self._instance(pod, fresh=ProviderState.STARTING)
 
     async def _resume_bid(self, pod: ProviderInstance, count: int) -> Decimal:
-        """A spot pod resumes at its previous bid; when RunPod no longer shows it (cost 0 while
-        stopped), at the current minimum bid of its GPU type."""
+        """A spot pod resumes at its previous bid. When RunPod no longer shows it (cost 0 while
+        stopped), at its GPU type's current spot price: the higher of the two clouds', because a
+        GraphQL pod does not say which cloud it is on and `minimumBidPrice` is the lowest floor of
+        both (bidding it could fall below a Secure Cloud floor)."""
         if pod.dph > 0:
             return (pod.dph / count).quantize(_BID_STEP, rounding=ROUND_DOWN)
         data = await self._gql(Q_GPU_TYPES, what=f"look up the spot price for pod {pod.provider_id}")
         for gpu in data.get("gpuTypes") or []:
             if not isinstance(gpu, dict):
                 continue
-            names = {normalise_gpu_name(str(gpu.get("displayName") or "")), normalise_gpu_name(str(gpu.get("id") or ""))}
+            names = {normalise_gpu_name(str(gpu.get(k) or "")) for k in ("displayName", "id")}
+            if pod.gpu_name not in names:
+                continue
             lowest = gpu.get("lowestPrice") if isinstance(gpu.get("lowestPrice"), dict) else {}
-            bid = _price(lowest.get("minimumBidPrice"))
-            if pod.gpu_name in names and bid is not None:
-                return bid
+            prices = [p for p in (_price(gpu.get("secureSpotPrice")), _price(gpu.get("communitySpotPrice")),
+                                  _price(lowest.get("minimumBidPrice"))) if p is not None]
+            if prices:
+                return max(prices)
         raise CapacityError(DISPLAY, f"start pod {pod.provider_id}: no spot price for {pod.gpu_name}")
 
     async def destroy(self, provider_id: str) -> None:

@@ -28,6 +28,9 @@ class Harness(abc.ABC):
         """The next `times` calls of `op` fail with `kind`. `timeout` must outlast the provider's
         client timeout; `capacity` applies to create (and start where the API can refuse it)."""
 
+    def clear(self) -> None:
+        """Drop faults still queued (a test that injected more than it used)."""
+
     async def settle(self) -> None:
         """Let simulated time pass so a machine moves to its next state (fakes that progress per
         request or per wall-clock second need nothing here)."""

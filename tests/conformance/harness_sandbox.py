@@ -26,6 +26,9 @@ class SandboxHarness(Harness):
     def inject(self, op: str, kind: str, *, times: int = 1, retry_after: float | None = None) -> None:
         self.provider.inject(_KINDS[kind], count=times, on=op)
 
+    def clear(self) -> None:
+        self.provider.clear_faults()
+
     async def settle(self) -> None:
         self.clock.advance(timedelta(seconds=30))
 

@@ -211,5 +211,4 @@ async def test_errors_are_typed_not_raw(h: Harness):
                 await h.provider.list()
         except GpuherdError:
             pass
-        if hasattr(h, "clear"):
-            h.clear()
+        h.clear()

@@ -70,6 +70,9 @@ class LoopbackServer:
         self.routes()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
+        # op -> called with the request after the fake acted on it, before it answers: a test can
+        # kill the client at the worst moment (the machine exists, the client never hears of it)
+        self.after: dict[str, Callable[[Request], None]] = {}
 
     # --- to override ---------------------------------------------------------------------
     def routes(self) -> None:
@@ -196,6 +199,9 @@ class LoopbackServer:
                 response = handler(request, params)
         except Handled as answer:
             response = answer.response
+        hook = self.after.get(op)
+        if hook is not None:
+            hook(request)
         self._send(h, response)
 
     def _send_fault(self, h: BaseHTTPRequestHandler, fault: Fault, request: Request) -> None:

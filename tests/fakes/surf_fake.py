@@ -11,7 +11,8 @@ it (core/providers/surf.py says which facts are official and which are third-par
 - `POST .../{id}/actions/pause/` (op "stop") and `.../actions/resume/` (op "start"): 202, the
   workspace goes pausing/resuming and records a workspace_action; reads (get or list) move it on,
   `reads_per_phase` reads per step. `fail_resume()` makes the next resume fail with a
-  workspace_actions error, as SURF reports no free GPUs.
+  workspace_actions error, as SURF reports no free GPUs; `late_actions` lists a new action only
+  once it is done; `lose_answer()` acts but answers 502.
 No route exists for search, create or destroy: gpuherd must never send them.
 """
 
@@ -49,6 +50,7 @@ class Workspace:
     gpu_count: int | None = None
     actions: list[dict[str, Any]] = field(default_factory=list)
     plan: list[_Step] = field(default_factory=list)
+    unseen: dict[str, Any] | None = None   # an action not yet listed in workspace_actions
 
     def body(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"ip": self.ip}
@@ -69,8 +71,10 @@ class FakeSurf(LoopbackServer):
         self.page_size = page_size
         self.reads_per_phase = reads_per_phase
         self.public_url = public_url          # base written into next/previous links
+        self.late_actions = False             # new actions appear in workspace_actions only when done
         self.workspaces: dict[str, Workspace] = {}
         self._resume_failures: list[tuple[str, int]] = []
+        self._lost_answers: list[str] = []
         self._action_ids = itertools.count(1)
         super().__init__(latency_s=latency_s)
 
@@ -94,6 +98,12 @@ class FakeSurf(LoopbackServer):
         with self._lock:
             self._resume_failures.append((error, after_reads))
 
+    def lose_answer(self, op: str) -> None:
+        """The next `op` ("stop"/"start") is carried out, but its answer is lost in a 502, as when
+        a gateway times out after the backend acted."""
+        with self._lock:
+            self._lost_answers.append(op)
+
     def delete(self, ws_id: str) -> None:
         with self._lock:
             ws = self.workspaces[ws_id]
@@ -104,8 +114,10 @@ class FakeSurf(LoopbackServer):
         with self._lock:
             self.workspaces.clear()
             self._resume_failures.clear()
+            self._lost_answers.clear()
             self.requests.clear()
             self.public_url = None
+            self.late_actions = False
         self.clear_faults()
 
     def forget(self, ws_id: str) -> None:
@@ -176,7 +188,7 @@ class FakeSurf(LoopbackServer):
         action = self._record(ws, "pause")
         ws.status = "pausing"
         ws.plan = [_Step(self.reads_per_phase, "paused", "finished")]
-        return Response(202, {"id": action["id"], "type": "pause", "status": "running"})
+        return self._accepted("stop", action)
 
     def _resume(self, request: Request, params: dict[str, str]) -> Response:
         ws = self._find(params["id"])
@@ -189,11 +201,20 @@ class FakeSurf(LoopbackServer):
             ws.plan = [_Step(after, "paused", "failed", error)]
         else:
             ws.plan = [_Step(self.reads_per_phase, "running", "finished")]
-        return Response(202, {"id": action["id"], "type": "resume", "status": "running"})
+        return self._accepted("start", action)
+
+    def _accepted(self, op: str, action: dict[str, Any]) -> Response:
+        if op in self._lost_answers:
+            self._lost_answers.remove(op)
+            return Response(502, "<html>Bad Gateway</html>", content_type="text/html")
+        return Response(202, {"id": action["id"], "type": action["type"], "status": action["status"]})
 
     def _record(self, ws: Workspace, kind: str) -> dict[str, Any]:
         action = {"id": next(self._action_ids), "type": kind, "status": "running", "result": {}}
-        ws.actions.append(action)
+        if self.late_actions:
+            ws.unseen = action
+        else:
+            ws.actions.append(action)
         return action
 
     @staticmethod
@@ -207,6 +228,9 @@ class FakeSurf(LoopbackServer):
             return
         ws.plan.pop(0)
         ws.status = step.status
+        if ws.unseen is not None:
+            ws.actions.append(ws.unseen)
+            ws.unseen = None
         if ws.actions:
             ws.actions[-1]["status"] = step.action_status
             ws.actions[-1]["result"] = {"error": step.error} if step.error else {}
