@@ -114,10 +114,19 @@ def gpu_key(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", _VENDOR.sub("", name).lower())
 
 
-def normalise_gpu_name(name: str) -> str:
-    """'NVIDIA GeForce RTX 4090' -> 'RTX 4090'; unknown names are kept, tidied."""
+_BY_MEMORY = {"A100 40GB": ("A100 40GB", "A100 80GB"), "A100 80GB": ("A100 40GB", "A100 80GB"),
+              "V100": ("V100", "V100 32GB"), "V100 32GB": ("V100", "V100 32GB")}
+
+
+def normalise_gpu_name(name: str, gpu_ram_gb: float | None = None) -> str:
+    """'NVIDIA GeForce RTX 4090' -> 'RTX 4090'; unknown names are kept, tidied. Where one name
+    covers two memory sizes ("A100 SXM4" is 40 or 80 GB), the memory decides when it is known."""
     key = gpu_key(name)
     if key in _CANONICAL:
-        return _CANONICAL[key]
+        canonical = _CANONICAL[key]
+        if gpu_ram_gb and canonical in _BY_MEMORY:
+            small, large = _BY_MEMORY[canonical]
+            return large if gpu_ram_gb > 48 else small
+        return canonical
     tidy = " ".join(_VENDOR.sub("", name).replace("_", " ").split())
     return tidy or name.strip()

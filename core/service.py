@@ -369,6 +369,9 @@ class GpuService:
             allowed = {provider}
         names = self._provider_names(allowed) if allowed else self.providers.names()
         names = [n for n in names if self.providers.get(n).capabilities.can_create]
+        real = [n for n in names if not self.providers.get(n).capabilities.simulated]
+        if real and not provider:
+            names = real  # the simulated sandbox is never picked for you beside a real cloud
         if not names:
             raise NoMatchingOffer(f"No configured provider can boot '{template.name}' "
                                   f"(allowed: {', '.join(sorted(allowed or [])) or 'none configured'}).")

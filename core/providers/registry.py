@@ -5,10 +5,14 @@ provider without credentials is simply not configured. The sandbox is used when 
 from __future__ import annotations
 
 import difflib
+import logging
+from collections.abc import Callable
 
 from ..config import Settings
 from ..errors import NotFound
 from .base import Provider
+
+log = logging.getLogger(__name__)
 
 
 class ProviderRegistry:
@@ -39,16 +43,43 @@ class ProviderRegistry:
 
 
 def build_registry(settings: Settings) -> ProviderRegistry:
+    """Every provider whose credentials are set, in a fixed order, plus the sandbox when nothing
+    real is configured (sandbox=auto) or when asked for (sandbox=on)."""
     from ..clock import Clock
+    from .runpod import RunPodProvider
     from .sandbox import SandboxProvider
+    from .surf import SurfProvider
+    from .vast import VastProvider
 
     providers: dict[str, Provider] = {}
-    # real providers (vast, runpod, aws, surf) are added here when their credentials are set
+    wanted = set(settings.providers) if settings.providers is not None else None
+    factories: list[tuple[str, Callable[[Settings], Provider | None]]] = [
+        ("vast", VastProvider.from_settings),
+        ("runpod", RunPodProvider.from_settings),
+        ("aws", _aws),
+        ("surf", SurfProvider.from_settings),
+    ]
+    for name, factory in factories:
+        if wanted is not None and name not in wanted:
+            continue
+        provider = factory(settings)
+        if provider is not None:
+            providers[name] = provider
+            log.info("provider %s configured", name)
     if settings.sandbox == "on" or (settings.sandbox == "auto" and not providers):
-        providers["sandbox"] = SandboxProvider(
-            settings.home / "sandbox.json", seed=settings.sandbox_seed,
-            time_scale=settings.sandbox_time_scale, clock=Clock(), faults=settings.sandbox_faults)
-    if settings.providers is not None:
-        wanted = set(settings.providers)
-        providers = {k: v for k, v in providers.items() if k in wanted}
+        if wanted is None or "sandbox" in wanted:
+            providers["sandbox"] = SandboxProvider(
+                settings.home / "sandbox.json", seed=settings.sandbox_seed,
+                time_scale=settings.sandbox_time_scale, clock=Clock(), faults=settings.sandbox_faults)
     return ProviderRegistry(providers)
+
+
+def _aws(settings: Settings) -> Provider | None:
+    """AWS needs boto3 (the `aws` extra); without it AWS is simply not configured."""
+    try:
+        from .aws import AwsProvider
+    except ImportError as exc:
+        if settings.aws == "on":
+            log.warning("aws=on but boto3 is not installed (pip install 'gpuherd[aws]'): %s", exc)
+        return None
+    return AwsProvider.from_settings(settings)

@@ -367,7 +367,7 @@ class RunPodProvider(Provider):
             memory = _number(gpu.get("memoryInGb"))
             if not memory:
                 continue
-            gpu_name = normalise_gpu_name(str(gpu.get("displayName") or type_id))
+            gpu_name = normalise_gpu_name(str(gpu.get("displayName") or type_id), memory)
             minimum_bid = _price(lowest.get("minimumBidPrice"))
             for cloud in _CLOUDS:
                 prefix = cloud.lower()
