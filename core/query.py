@@ -167,7 +167,7 @@ _SORT_NAMES = {**{f: f for f in OFFER_FIELDS}, **FIELD_ALIASES}
 _FILTER_KEYS = {**_SORT_NAMES, "gpu": "gpu"}
 _ALL_KEYS = sorted({*_FILTER_KEYS, "limit", "order", "sort"})
 
-DEFAULTS: dict[str, Any] = {"verified": True}
+DEFAULTS: dict[str, Any] = {"verified": True, "interruptible": False}  # spot only when asked
 
 _GB_FIELDS = {name for name, spec in OFFER_FIELDS.items() if spec.unit == "GB"}
 _PRICE_FIELDS = {name for name, spec in OFFER_FIELDS.items() if spec.type is Decimal}
@@ -282,7 +282,7 @@ class OfferQuery(BaseModel):
             parts.append(f"provider={names[0]}" if len(names) == 1 else
                          f"provider in {','.join(names)}")
         parts.extend(_describe_filter(f) for f in self.filters if not f.default)
-        parts.extend(_describe_filter(f) for f in self.filters if f.default)
+        parts.extend(_describe_filter(f) for f in self.filters if f.default and f.field != "interruptible")  # on-demand goes without saying
         parts.extend(f"{name}=any" for name in sorted(self.dropped_defaults))
         parts.append(_describe_order(self.order))
         if self.limit is not None:

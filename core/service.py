@@ -376,7 +376,8 @@ class GpuService:
             raise NoMatchingOffer(f"No configured provider can boot '{template.name}' "
                                   f"(allowed: {', '.join(sorted(allowed or [])) or 'none configured'}).")
         got = await self._gather_offers(names, template.offer_query())
-        fitting = [self._priced_for(o, template) for o in got.offers if template.offer_rejection(o) is None]
+        fitting = [self._priced_for(o, template) for o in got.offers
+                   if not o.interruptible and template.offer_rejection(o) is None]
         fitting.sort(key=lambda o: (o.dph, -o.reliability, o.ref))
         if not fitting:
             failed = f" ({'; '.join(got.failures.values())})" if got.failures else ""

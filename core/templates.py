@@ -490,6 +490,7 @@ class Template(BaseModel):
         return OfferQuery(filters=(
             Filter(field="num_gpus", op="eq", value=self.num_gpus),
             Filter(field="gpu_ram", op="gte", value=max(0.0, self.min_gpu_ram - GPU_RAM_TOLERANCE_GB)),
+            Filter(field="interruptible", op="eq", value=False),  # a spot machine only when named
         ))
 
     def constraint_text(self) -> str:

@@ -160,25 +160,30 @@ def test_field_names_are_case_insensitive():
 
 def test_verified_default_applied():
     q = parse_query("")
-    assert [(f.field, f.op, f.value, f.default) for f in q.filters] == [("verified", "eq", True, True)]
+    assert [(f.field, f.op, f.value, f.default) for f in q.filters] == [
+        ("verified", "eq", True, True), ("interruptible", "eq", False, True)]
     assert q.order == DEFAULT_ORDER
     assert q.limit is None and q.providers is None and q.dropped_defaults == frozenset()
     unverified = offer("u", verified=False)
     assert not q.matches(unverified)
     assert q.matches(offer("v"))
+    assert not q.matches(offer("s", interruptible=True)), "spot offers only when asked for"
+    assert parse_query("interruptible=any").matches(offer("s", interruptible=True))
+    assert parse_query("interruptible=true").matches(offer("s", interruptible=True))
 
 
 @pytest.mark.parametrize("wild", ["any", "ANY", "?", "*"])
 def test_wildcard_drops_default(wild):
     q = parse_query(f"verified={wild}")
-    assert q.filters == ()
+    assert [f.field for f in q.filters] == ["interruptible"]
     assert q.dropped_defaults == {"verified"}
     assert q.matches(offer("u", verified=False))
 
 
 def test_explicit_verified_replaces_default():
     q = parse_query("verified=false")
-    assert [(f.field, f.value, f.default) for f in q.filters] == [("verified", False, False)]
+    assert [(f.field, f.value, f.default) for f in q.filters] == [("verified", False, False),
+                                                                   ("interruptible", False, True)]
     assert q.matches(offer("u", verified=False)) and not q.matches(offer("v"))
 
 

@@ -85,6 +85,14 @@ def last_call(fake: FakeRunPod, op: str) -> dict:
     return calls[-1].body
 
 
+def running(cost: Decimal, volume_gb: float = 50) -> Decimal:
+    """What a pod bills while running: its rate plus its volume at $0.10/GB-month."""
+    return cost + storage_hourly(Decimal("0.10"), volume_gb)
+
+
+running_rate = running
+
+
 # ------------------------------------------------------------------------------ transport
 
 async def test_every_call_is_a_graphql_post_with_a_bearer_key_and_no_key_in_the_url(rp, fake):
@@ -182,7 +190,7 @@ async def test_on_demand_create_sends_its_values_as_escaped_variables(rp, fake):
         "env": [{"key": "HF_TOKEN", "value": 'hf_"x"}'}, {"key": "MULTI", "value": "a\nb"}],
         "dockerArgs": "--model 'meta/llama 3'"}}
     assert created.state is ProviderState.PROVISIONING and created.label == label
-    assert created.dph == Decimal("0.69") and created.num_gpus == 1 and not created.interruptible
+    assert created.dph == running(Decimal("0.69"), 51) and created.num_gpus == 1 and not created.interruptible
     assert created.offer_id == "NVIDIA_GeForce_RTX_4090.secure.x1"
     assert fake.pods[created.provider_id]["name"] == label
     assert [p.provider_id for p in await rp.list() if p.label == label] == [created.provider_id]
@@ -205,7 +213,7 @@ async def test_a_spot_offer_rents_an_interruptable_pod_bidding_its_spot_price(rp
     assert "podRentInterruptable(input: $input)" in body["query"]
     spec = body["variables"]["input"]
     assert (spec["bidPerGpu"], spec["cloudType"], spec["gpuCount"]) == (0.2, "COMMUNITY", 2)
-    assert created.interruptible and created.dph == Decimal("0.4") and created.num_gpus == 2
+    assert created.interruptible and created.dph == running(Decimal("0.4")) and created.num_gpus == 2
 
 
 async def test_a_bid_is_split_per_gpu_and_rounded_down(rp, fake):
@@ -214,7 +222,7 @@ async def test_a_bid_is_split_per_gpu_and_rounded_down(rp, fake):
     assert fake.calls("search") == [], "with a bid there is nothing to look up"
     spec = last_call(fake, "create")["variables"]["input"]
     assert "podRentInterruptable" in last_call(fake, "create")["query"] and spec["bidPerGpu"] == 0.8333
-    assert created.interruptible and created.dph == Decimal("1.6666")
+    assert created.interruptible and created.dph == running(Decimal("1.6666"))
 
     with pytest.raises(ProviderError) as low:
         await rp.create(request("NVIDIA_A100_80GB_PCIe.secure.x2", interruptible=True, bid_dph=Decimal("0.5")))
@@ -241,7 +249,7 @@ async def test_pods_walk_from_provisioning_to_running_with_utilisation_and_an_en
     assert running.gpu_util == 55.0 and running.num_gpus == 2 and running.gpu_name == "RTX 4090"
     assert running.endpoint == f"https://{created.provider_id}-8000.proxy.runpod.net"
     assert running.started_at == clock.now() - timedelta(seconds=20)        # uptimeInSeconds 20
-    assert running.image == "vllm/vllm-openai:v0.6.3" and running.dph == Decimal("1.38")
+    assert running.image == "vllm/vllm-openai:v0.6.3" and running.dph == running_rate(Decimal("1.38"))
 
 
 async def test_a_public_tcp_mapping_is_the_endpoint_and_ssh_alone_is_none(rp, fake):
@@ -314,7 +322,7 @@ async def test_a_spot_pod_without_a_known_price_resumes_above_either_clouds_floo
     pod_id = fake.seed_pod(name="old-spot", status="EXITED", up=False, spot=True, cost_per_hr=0, gpu_count=1)
     started = await rp.start(pod_id)
     assert last_call(fake, "start")["variables"] == {"podId": pod_id, "bidPerGpu": 0.5, "gpuCount": 1}
-    assert started.state is ProviderState.STARTING and started.dph == Decimal("0.5")
+    assert started.state is ProviderState.STARTING and started.dph == running(Decimal("0.5"))
 
 
 async def test_unknown_pods_are_none_whether_null_or_an_error(rp, fake):

@@ -74,8 +74,8 @@ class ProviderInstance(BaseModel):
     state: ProviderState
     gpu_name: str = ""
     num_gpus: int = 0
-    dph: Decimal = Decimal(0)             # compute USD/hour
-    storage_dph: Decimal = Decimal(0)     # USD/hour while stopped
+    dph: Decimal = Decimal(0)             # USD/hour while running: compute and its disk
+    storage_dph: Decimal = Decimal(0)     # USD/hour while stopped (the disk alone)
     endpoint: str | None = None           # base URL of the model server, once known
     healthy: bool | None = None           # provider-side health when it reports one
     gpu_util: float | None = None         # 0..100 where reported

@@ -85,7 +85,8 @@ STOPPING, EXITED -> STOPPED, TERMINATED -> DESTROYED. Beyond the reference (RunP
 enum as seen in the wild): CREATED -> PROVISIONING, RESTARTING -> STARTING, PAUSED -> STOPPED,
 DEAD -> ERROR; anything else -> UNKNOWN.
 
-* `dph` is the pod's `costPerHr` (compute); `storage_dph` is `volumeInGb` x $0.20 / 730 h.
+* `dph` is what bills while running: the pod's `costPerHr` plus its volume at $0.10/GB-month;
+  `storage_dph` is `volumeInGb` x $0.20 / 730 h (a stopped volume costs double).
 * `gpu_util` is the mean `gpuUtilPercent` of `runtime.gpus`.
 * `endpoint`: the model port is the first declared port other than 22 (8000 if none). A public
   mapping of it (`isIpPublic`) gives `http://ip:publicPort`; an `http` port otherwise goes
@@ -575,7 +576,9 @@ class RunPodProvider(Provider):
             state=state,
             gpu_name=normalise_gpu_name(gpu_label) if gpu_label else "",
             num_gpus=int(_number(pod.get("gpuCount")) or 0),
-            dph=_price(pod.get("costPerHr")) or Decimal(0),
+            # what bills while running: the pod's rate plus its volume (billed separately by RunPod)
+            dph=((_price(pod.get("costPerHr")) or Decimal(0)) + storage_hourly(RUNNING_VOLUME_GB_MONTH, volume)
+                 if state is not ProviderState.STOPPED else (_price(pod.get("costPerHr")) or Decimal(0))),
             storage_dph=storage_hourly(STOPPED_VOLUME_GB_MONTH, volume),
             endpoint=endpoint,
             gpu_util=gpu_util,

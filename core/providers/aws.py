@@ -1,0 +1,1327 @@
+"""AWS EC2: GPU instances rented on demand (or as spot), through boto3.
+
+How gpuherd maps EC2 onto its provider interface:
+
+* Offers. One offer per GPU instance type per configured region: `g5.xlarge@us-east-1`, and,
+  when the query asks for interruptible offers (`interruptible`, `interruptible=true`), a spot
+  twin `g5.xlarge@us-east-1.spot`. Spot is opt-in because a boot takes the cheapest fitting offer
+  and a spot machine can be taken away; that is the only server-side narrowing, so `search_key`
+  is "spot" or "". `get_offer` finds both kinds by id. GPU types come from `describe_instance_types` (only types with
+  NVIDIA `GpuInfo`, whole GPUs, x86_64 unless asked), restricted to the types each region offers
+  (`describe_instance_type_offerings`); both are cached for hours.
+* Prices. On-demand prices come from the AWS Pricing API (`pricing.get_products`, endpoint in
+  us-east-1), cached for a day; `priced_at` is when they were fetched. When the Pricing API cannot
+  be reached, refuses us, or has no price for a type, the price table shipped with gpuherd
+  (core/data/aws_prices.json) is used and the offer's `price_source` names it and its date; a
+  type priced by neither is not offered. Spot prices are the lowest current price over the
+  region's zones (`describe_spot_price_history`), cached for minutes. Every `dph` includes
+  `SEARCH_DISK_GB` of gp3 EBS at the configured USD/GB-month, which also bills while stopped.
+* Machines. `create` calls `run_instances` with `ClientToken` derived from the label (EC2's own
+  idempotency: a retried create cannot launch twice) and tags `Name` and `gpuherd:label`; the
+  label is what reconcile looks for. User data starts the container with docker at every boot.
+  Spot machines are launched as *persistent* requests that *stop* on interruption, so gpuherd can
+  stop and start them like on-demand ones; `destroy` cancels that request before terminating
+  (otherwise EC2 would launch a replacement).
+* Ids. `provider_id` is the plain EC2 instance id (`i-0abc...`), as users see it in the console
+  and type it for `attach`. EC2 ids are region-scoped, so the provider remembers where it saw
+  each id and otherwise asks every configured region; `i-0abc...@eu-west-1` is accepted too.
+* Calls. One boto3 session, one EC2 client per region and one Pricing client, created up front
+  (boto3 clients are thread-safe; sessions are not) and called through `asyncio.to_thread`.
+  botocore retries in its "standard" mode, so `retries_internally` is set. Every failure leaves
+  as a typed gpuherd error whose message names "AWS EC2" and never a credential.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import hashlib
+import json
+import logging
+import re
+import shlex
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from ..clock import Clock, as_utc
+from ..errors import (
+    AuthError,
+    CapacityError,
+    ConfigError,
+    GpuherdError,
+    ProviderError,
+    ProviderStateError,
+    ProviderTimeout,
+    ProviderUnavailable,
+    RateLimited,
+)
+from ..money import to_decimal
+from ..offers import Offer, normalise_gpu_name, quote, storage_hourly
+from .base import Capabilities, CreateRequest, Provider, ProviderInstance, ProviderState
+
+if TYPE_CHECKING:
+    from ..config import Settings
+    from ..query import OfferQuery
+
+try:  # boto3 is the `aws` extra: gpuherd runs without it, only this provider needs it
+    import boto3
+    import botocore.exceptions as boto_errors
+    from botocore.config import Config as BotoConfig
+except ImportError:  # pragma: no cover - exercised by from_settings when the extra is missing
+    boto3 = None  # type: ignore[assignment]
+    boto_errors = None  # type: ignore[assignment]
+    BotoConfig = None  # type: ignore[assignment,misc]
+
+log = logging.getLogger(__name__)
+
+NAME = "aws"
+DISPLAY = "AWS EC2"
+PRICE_TABLE = Path(__file__).resolve().parent.parent / "data" / "aws_prices.json"
+PRICING_REGION = "us-east-1"          # the Pricing API's endpoint (also eu-central-1, ap-south-1)
+PRICE_SOURCE_API = "AWS Pricing API"
+
+TYPES_TTL = timedelta(hours=6)        # instance types and regional offerings rarely change
+PRICES_TTL = timedelta(hours=24)      # on-demand list prices change a few times a year
+PRICES_RETRY = timedelta(minutes=15)  # after a failed Pricing API call, the table serves this long
+SPOT_TTL = timedelta(minutes=10)
+IMAGE_TTL = timedelta(hours=24)
+
+GPU_TYPE_PATTERNS = ["g*", "p*"]      # EC2 has no GPU filter; every NVIDIA GPU family is g* or p*
+LIVE_STATES = ["pending", "running", "stopping", "stopped", "shutting-down"]
+SPOT_RELIABILITY = 0.85               # on-demand is 1.0; spot can be interrupted (then stopped)
+# A spot price under this share of the on-demand price is not a real price (emulators such as
+# moto answer 0.00001 for everything): such a type gets no spot offer rather than a bogus one.
+SPOT_FLOOR = Decimal("0.05")
+MAX_EBS_GB = 16384                    # gp3 volume limit
+USER_DATA_LIMIT = 16 * 1024           # bytes, before base64
+DEFAULT_PORT = 8000
+
+LABEL_TAG = "gpuherd:label"
+PORT_TAG = "gpuherd:port"
+DISK_TAG = "gpuherd:disk_gb"
+DPH_TAG = "gpuherd:dph"
+IMAGE_TAG = "gpuherd:image"
+OFFER_TAG = "gpuherd:offer"
+
+# Deep Learning AMIs with the NVIDIA driver, docker and the NVIDIA container toolkit; newest wins.
+DLAMI_NAMES = {
+    "x86_64": ["Deep Learning Base OSS Nvidia Driver GPU AMI (Ubuntu *",
+               "Deep Learning Base OSS Nvidia Driver GPU AMI (Amazon Linux *"],
+    "arm64": ["Deep Learning ARM64 Base OSS Nvidia Driver GPU AMI (Ubuntu *"],
+}
+
+_STATES = {
+    "pending": ProviderState.PROVISIONING,
+    "running": ProviderState.RUNNING,
+    "stopping": ProviderState.STOPPING,
+    "stopped": ProviderState.STOPPED,
+    "shutting-down": ProviderState.DESTROYED,
+    "terminated": ProviderState.DESTROYED,
+}
+
+# --- error codes (https://docs.aws.amazon.com/AWSEC2/latest/APIReference/errors-overview.html)
+_CAPACITY = {"InsufficientInstanceCapacity", "InsufficientCapacity", "InsufficientHostCapacity",
+             "InsufficientReservedInstanceCapacity", "InsufficientCapacityOnHost",
+             "MaxSpotInstanceCountExceeded", "SpotMaxPriceTooLow", "InstanceLimitExceeded",
+             "VcpuLimitExceeded", "Unsupported"}
+_QUOTA = {"InstanceLimitExceeded", "VcpuLimitExceeded", "MaxSpotInstanceCountExceeded"}
+_AUTH = {"AuthFailure", "UnauthorizedOperation", "InvalidClientTokenId", "SignatureDoesNotMatch",
+         "UnrecognizedClientException", "AccessDenied", "AccessDeniedException", "ExpiredToken",
+         "ExpiredTokenException", "RequestExpired", "OptInRequired", "InvalidAccessKeyId",
+         "MissingAuthenticationToken", "Blocked"}
+_THROTTLE = {"RequestLimitExceeded", "Throttling", "ThrottlingException", "TooManyRequestsException",
+             "RequestThrottled", "RequestThrottledException", "SlowDown"}
+_NOT_FOUND = {"InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed"}
+_STATE = {"IncorrectInstanceState", "IncorrectState", "IncorrectSpotRequestState",
+          "UnsupportedOperation", "OperationNotPermitted"}
+
+# region -> (place, ISO country); location reads "Virginia, US, us-east-1" so a query can match
+# the place, the country or the region name
+_REGIONS: dict[str, tuple[str, str]] = {
+    "us-east-1": ("Virginia", "US"), "us-east-2": ("Ohio", "US"), "us-west-1": ("California", "US"),
+    "us-west-2": ("Oregon", "US"), "us-gov-east-1": ("GovCloud East", "US"),
+    "us-gov-west-1": ("GovCloud West", "US"), "ca-central-1": ("Montreal", "CA"),
+    "ca-west-1": ("Calgary", "CA"), "mx-central-1": ("Queretaro", "MX"), "sa-east-1": ("Sao Paulo", "BR"),
+    "eu-west-1": ("Ireland", "IE"), "eu-west-2": ("London", "GB"), "eu-west-3": ("Paris", "FR"),
+    "eu-central-1": ("Frankfurt", "DE"), "eu-central-2": ("Zurich", "CH"), "eu-north-1": ("Stockholm", "SE"),
+    "eu-south-1": ("Milan", "IT"), "eu-south-2": ("Spain", "ES"), "il-central-1": ("Tel Aviv", "IL"),
+    "me-south-1": ("Bahrain", "BH"), "me-central-1": ("UAE", "AE"), "af-south-1": ("Cape Town", "ZA"),
+    "ap-south-1": ("Mumbai", "IN"), "ap-south-2": ("Hyderabad", "IN"), "ap-east-1": ("Hong Kong", "HK"),
+    "ap-east-2": ("Taipei", "TW"), "ap-northeast-1": ("Tokyo", "JP"), "ap-northeast-2": ("Seoul", "KR"),
+    "ap-northeast-3": ("Osaka", "JP"), "ap-southeast-1": ("Singapore", "SG"),
+    "ap-southeast-2": ("Sydney", "AU"), "ap-southeast-3": ("Jakarta", "ID"),
+    "ap-southeast-4": ("Melbourne", "AU"), "ap-southeast-5": ("Malaysia", "MY"),
+    "ap-southeast-7": ("Thailand", "TH"), "cn-north-1": ("Beijing", "CN"), "cn-northwest-1": ("Ningxia", "CN"),
+}
+_COUNTRY_BY_PREFIX = {"us": "US", "ca": "CA", "mx": "MX", "sa": "BR", "cn": "CN", "il": "IL", "af": "ZA"}
+
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CLIENT_TOKEN = re.compile(r"^[\x21-\x7e]{1,64}$")
+_INSTANCE_ID = re.compile(r"^i-[0-9a-f]{8,17}$")
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str, *args: Any, level: int = logging.WARNING) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        log.log(level, message, *args)
+
+
+# ============================================================================ price table
+
+
+@dataclass(frozen=True)
+class PriceTable:
+    """The on-demand prices shipped with gpuherd, used when the Pricing API cannot help."""
+
+    as_of: date
+    region: str
+    prices: Mapping[str, Decimal]
+    estimates: frozenset[str] = frozenset()
+    path: str = ""
+
+    @property
+    def priced_at(self) -> datetime:
+        return datetime(self.as_of.year, self.as_of.month, self.as_of.day, tzinfo=UTC)
+
+    def source(self, instance_type: str, region: str) -> str:
+        text = f"gpuherd price table of {self.as_of.isoformat()}"
+        notes = []
+        if region != self.region:
+            notes.append(f"{self.region} list price")
+        if instance_type in self.estimates:
+            notes.append("estimate")
+        return f"{text} ({', '.join(notes)})" if notes else text
+
+    @classmethod
+    def load(cls, path: Path | str | None = None) -> PriceTable:
+        """Read and check the table; any problem is a ConfigError naming the file and the entry."""
+        where = Path(path) if path is not None else PRICE_TABLE
+
+        def bad(why: str) -> ConfigError:
+            return ConfigError(f"AWS EC2 price table {where} is broken: {why}",
+                               hint="reinstall gpuherd, or fix the file (see core/data/aws_prices.json)")
+
+        try:
+            raw = json.loads(where.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise bad(f"cannot read it ({exc.strerror or exc})") from None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise bad(f"not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise bad("the top level must be an object")
+        try:
+            as_of = date.fromisoformat(str(raw.get("as_of", "")))
+        except ValueError:
+            raise bad(f"'as_of' must be a date like 2026-11-01, not {raw.get('as_of')!r}") from None
+        region = raw.get("region", PRICING_REGION)
+        if not isinstance(region, str) or not region:
+            raise bad("'region' must be a region name")
+        prices_raw = raw.get("prices")
+        if not isinstance(prices_raw, dict) or not prices_raw:
+            raise bad("'prices' must be a non-empty object of instance type -> USD per hour")
+        prices: dict[str, Decimal] = {}
+        for itype, value in prices_raw.items():
+            if not isinstance(itype, str) or "." not in itype:
+                raise bad(f"{itype!r} is not an instance type")
+            if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+                raise bad(f"price of {itype} must be a number, not {value!r}")
+            try:
+                price = to_decimal(value)
+            except ValueError:
+                raise bad(f"price of {itype} is not a number: {value!r}") from None
+            if not Decimal(0) < price < Decimal(1000):
+                raise bad(f"price of {itype} is {price}, outside 0..1000 USD/h")
+            prices[itype] = price
+        estimates = raw.get("estimates", [])
+        if not isinstance(estimates, list) or not all(isinstance(e, str) for e in estimates):
+            raise bad("'estimates' must be a list of instance types")
+        return cls(as_of=as_of, region=region, prices=prices, estimates=frozenset(estimates), path=str(where))
+
+
+# ============================================================================ pure helpers
+
+
+@dataclass(frozen=True)
+class GpuType:
+    instance_type: str
+    gpu_name: str
+    num_gpus: int
+    gpu_ram: float          # GB per GPU
+    cpu_cores: int
+    cpu_ram: float          # GB
+    arch: str
+    on_demand: bool
+    spot: bool
+    network_mbps: float = 0
+
+
+def gpu_memory_gb(size_mib: int) -> float:
+    """GB per GPU as the card's data sheet says it. AWS reports whole-GiB cards exactly
+    (16384 MiB = T4 16 GB, 81920 = H100 80 GB, 144384 = H200 141 GB) and the others as their
+    decimal-GB size converted to MiB (22888 MiB = 24.0 GB for the A10G and L4, 45776 = 48 GB L40S),
+    so a 24 GB template finds the A10G instead of seeing 22.35 GiB."""
+    if size_mib % 1024 == 0:
+        return float(size_mib // 1024)
+    return float(round(size_mib * 1_048_576 / 1e9))
+
+
+def gpu_name_for(aws_name: str, manufacturer: str, per_gpu_gb: float) -> str:
+    """gpuherd's name for an AWS GPU: memory decides the A100/V100 variant, p5's H100 is SXM."""
+    key = re.sub(r"[^a-z0-9]", "", aws_name.lower())
+    if key == "a100":
+        return "A100 80GB" if per_gpu_gb >= 60 else "A100 40GB"
+    if key == "v100":
+        return "V100 32GB" if per_gpu_gb >= 24 else "V100"
+    if key == "h100":
+        return "H100 SXM"
+    if key == "t4g":            # the same T4 card, on Graviton hosts
+        return "T4"
+    if key == "rtxproserver6000":
+        return normalise_gpu_name("RTX PRO 6000")
+    return normalise_gpu_name(aws_name)
+
+
+def gpu_type_from(item: Mapping[str, Any], *, include_arm: bool = False) -> GpuType | None:
+    """A `describe_instance_types` item as a GpuType; None for types gpuherd cannot rent (no GPU,
+    GPU slices, non-NVIDIA GPUs, arm64 unless `include_arm`)."""
+    gpus = (item.get("GpuInfo") or {}).get("Gpus") or []
+    if not gpus:
+        return None
+    gpu = gpus[0]
+    count = sum(int(g.get("Count") or 0) for g in gpus)
+    if count < 1 or str(gpu.get("Manufacturer", "")).upper() != "NVIDIA":
+        return None     # fractional GPUs (g6f) report 0; AMD (g4ad) does not run the CUDA images
+    arches = (item.get("ProcessorInfo") or {}).get("SupportedArchitectures") or ["x86_64"]
+    arch = "x86_64" if "x86_64" in arches else arches[0]
+    if arch != "x86_64" and not include_arm:
+        return None     # gpuherd's images are built for x86_64
+    mib = int((gpu.get("MemoryInfo") or {}).get("SizeInMiB") or 0)
+    if mib <= 0:
+        return None
+    per_gpu = gpu_memory_gb(mib)
+    classes = item.get("SupportedUsageClasses") or ["on-demand"]
+    return GpuType(
+        instance_type=item["InstanceType"],
+        gpu_name=gpu_name_for(str(gpu.get("Name", "")), str(gpu.get("Manufacturer", "")), per_gpu),
+        num_gpus=count,
+        gpu_ram=per_gpu,
+        cpu_cores=int((item.get("VCpuInfo") or {}).get("DefaultVCpus") or 0),
+        cpu_ram=round(int((item.get("MemoryInfo") or {}).get("SizeInMiB") or 0) / 1024, 1),
+        arch=arch,
+        on_demand="on-demand" in classes,
+        spot="spot" in classes,
+        network_mbps=_network_mbps((item.get("NetworkInfo") or {}).get("NetworkPerformance", "")),
+    )
+
+
+def _network_mbps(text: str) -> float:
+    """'Up to 25 Gigabit' -> 25000; '100 Gigabit' -> 100000; unknown -> 0."""
+    match = re.search(r"([\d.]+)\s*Gigabit", text or "")
+    return float(match.group(1)) * 1000 if match else 0.0
+
+
+def parse_price_list(items: Iterable[str]) -> dict[str, Decimal]:
+    """Instance type -> on-demand USD/h from a `get_products` PriceList (JSON strings whose term
+    and dimension keys are opaque, so values are iterated). Zero prices (unused reservations,
+    BYOL placeholders) are skipped; an unreadable item is skipped, not fatal."""
+    prices: dict[str, Decimal] = {}
+    for raw in items:
+        try:
+            item = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+            itype = item["product"]["attributes"]["instanceType"]
+            terms = (item.get("terms") or {}).get("OnDemand") or {}
+        except (ValueError, KeyError, TypeError):
+            log.debug("AWS EC2: skipped an unreadable Pricing API item")
+            continue
+        for term in terms.values():
+            for dim in (term.get("priceDimensions") or {}).values():
+                if str(dim.get("unit", "")).lower() not in ("hrs", "hours", "hour"):
+                    continue
+                try:
+                    usd = Decimal(str((dim.get("pricePerUnit") or {}).get("USD")))
+                except (InvalidOperation, ValueError):
+                    continue
+                if usd.is_finite() and usd > 0 and itype not in prices:
+                    prices[itype] = usd.normalize() if usd == usd.to_integral() else usd
+    return prices
+
+
+def region_place(region: str) -> tuple[str, str]:
+    """(location, country) of a region: ('Virginia, US, us-east-1', 'US')."""
+    place, country = _REGIONS.get(region, ("", ""))
+    if not country:
+        prefix = region.split("-", 1)[0]
+        country = _COUNTRY_BY_PREFIX.get(prefix, "")
+    parts = [p for p in (place, country, region) if p]
+    return ", ".join(parts), country
+
+
+def offer_id_for(instance_type: str, region: str, spot: bool = False) -> str:
+    return f"{instance_type}@{region}{'.spot' if spot else ''}"
+
+
+def parse_offer_id(offer_id: str) -> tuple[str, str, bool]:
+    """'g5.xlarge@us-east-1.spot' -> ('g5.xlarge', 'us-east-1', True)."""
+    itype, sep, rest = offer_id.strip().partition("@")
+    spot = rest.endswith(".spot")
+    region = rest[: -len(".spot")] if spot else rest
+    if not sep or not itype or not region or "." in region:
+        raise ProviderError(DISPLAY, f"'{offer_id}' is not an AWS offer id (like g5.xlarge@us-east-1)")
+    return itype, region, spot
+
+
+def parse_instance_id(provider_id: str) -> tuple[str, str | None]:
+    """'i-0abc@eu-west-1' -> ('i-0abc', 'eu-west-1'); a plain id has no region."""
+    iid, _, region = provider_id.strip().partition("@")
+    return iid, region or None
+
+
+def client_token(label: str) -> str:
+    """EC2's idempotency token for a label: the label itself when it fits (64 printable ASCII)."""
+    if _CLIENT_TOKEN.match(label):
+        return label
+    return "gh-" + hashlib.sha256(label.encode()).hexdigest()[:48]
+
+
+def parse_ami_setting(value: str | Mapping[str, str] | None) -> str | dict[str, str] | None:
+    """`aws_ami`: one id for every region, or 'us-east-1=ami-1,eu-west-1=ami-2' (AMIs are regional)."""
+    if value is None or isinstance(value, Mapping):
+        return dict(value) if value is not None else None
+    text = value.strip()
+    if not text:
+        return None
+    if "=" not in text:
+        return text
+    mapping: dict[str, str] = {}
+    for part in text.split(","):
+        region, sep, ami = part.strip().partition("=")
+        if not sep or not region.strip() or not ami.strip():
+            raise ConfigError(f"aws_ami: '{part.strip()}' is not region=ami-id "
+                              "(e.g. us-east-1=ami-0123456789abcdef0)")
+        mapping[region.strip()] = ami.strip()
+    return mapping
+
+
+def wants_spot(query: OfferQuery | None) -> bool:
+    """Whether the query admits interruptible offers: `interruptible`, `interruptible=true`,
+    `interruptible!=false`, `interruptible in ...true...`. Spot is otherwise left out (opt-in)."""
+    if query is None:
+        return False
+    for f in query.filters:
+        if f.field != "interruptible":
+            continue
+        values = f.value if isinstance(f.value, (tuple, list, set, frozenset)) else (f.value,)
+        truthy = any(v is True or str(v).lower() in ("true", "1", "yes") for v in values)
+        falsy = any(v is False or str(v).lower() in ("false", "0", "no") for v in values)
+        if (f.op in ("eq", "in") and truthy) or (f.op in ("neq", "notin") and falsy):
+            return True
+    return False
+
+
+def user_data(request: CreateRequest, port: int) -> str:
+    """The boot script: writes the container's environment and a boot script, links that into
+    cloud-init's per-boot directory (so a stopped and started machine starts its container
+    again), and runs it now. The boot script runs `onstart` on the host, then starts the
+    container (`docker start` after the first boot). Logs go to /var/log/gpuherd.log.
+
+    Environment values travel base64-encoded, not encrypted: user data is readable by anyone
+    allowed ec2:DescribeInstanceAttribute on the account and from inside the machine."""
+    for name in request.env:
+        if not _ENV_NAME.match(name):
+            raise ProviderError(DISPLAY, f"environment variable name {name!r} is not valid for docker")
+    env_file = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(request.env.items()))
+    docker = ["docker", "run", "-d", "--name", "gpuherd", "--gpus", "all", "--ipc=host"]
+    for name in sorted(request.env):
+        docker += ["-e", name]
+    for p in dict.fromkeys([*request.ports, *([request.health_port] if request.health_port else [])]):
+        docker += ["-p", f"{int(p)}:{int(p)}"]
+    if request.command:
+        docker += ["--entrypoint", "/bin/sh", request.image, "-c", request.command]
+        if request.args:
+            docker += ["sh", *request.args]
+    else:
+        docker += [request.image, *request.args]
+    boot = "\n".join([
+        "#!/bin/bash",
+        f"# gpuherd {_comment(request.label)}: start the container (port {port}) at every boot",
+        "exec >>/var/log/gpuherd.log 2>&1",
+        'echo "gpuherd: boot at $(date -u +%Y-%m-%dT%H:%M:%SZ)"',
+        "set -a; . /opt/gpuherd/env.sh; set +a",
+        "if [ -f /opt/gpuherd/onstart.sh ]; then",
+        '  bash /opt/gpuherd/onstart.sh || echo "gpuherd: onstart exited with $?"',
+        "fi",
+        "if docker container inspect gpuherd >/dev/null 2>&1; then",
+        "  docker start gpuherd",
+        "else",
+        "  " + shlex.join(docker),
+        "fi",
+        "",
+    ])
+    lines = [
+        "#!/bin/bash",
+        f"# gpuherd {_comment(request.label)}: {_comment(request.image)}",
+        "set -u",
+        "umask 077",
+        "mkdir -p /opt/gpuherd /var/lib/cloud/scripts/per-boot",
+        f"echo {_b64(env_file)} | base64 -d > /opt/gpuherd/env.sh",
+        _heredoc("/opt/gpuherd/boot.sh", boot),
+    ]
+    if request.onstart:
+        lines.append(_heredoc("/opt/gpuherd/onstart.sh", request.onstart.rstrip("\n") + "\n"))
+    lines += [
+        "chmod 700 /opt/gpuherd/boot.sh",
+        "ln -sf /opt/gpuherd/boot.sh /var/lib/cloud/scripts/per-boot/gpuherd.sh",
+        "/opt/gpuherd/boot.sh",
+        "",
+    ]
+    script = "\n".join(lines)
+    if len(script.encode()) > USER_DATA_LIMIT:
+        raise ProviderError(DISPLAY, f"the start script is {len(script.encode())} bytes; EC2 user data "
+                                     f"holds at most {USER_DATA_LIMIT} (shorten onstart or env)")
+    return script
+
+
+def _comment(text: str) -> str:
+    """Text safe inside a shell comment: one line, printable characters only."""
+    return re.sub(r"[^\x20-\x7e]", "?", text)[:120]
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode() or "''"
+
+
+def _heredoc(path: str, content: str) -> str:
+    delimiter = "GPUHERD_EOF"
+    while delimiter in content:
+        delimiter += "_X"
+    return f"cat > {path} <<'{delimiter}'\n{content}{delimiter}"
+
+
+def _tags(instance: Mapping[str, Any]) -> dict[str, str]:
+    return {t.get("Key", ""): t.get("Value", "") for t in instance.get("Tags") or []}
+
+
+def _int_tag(tags: Mapping[str, str], key: str) -> int | None:
+    try:
+        value = int(float(tags[key]))
+    except (KeyError, ValueError):
+        return None
+    return value if value > 0 else None
+
+
+# ============================================================================ the provider
+
+
+def _typed(op: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Nothing but a GpuherdError leaves a public method: an answer of an unexpected shape (a
+    missing key, a wrong type) becomes a ProviderError naming the operation, logged in full."""
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        async def run(self: AwsProvider, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return await fn(self, *args, **kwargs)
+            except GpuherdError:
+                raise
+            except Exception as exc:
+                log.exception("AWS EC2 %s failed unexpectedly", op)
+                raise ProviderError(DISPLAY, f"{op} failed: AWS EC2 answered in an unexpected shape "
+                                             f"({type(exc).__name__})") from None
+        return run
+    return wrap
+
+
+
+@dataclass
+class _Cached:
+    value: Any
+    at: datetime
+
+
+@dataclass
+class _RegionCache:
+    types: _Cached | None = None                  # {instance_type: GpuType}
+    prices: _Cached | None = None                 # {instance_type: Decimal} from the Pricing API
+    prices_failed_at: datetime | None = None
+    spot: _Cached | None = None                   # {instance_type: (Decimal, az)}
+    images: dict[str, _Cached] = field(default_factory=dict)  # arch or ami id -> image facts
+
+
+class _Gone(Exception):
+    """The instance id is unknown in a region (InvalidInstanceID.NotFound/Malformed)."""
+
+
+class AwsProvider(Provider):
+    name = NAME
+    display_name = DISPLAY
+    capabilities = Capabilities(
+        can_search=True, can_create=True, can_stop=True, can_start=True, can_destroy=True, can_list=True,
+        reports_gpu_utilisation=False,       # EC2 reports GPU use only through the CloudWatch agent
+        storage_bills_while_stopped=True,    # EBS
+        reports_actual_billing=False,
+        retries_internally=True,             # botocore's standard retry mode
+    )
+
+    def __init__(
+        self,
+        *,
+        regions: Sequence[str] = ("us-east-1",),
+        ami: str | Mapping[str, str] | None = None,
+        subnet_id: str | None = None,
+        security_group_ids: Sequence[str] = (),
+        key_name: str | None = None,
+        ebs_gb_month: Decimal | str = Decimal("0.08"),
+        endpoint_url: str | None = None,
+        pricing_endpoint_url: str | None = None,
+        session: Any = None,
+        timeout_s: float = 30.0,
+        connect_timeout_s: float = 10.0,
+        max_attempts: int = 3,
+        clock: Clock | None = None,
+        price_table: Path | str | PriceTable | None = None,
+        include_arm: bool = False,
+        health_timeout_s: float = 5.0,
+    ) -> None:
+        if boto3 is None:
+            raise ConfigError("AWS EC2 needs boto3: pip install 'gpuherd[aws]'")
+        if not regions:
+            raise ConfigError("AWS EC2 needs at least one region (aws_regions)")
+        self.regions = list(dict.fromkeys(regions))
+        self.ami = parse_ami_setting(ami)
+        self.subnet_id = subnet_id or None
+        self.security_group_ids = list(security_group_ids)
+        self.key_name = key_name or None
+        try:
+            self.ebs_gb_month = to_decimal(ebs_gb_month)
+        except ValueError:
+            raise ConfigError(f"aws_ebs_gb_month: {ebs_gb_month!r} is not an amount in USD") from None
+        if self.ebs_gb_month < 0:
+            raise ConfigError("aws_ebs_gb_month cannot be negative")
+        self.clock = clock or Clock()
+        self.include_arm = include_arm
+        self.health_timeout_s = health_timeout_s
+        self.timeout_s = timeout_s
+        self.table = price_table if isinstance(price_table, PriceTable) else PriceTable.load(price_table)
+        self.session = session if session is not None else boto3.Session()
+        self._secrets = self._credential_secrets()
+        # endpoint_url None: boto3 itself honours AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_EC2 and the
+        # config file's endpoint_url, which is how users point gpuherd at another endpoint
+        config = BotoConfig(
+            retries={"mode": "standard", "total_max_attempts": max(1, int(max_attempts))},
+            connect_timeout=connect_timeout_s, read_timeout=timeout_s,
+            user_agent_extra="gpuherd", max_pool_connections=20,
+        )
+        self._ec2 = {r: self.session.client("ec2", region_name=r, endpoint_url=endpoint_url, config=config)
+                     for r in self.regions}
+        self._pricing = self.session.client("pricing", region_name=PRICING_REGION,
+                                            endpoint_url=pricing_endpoint_url or endpoint_url, config=config)
+        self._cache = {r: _RegionCache() for r in self.regions}
+        self._where: dict[str, str] = {}          # instance id -> region it was seen in
+        self._http: Any = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, clock: Clock | None = None,
+                      price_table: Path | str | None = None) -> AwsProvider | None:
+        """The provider as configured, or None: `aws=off`, boto3 missing (the `aws` extra), or
+        `aws=auto` and the AWS credential chain finds nothing."""
+        if settings.aws == "off":
+            return None
+        if boto3 is None:
+            _warn_once("no-boto3", "AWS EC2 is not available: boto3 is not installed. "
+                                   "Install it with: pip install 'gpuherd[aws]'",
+                       level=logging.ERROR if settings.aws == "on" else logging.INFO)
+            return None
+        session = boto3.Session()
+        try:
+            credentials = session.get_credentials()
+        except Exception as exc:  # a broken ~/.aws/config: name it, do not crash the start
+            _warn_once("bad-chain", "AWS EC2: reading AWS credentials failed (%s)", type(exc).__name__)
+            credentials = None
+        if credentials is None:
+            if settings.aws == "auto":
+                log.info("AWS EC2 not configured: no AWS credentials found (environment, ~/.aws, SSO or "
+                         "instance role); set aws=on to use it anyway")
+                return None
+            _warn_once("on-no-creds", "AWS EC2 is on but no AWS credentials were found; calls will be refused")
+        return cls(regions=settings.aws_regions, ami=settings.aws_ami, subnet_id=settings.aws_subnet_id,
+                   security_group_ids=settings.aws_security_group_ids, key_name=settings.aws_key_name,
+                   ebs_gb_month=settings.aws_ebs_gb_month, session=session, clock=clock,
+                   price_table=price_table)
+
+    def _credential_secrets(self) -> list[str]:
+        try:
+            creds = self.session.get_credentials()
+            frozen = creds.get_frozen_credentials() if creds is not None else None
+        except Exception:
+            return []
+        if frozen is None:
+            return []
+        return [s for s in (frozen.secret_key, frozen.token) if s]
+
+    @property
+    def pricing_client(self) -> Any:
+        """The Pricing API client (tests put a botocore Stubber on it)."""
+        return self._pricing
+
+    def ec2_client(self, region: str | None = None) -> Any:
+        return self._ec2[region or self.regions[0]]
+
+    # ------------------------------------------------------------------ calls and errors
+
+    async def _call(self, client: Any, op: str, what: str, **kwargs: Any) -> dict[str, Any]:
+        method = getattr(client, op)
+        try:
+            return await asyncio.to_thread(method, **kwargs)
+        except Exception as exc:
+            raise self._error(exc, what) from None
+
+    async def _paged(self, client: Any, op: str, key: str | Callable[[dict[str, Any]], list[Any]],
+                     what: str, **kwargs: Any) -> list[Any]:
+        def run() -> list[Any]:
+            out: list[Any] = []
+            for page in client.get_paginator(op).paginate(**kwargs):
+                out.extend(key(page) if callable(key) else page.get(key) or [])
+            return out
+
+        try:
+            return await asyncio.to_thread(run)
+        except Exception as exc:
+            raise self._error(exc, what) from None
+
+    def scrub(self, text: str) -> str:
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def _error(self, exc: BaseException, what: str) -> Exception:
+        """A typed gpuherd error for anything boto3 raised. `what` says which call, in words."""
+        if isinstance(exc, (ProviderError, _Gone)):
+            return exc
+        err = self._map(exc, what)
+        if not isinstance(err, _NotFoundError):
+            log.warning("%s", err.message)
+        return err
+
+    def _map(self, exc: BaseException, what: str) -> ProviderError:
+        e = boto_errors
+        if isinstance(exc, e.ClientError):
+            error = exc.response.get("Error") or {}
+            code = str(error.get("Code") or "Unknown")
+            message = self.scrub(str(error.get("Message") or "")).strip()
+            meta = exc.response.get("ResponseMetadata") or {}
+            status = int(meta.get("HTTPStatusCode") or 0)
+            if code in _NOT_FOUND:
+                return _NotFoundError(DISPLAY, f"{what}: {code}")
+            if code in _AUTH or status in (401, 403) and code not in _CAPACITY | _STATE:
+                if code == "UnauthorizedOperation":
+                    message = message.split(" Encoded authorization failure message")[0]
+                return AuthError(DISPLAY, f"the credentials were refused ({code}) for {what}: "
+                                          f"{message[:200]}".rstrip(": "),
+                                 hint="check the AWS credentials and the IAM policy gpuherd runs with")
+            if code in _THROTTLE or status == 429:
+                wait = _retry_after(meta)
+                more = f"; it asks to wait {wait:g}s" if wait is not None else ""
+                return RateLimited(DISPLAY, f"too many requests ({code}) during {what}{more}",
+                                   retry_after=wait)
+            if code in _QUOTA:
+                return CapacityError(DISPLAY, f"{what}: the account's quota is used up ({code}): {message[:300]} "
+                                              "Ask AWS for a higher quota or pick a smaller instance.")
+            if code in _CAPACITY:
+                return CapacityError(DISPLAY, f"{what}: no capacity right now ({code}): {message[:300]}")
+            if code in _STATE:
+                return ProviderStateError(DISPLAY, f"{what} refused in the machine's current state "
+                                                   f"({code}): {message[:300]}")
+            if status >= 500 or code in ("InternalError", "InternalFailure", "ServiceUnavailable",
+                                         "Unavailable", "InternalErrorException"):
+                return ProviderUnavailable(DISPLAY, f"{what}: server error ({code}, HTTP {status})")
+            return ProviderError(DISPLAY, f"{what} refused ({code}): {message[:300]}".rstrip(": "))
+        if isinstance(exc, (e.ReadTimeoutError, e.ConnectTimeoutError)):
+            return ProviderTimeout(DISPLAY, f"{what} timed out: AWS EC2 did not answer in time")
+        if isinstance(exc, e.EndpointConnectionError):
+            return ProviderUnavailable(DISPLAY, f"cannot connect to AWS EC2 for {what} "
+                                                f"({self.scrub(str(getattr(exc, 'kwargs', {}).get('endpoint_url', '')))})")
+        if isinstance(exc, (e.ConnectionError, e.HTTPClientError)):
+            return ProviderUnavailable(DISPLAY, f"{what} failed: connection error ({type(exc).__name__})")
+        if isinstance(exc, (e.NoCredentialsError, e.PartialCredentialsError)):
+            return AuthError(DISPLAY, f"{what} refused: no usable AWS credentials were found "
+                                      "(environment, ~/.aws, SSO or instance role)")
+        if type(exc).__name__ == "ResponseParserError":
+            return ProviderError(DISPLAY, f"{what}: AWS EC2 answered with a malformed response")
+        if isinstance(exc, e.ParamValidationError):
+            # botocore's text quotes parameter values (user data holds env secrets): names only
+            log.debug("AWS EC2 %s: %s", what, self.scrub(str(exc)))
+            fields = sorted(set(re.findall(r"parameter ([\w.\[\]]+)", str(exc))))[:5]
+            return ProviderError(DISPLAY, f"{what}: invalid request parameters ({', '.join(fields) or 'see the log'})")
+        if isinstance(exc, e.BotoCoreError):
+            return ProviderError(DISPLAY, f"{what} failed: {self.scrub(str(exc))[:300]}")
+        return ProviderError(DISPLAY, f"{what} failed unexpectedly ({type(exc).__name__})")
+
+    # ------------------------------------------------------------------ catalogue and prices
+
+    async def _gpu_types(self, region: str) -> dict[str, GpuType]:
+        cache = self._cache[region]
+        now = self.clock.now()
+        if cache.types is not None and now - cache.types.at < TYPES_TTL:
+            return cache.types.value
+        client = self._ec2[region]
+        items = await self._paged(client, "describe_instance_types", "InstanceTypes",
+                                  f"describe_instance_types in {region}",
+                                  Filters=[{"Name": "instance-type", "Values": GPU_TYPE_PATTERNS}])
+        names = sorted({str(i.get("InstanceType")) for i in items if isinstance(i, dict) and i.get("GpuInfo")})
+        offered_types: set[str] = set()
+        for start in range(0, len(names), 100):     # which of them this region offers
+            offered = await self._paged(
+                client, "describe_instance_type_offerings", "InstanceTypeOfferings",
+                f"describe_instance_type_offerings in {region}", LocationType="region",
+                Filters=[{"Name": "location", "Values": [region]},
+                         {"Name": "instance-type", "Values": names[start:start + 100]}])
+            offered_types.update(o.get("InstanceType") for o in offered if o.get("Location", region) == region)
+        types: dict[str, GpuType] = {}
+        for item in items:
+            if not isinstance(item, dict) or "InstanceType" not in item:
+                raise ProviderError(DISPLAY, f"describe_instance_types in {region}: AWS EC2 answered "
+                                             "with a malformed response")
+            gpu = gpu_type_from(item, include_arm=self.include_arm)
+            if gpu is not None and gpu.instance_type in offered_types:
+                types[gpu.instance_type] = gpu
+        cache.types = _Cached(types, now)
+        return types
+
+    async def _on_demand_prices(self, region: str) -> tuple[dict[str, Decimal], datetime | None]:
+        """Pricing API prices for the region and when they were fetched; ({}, None) when the API
+        cannot help (then the table prices everything)."""
+        cache = self._cache[region]
+        now = self.clock.now()
+        if cache.prices is not None and now - cache.prices.at < PRICES_TTL:
+            return cache.prices.value, cache.prices.at
+        if cache.prices_failed_at is not None and now - cache.prices_failed_at < PRICES_RETRY:
+            return ({}, None) if cache.prices is None else (cache.prices.value, cache.prices.at)
+        filters = [{"Type": "TERM_MATCH", "Field": name, "Value": value} for name, value in (
+            ("regionCode", region), ("instanceFamily", "GPU instance"), ("operatingSystem", "Linux"),
+            ("tenancy", "Shared"), ("preInstalledSw", "NA"), ("capacitystatus", "Used"),
+        )]
+        try:
+            items = await self._paged(self._pricing, "get_products", "PriceList",
+                                      f"Pricing API get_products for {region}", ServiceCode="AmazonEC2",
+                                      Filters=filters, FormatVersion="aws_v1")
+            prices = parse_price_list(items)
+        except ProviderError as exc:
+            cache.prices_failed_at = now
+            _warn_once(f"pricing-failed:{region}:{type(exc).__name__}",
+                       "AWS EC2: the Pricing API could not be used (%s); prices come from %s until it can",
+                       exc.message, self.table.source("", region))
+            if cache.prices is not None:      # an older fetch beats the table
+                return cache.prices.value, cache.prices.at
+            return {}, None
+        cache.prices = _Cached(prices, now)
+        cache.prices_failed_at = None
+        return prices, now
+
+    async def _spot_prices(self, region: str, types: Mapping[str, GpuType]) -> dict[str, tuple[Decimal, str]]:
+        """Lowest current spot price per type over the region's zones, with its zone. A failure
+        leaves spot out of this search (logged), never the on-demand offers."""
+        cache = self._cache[region]
+        now = self.clock.now()
+        if cache.spot is not None and now - cache.spot.at < SPOT_TTL:
+            return cache.spot.value
+        wanted = sorted(t for t, g in types.items() if g.spot)
+        best: dict[str, tuple[Decimal, str]] = {}
+        try:
+            for start in range(0, len(wanted), 50):
+                rows = await self._paged(
+                    self._ec2[region], "describe_spot_price_history", "SpotPriceHistory",
+                    f"describe_spot_price_history in {region}", InstanceTypes=wanted[start:start + 50],
+                    ProductDescriptions=["Linux/UNIX", "Linux/UNIX (Amazon VPC)"], StartTime=now)
+                for row in rows:
+                    try:
+                        price = Decimal(str(row["SpotPrice"]))
+                    except (KeyError, InvalidOperation):
+                        continue
+                    itype = row.get("InstanceType", "")
+                    if price > 0 and (itype not in best or price < best[itype][0]):
+                        best[itype] = (price, str(row.get("AvailabilityZone", "")))
+        except ProviderError as exc:
+            _warn_once(f"spot-failed:{region}:{type(exc).__name__}",
+                       "AWS EC2: no spot prices for %s (%s); spot offers are left out", region, exc.message)
+            return {}
+        cache.spot = _Cached(best, now)
+        return best
+
+    def _list_price(self, region: str, instance_type: str) -> tuple[Decimal, datetime, str] | None:
+        """On-demand price without calling anything: the cached Pricing API price, else the table."""
+        cached = self._cache[region].prices if region in self._cache else None
+        if cached is not None and instance_type in cached.value:
+            return cached.value[instance_type], cached.at, PRICE_SOURCE_API
+        if instance_type in self.table.prices:
+            return (self.table.prices[instance_type], self.table.priced_at,
+                    self.table.source(instance_type, region))
+        return None
+
+    async def _region_offers(self, region: str, spot: bool, now: datetime) -> list[Offer]:
+        types = await self._gpu_types(region)
+        api_prices, api_at = await self._on_demand_prices(region)
+        spot_prices = await self._spot_prices(region, types) if spot else {}
+        location, country = region_place(region)
+        offers: list[Offer] = []
+        unpriced: list[str] = []
+        for itype in sorted(types):
+            gpu = types[itype]
+            if itype in api_prices and api_at is not None:
+                price, priced_at, source = api_prices[itype], api_at, PRICE_SOURCE_API
+            elif itype in self.table.prices:
+                price, priced_at = self.table.prices[itype], self.table.priced_at
+                source = self.table.source(itype, region)
+            else:
+                unpriced.append(itype)
+                continue
+            base = dict(
+                provider=NAME, gpu_name=gpu.gpu_name, num_gpus=gpu.num_gpus, gpu_ram=gpu.gpu_ram,
+                cpu_cores=gpu.cpu_cores, cpu_ram=gpu.cpu_ram, disk_space=float(MAX_EBS_GB),
+                storage_cost=self.ebs_gb_month, location=location, country=country,
+                inet_down=gpu.network_mbps, inet_up=gpu.network_mbps, verified=True, fetched_at=now,
+            )
+            extra = {"instance_type": itype, "region": region, "arch": gpu.arch}
+            if gpu.on_demand:
+                offers.append(Offer(
+                    offer_id=offer_id_for(itype, region), dph=quote(price, self.ebs_gb_month),
+                    reliability=1.0, interruptible=False, priced_at=priced_at, price_source=source,
+                    extra={**extra, "market": "on-demand"}, **base))
+            if itype in spot_prices and self._cache[region].spot is not None:
+                spot_price, zone = spot_prices[itype]
+                if spot_price < price * SPOT_FLOOR:
+                    _warn_once(f"spot-floor:{region}:{itype}", "AWS EC2: ignoring spot price %s for %s in %s: "
+                               "below %s%% of on-demand, not a real price", spot_price, itype, region,
+                               int(SPOT_FLOOR * 100), level=logging.INFO)
+                    continue
+                offers.append(Offer(
+                    offer_id=offer_id_for(itype, region, spot=True), dph=quote(spot_price, self.ebs_gb_month),
+                    reliability=SPOT_RELIABILITY, interruptible=True,
+                    priced_at=self._cache[region].spot.at, price_source="AWS spot price history",
+                    extra={**extra, "market": "spot", "spot_zone": zone, "on_demand_dph": str(price)}, **base))
+        if unpriced:
+            _warn_once(f"unpriced:{region}:{','.join(unpriced)}", "AWS EC2: no price for %s in %s (neither the "
+                       "Pricing API nor the price table has one); not offered", ", ".join(unpriced), region,
+                       level=logging.INFO)
+        return offers
+
+    @_typed("search")
+    async def search(self, query: OfferQuery | None = None) -> list[Offer]:
+        spot = wants_spot(query)
+        now = self.clock.now()
+        results = await asyncio.gather(*(self._region_offers(r, spot, now) for r in self.regions),
+                                       return_exceptions=True)
+        offers: list[Offer] = []
+        failures: list[BaseException] = []
+        for region, result in zip(self.regions, results, strict=True):
+            if isinstance(result, BaseException):
+                if not isinstance(result, ProviderError):
+                    result = self._map(result, f"search in {region}")
+                failures.append(result)
+                continue
+            offers.extend(result)
+        if failures and len(failures) == len(self.regions):
+            raise failures[0]
+        for failure in failures:   # some regions answered: show theirs, name the others in the log
+            log.warning("AWS EC2 search: a region is left out: %s", getattr(failure, "message", failure))
+        return offers
+
+    def search_key(self, query: OfferQuery | None) -> str:
+        return "spot" if wants_spot(query) else ""
+
+    @_typed("get_offer")
+    async def get_offer(self, offer_id: str) -> Offer | None:
+        try:
+            itype, region, spot = parse_offer_id(offer_id)
+        except ProviderError:
+            return None
+        if region not in self._ec2:
+            return None
+        for offer in await self._region_offers(region, spot, self.clock.now()):
+            if offer.offer_id == offer_id:
+                return offer
+        return None
+
+    # ------------------------------------------------------------------ images
+
+    async def _image(self, region: str, arch: str) -> tuple[str, str, int]:
+        """(AMI id, root device name, the AMI's root snapshot size in GB) for a launch."""
+        cache = self._cache[region]
+        configured = self.ami.get(region) if isinstance(self.ami, dict) else self.ami
+        key = configured or f"dlami:{arch}"
+        now = self.clock.now()
+        hit = cache.images.get(key)
+        if hit is not None and now - hit.at < IMAGE_TTL:
+            return hit.value
+        client = self._ec2[region]
+        if configured:
+            found = await self._call(client, "describe_images", f"describe_images {configured} in {region}",
+                                     ImageIds=[configured])
+            images = found.get("Images") or []
+            if not images:
+                raise ProviderError(DISPLAY, f"AMI {configured} does not exist in {region} (AMIs are regional; "
+                                             "set aws_ami as region=ami-id pairs)")
+            image = images[0]
+        else:
+            image = None
+            for pattern in DLAMI_NAMES.get(arch, DLAMI_NAMES["x86_64"]):
+                found = await self._call(
+                    client, "describe_images", f"describe_images (Deep Learning AMI) in {region}",
+                    Owners=["amazon"], Filters=[{"Name": "name", "Values": [pattern]},
+                                                {"Name": "state", "Values": ["available"]},
+                                                {"Name": "architecture", "Values": [arch]}])
+                images = found.get("Images") or []
+                if images:
+                    image = max(images, key=lambda i: (str(i.get("CreationDate", "")), str(i.get("ImageId"))))
+                    break
+            if image is None:
+                raise ProviderError(DISPLAY, f"no Deep Learning GPU AMI found in {region} for {arch}; "
+                                             "set aws_ami to the AMI to boot")
+        root = str(image.get("RootDeviceName") or "/dev/sda1")
+        size = 0
+        for mapping in image.get("BlockDeviceMappings") or []:
+            if mapping.get("DeviceName") == root:
+                size = int((mapping.get("Ebs") or {}).get("VolumeSize") or 0)
+        facts = (str(image["ImageId"]), root, size)
+        cache.images[key] = _Cached(facts, now)
+        return facts
+
+    # ------------------------------------------------------------------ machines
+
+    @_typed("create")
+    async def create(self, request: CreateRequest) -> ProviderInstance:
+        itype, region, spot = parse_offer_id(request.offer_id)
+        spot = spot or request.interruptible
+        if region not in self._ec2:
+            raise CapacityError(DISPLAY, f"offer {request.offer_id} is in {region}, which is not one of the "
+                                         f"configured regions ({', '.join(self.regions)})")
+        if request.disk_gb <= 0 or request.disk_gb > MAX_EBS_GB:
+            raise ProviderError(DISPLAY, f"a disk of {request.disk_gb:g} GB is not possible (1..{MAX_EBS_GB})")
+        types = self._cache[region].types.value if self._cache[region].types else await self._gpu_types(region)
+        gpu = types.get(itype)
+        arch = gpu.arch if gpu else "x86_64"
+        ami, root_device, ami_gb = await self._image(region, arch)
+        disk_gb = max(int(-(-request.disk_gb // 1)), ami_gb)   # the root volume cannot be smaller than the AMI
+        port = request.health_port or (request.ports[0] if request.ports else DEFAULT_PORT)
+        compute = self._compute_price(region, itype, spot, bid=request.bid_dph)
+        tags = {"Name": request.label, LABEL_TAG: request.label, PORT_TAG: str(port), DISK_TAG: str(disk_gb),
+                OFFER_TAG: offer_id_for(itype, region, spot)}
+        if compute is not None:
+            tags[DPH_TAG] = str(compute)
+        if len(request.image) <= 256:
+            tags[IMAGE_TAG] = request.image
+        tag_list = [{"Key": k, "Value": v[:256]} for k, v in tags.items()]
+        kwargs: dict[str, Any] = dict(
+            ImageId=ami, InstanceType=itype, MinCount=1, MaxCount=1,
+            ClientToken=client_token(request.label),
+            UserData=user_data(request, port),
+            BlockDeviceMappings=[{"DeviceName": root_device, "Ebs": {
+                "VolumeSize": disk_gb, "VolumeType": "gp3", "DeleteOnTermination": True}}],
+            TagSpecifications=[{"ResourceType": "instance", "Tags": tag_list},
+                               {"ResourceType": "volume", "Tags": [{"Key": LABEL_TAG, "Value": request.label[:256]},
+                                                                   {"Key": "Name", "Value": request.label[:256]}]}],
+        )
+        if self.subnet_id:
+            kwargs["SubnetId"] = self.subnet_id
+        if self.security_group_ids:
+            kwargs["SecurityGroupIds"] = list(self.security_group_ids)
+        if self.key_name:
+            kwargs["KeyName"] = self.key_name
+        if spot:
+            # persistent + stop: an interrupted machine is stopped (disk kept), not lost, and
+            # gpuherd can stop/start it like an on-demand one; one-time spot can only terminate
+            options: dict[str, Any] = {"SpotInstanceType": "persistent", "InstanceInterruptionBehavior": "stop"}
+            if request.bid_dph is not None:
+                options["MaxPrice"] = str(request.bid_dph)
+            kwargs["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
+        result = await self._call(self._ec2[region], "run_instances",
+                                  f"run_instances ({itype} in {region}{', spot' if spot else ''})", **kwargs)
+        try:
+            instance = result["Instances"][0]
+        except (KeyError, IndexError, TypeError):
+            raise ProviderError(DISPLAY, "run_instances: AWS EC2 answered with a malformed response") from None
+        self._where[instance["InstanceId"]] = region
+        return await self._view(region, instance)
+
+    async def _find(self, provider_id: str, what: str) -> tuple[str, dict[str, Any]]:
+        """(region, instance) for an id, asking the region it is known in, else all regions."""
+        iid, region = parse_instance_id(provider_id)
+        if region is not None and region not in self._ec2:
+            raise ProviderError(DISPLAY, f"{provider_id} is in {region}, which is not a configured region")
+        candidates = [region] if region else ([self._where[iid]] if iid in self._where else list(self.regions))
+        outcomes = await asyncio.gather(*(self._describe_one(r, iid, what) for r in candidates),
+                                        return_exceptions=True)
+        failure: BaseException | None = None
+        for r, outcome in zip(candidates, outcomes, strict=True):
+            if isinstance(outcome, _Gone):
+                continue
+            if isinstance(outcome, BaseException):
+                failure = failure or outcome
+                continue
+            self._where[iid] = r
+            return r, outcome
+        if failure is not None:
+            raise failure if isinstance(failure, ProviderError) else self._map(failure, what)
+        if region is None and iid in self._where and len(self.regions) > 1:
+            self._where.pop(iid, None)      # maybe it was somewhere else after all: ask everywhere
+            return await self._find(provider_id, what)
+        raise _Gone(iid)
+
+    async def _describe_one(self, region: str, iid: str, what: str) -> dict[str, Any]:
+        try:
+            result = await self._call(self._ec2[region], "describe_instances", f"{what} in {region}",
+                                      InstanceIds=[iid])
+        except _NotFoundError:
+            raise _Gone(iid) from None
+        for reservation in result.get("Reservations") or []:
+            for instance in reservation.get("Instances") or []:
+                if instance.get("InstanceId") == iid:
+                    return instance
+        raise _Gone(iid)
+
+    @_typed("get")
+    async def get(self, provider_id: str) -> ProviderInstance | None:
+        try:
+            region, instance = await self._find(provider_id, f"describe_instances {provider_id}")
+        except _Gone:
+            return None
+        return await self._view(region, instance)
+
+    @_typed("list")
+    async def list(self) -> list[ProviderInstance]:
+        """Every live machine of a GPU type, and every machine carrying our label tag, in the
+        configured regions, whoever started it (reconcile must see machines gpuherd lost track
+        of). Any region failing fails the list: a partial list would look like machines gone."""
+        async def region_list(region: str) -> list[tuple[str, dict[str, Any]]]:
+            instances = await self._paged(
+                self._ec2[region], "describe_instances",
+                lambda page: [i for r in page.get("Reservations") or [] for i in r.get("Instances") or []],
+                f"describe_instances in {region}",
+                Filters=[{"Name": "instance-state-name", "Values": LIVE_STATES}])
+            return [(region, i) for i in instances if _is_ours_or_gpu(i)]
+
+        per_region = await asyncio.gather(*(region_list(r) for r in self.regions))
+        found = [pair for pairs in per_region for pair in pairs]
+        sizes = await self._volume_sizes(found)
+        views = []
+        for region, instance in found:
+            self._where[instance["InstanceId"]] = region
+            views.append(await self._view(region, instance, volume_gb=sizes.get(instance["InstanceId"])))
+        return views
+
+    @_typed("start")
+    async def start(self, provider_id: str) -> ProviderInstance:
+        region, instance = await self._known(provider_id, "start")
+        state = (instance.get("State") or {}).get("Name")
+        if state in ("shutting-down", "terminated"):
+            raise ProviderStateError(DISPLAY, f"cannot start {instance['InstanceId']}: it is {state}")
+        result = await self._call(self._ec2[region], "start_instances", f"start_instances {instance['InstanceId']}",
+                                  InstanceIds=[instance["InstanceId"]])
+        return await self._view(region, _with_state(instance, result.get("StartingInstances")))
+
+    @_typed("stop")
+    async def stop(self, provider_id: str) -> ProviderInstance:
+        region, instance = await self._known(provider_id, "stop")
+        iid = instance["InstanceId"]
+        state = (instance.get("State") or {}).get("Name")
+        if state in ("shutting-down", "terminated"):
+            raise ProviderStateError(DISPLAY, f"cannot stop {iid}: it is {state}")
+        try:
+            result = await self._call(self._ec2[region], "stop_instances", f"stop_instances {iid}",
+                                      InstanceIds=[iid])
+        except ProviderStateError as exc:
+            if instance.get("InstanceLifecycle") == "spot":
+                raise ProviderStateError(
+                    DISPLAY, f"cannot stop {iid}: AWS EC2 stops only spot instances of a persistent request "
+                             "that stop on interruption; this one can only be destroyed "
+                             f"({exc.message.split(': ', 1)[-1][:200]})") from None
+            raise
+        return await self._view(region, _with_state(instance, result.get("StoppingInstances")))
+
+    @_typed("destroy")
+    async def destroy(self, provider_id: str) -> None:
+        try:
+            region, instance = await self._find(provider_id, f"describe_instances {provider_id}")
+        except _Gone:
+            return   # already gone: the caller wants it gone, and it is
+        iid = instance["InstanceId"]
+        if (instance.get("State") or {}).get("Name") == "terminated":
+            return
+        request_id = instance.get("SpotInstanceRequestId")
+        if request_id:
+            # a persistent spot request would launch a replacement for the terminated machine
+            try:
+                await self._call(self._ec2[region], "cancel_spot_instance_requests",
+                                 f"cancel_spot_instance_requests {request_id}", SpotInstanceRequestIds=[request_id])
+            except ProviderError as exc:
+                if "NotFound" not in exc.message:
+                    raise
+        try:
+            await self._call(self._ec2[region], "terminate_instances", f"terminate_instances {iid}",
+                             InstanceIds=[iid])
+        except _NotFoundError:
+            return
+
+    async def _known(self, provider_id: str, action: str) -> tuple[str, dict[str, Any]]:
+        try:
+            return await self._find(provider_id, f"describe_instances {provider_id}")
+        except _Gone:
+            raise ProviderStateError(DISPLAY, f"cannot {action} {provider_id}: AWS EC2 has no such instance") from None
+
+    # ------------------------------------------------------------------ views
+
+    def _compute_price(self, region: str, instance_type: str, spot: bool, *,
+                       bid: Decimal | None = None) -> Decimal | None:
+        """USD/h of compute from what is cached (no call): spot price, else on-demand."""
+        if spot:
+            cached = self._cache[region].spot if region in self._cache else None
+            if cached is not None and instance_type in cached.value:
+                price = cached.value[instance_type][0]
+                listed = self._list_price(region, instance_type)
+                if listed is None or price >= listed[0] * SPOT_FLOOR:
+                    return min(price, bid) if bid is not None else price
+        listed = self._list_price(region, instance_type)
+        if listed is None:
+            return bid if spot else None
+        return min(listed[0], bid) if (spot and bid is not None) else listed[0]
+
+    async def _volume_sizes(self, found: Sequence[tuple[str, dict[str, Any]]]) -> dict[str, int]:
+        """Root volume GB of machines without our disk tag (attached or foreign ones), one call per
+        region; unknown sizes are simply left out (best effort, never fails the caller)."""
+        wanted: dict[str, dict[str, str]] = {}
+        for region, instance in found:
+            if _int_tag(_tags(instance), DISK_TAG) is not None:
+                continue
+            for mapping in instance.get("BlockDeviceMappings") or []:
+                volume = (mapping.get("Ebs") or {}).get("VolumeId")
+                if volume and mapping.get("DeviceName") == instance.get("RootDeviceName", mapping.get("DeviceName")):
+                    wanted.setdefault(region, {})[volume] = instance["InstanceId"]
+        sizes: dict[str, int] = {}
+        for region, volumes in wanted.items():
+            try:
+                result = await self._call(self._ec2[region], "describe_volumes", f"describe_volumes in {region}",
+                                          VolumeIds=sorted(volumes))
+            except ProviderError:
+                continue
+            for volume in result.get("Volumes") or []:
+                owner = volumes.get(volume.get("VolumeId", ""))
+                if owner and volume.get("Size"):
+                    sizes[owner] = int(volume["Size"])
+        return sizes
+
+    async def _view(self, region: str, instance: Mapping[str, Any], *, volume_gb: int | None = None) -> ProviderInstance:
+        tags = _tags(instance)
+        iid = str(instance["InstanceId"])
+        itype = str(instance.get("InstanceType", ""))
+        state_name = str((instance.get("State") or {}).get("Name", ""))
+        state = _STATES.get(state_name, ProviderState.UNKNOWN)
+        spot = instance.get("InstanceLifecycle") == "spot"
+        cache = self._cache[region]
+        if cache.types is None:
+            try:
+                await self._gpu_types(region)
+            except ProviderError:
+                pass     # the machine is still reported, without its GPU facts
+        gpu = cache.types.value.get(itype) if cache.types is not None else None
+        disk_gb = _int_tag(tags, DISK_TAG) or volume_gb
+        if disk_gb is None and state_name not in ("shutting-down", "terminated"):
+            disk_gb = (await self._volume_sizes([(region, dict(instance))])).get(iid)
+        storage = storage_hourly(self.ebs_gb_month, disk_gb) if disk_gb else Decimal(0)
+        try:
+            compute: Decimal | None = to_decimal(tags[DPH_TAG])
+        except (KeyError, ValueError):
+            compute = self._compute_price(region, itype, spot)
+        port = _int_tag(tags, PORT_TAG) or DEFAULT_PORT
+        ip = instance.get("PublicIpAddress")
+        endpoint = f"http://{ip}:{port}" if state is ProviderState.RUNNING and ip else None
+        launched = instance.get("LaunchTime")
+        reason = (instance.get("StateReason") or {}).get("Message") or instance.get("StateTransitionReason") or ""
+        message = f"{state_name}{' (spot)' if spot else ''}" + (f": {reason}" if reason else "")
+        if state is ProviderState.STOPPED and storage:
+            message += f"; EBS disk of {disk_gb} GB still billed"
+        return ProviderInstance(
+            provider=NAME, provider_id=iid, label=tags.get(LABEL_TAG) or None, state=state,
+            gpu_name=gpu.gpu_name if gpu else "", num_gpus=gpu.num_gpus if gpu else 0,
+            # the running rate includes the EBS disk, as offers' dph does: EBS bills all the time
+            dph=(compute + storage).quantize(Decimal("0.000001")) if compute is not None else Decimal(0),
+            storage_dph=storage, endpoint=endpoint, healthy=None, gpu_util=None,
+            started_at=as_utc(launched) if isinstance(launched, datetime) else None,
+            message=message[:300], offer_id=offer_id_for(itype, region, spot) if itype else None,
+            image=tags.get(IMAGE_TAG) or None, interruptible=spot,
+        )
+
+    # ------------------------------------------------------------------ health and cleanup
+
+    async def health(self, instance: ProviderInstance, path: str | None, port: int | None) -> bool:
+        """EC2 'running' only means the OS booted: ask the model server itself over HTTP."""
+        if instance.state is not ProviderState.RUNNING or not instance.endpoint:
+            return False
+        base = instance.endpoint
+        if port is not None:
+            base = re.sub(r":\d+$", f":{int(port)}", base)
+        url = base + "/" + (path or "").lstrip("/")
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.health_timeout_s), follow_redirects=False)
+        try:
+            response = await self._http.get(url)
+        except httpx.HTTPError:
+            return False
+        return response.status_code < 400
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        for client in [*self._ec2.values(), self._pricing]:
+            close = getattr(client, "close", None)
+            if close is not None:
+                close()
+
+
+class _NotFoundError(ProviderError):
+    """InvalidInstanceID.NotFound: callers turn it into None (get) or success (destroy)."""
+
+    code = "provider_not_found"
+
+
+def _retry_after(meta: Mapping[str, Any]) -> float | None:
+    headers = meta.get("HTTPHeaders") or {}
+    raw = headers.get("x-amz-retry-after")
+    if raw is not None:
+        try:
+            return max(0.0, int(raw) / 1000.0)
+        except ValueError:
+            return None
+    raw = headers.get("retry-after")
+    try:
+        return max(0.0, float(raw)) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _with_state(instance: Mapping[str, Any], changes: Any) -> dict[str, Any]:
+    """The instance as described before an action, with the state the action reported."""
+    updated = dict(instance)
+    for change in changes or []:
+        if change.get("InstanceId") == instance.get("InstanceId") and change.get("CurrentState"):
+            updated["State"] = change["CurrentState"]
+    return updated
+
+
+def _is_ours_or_gpu(instance: Mapping[str, Any]) -> bool:
+    if LABEL_TAG in _tags(instance):
+        return True
+    family = str(instance.get("InstanceType", "")).split(".", 1)[0]
+    return family[:1] in ("g", "p")
+
+
+__all__ = ["AwsProvider", "PriceTable", "gpu_memory_gb", "gpu_name_for", "parse_price_list",
+           "parse_offer_id", "offer_id_for", "user_data", "wants_spot"]
