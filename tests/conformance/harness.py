@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from pathlib import Path
 
-from core.providers.base import Provider
+from core.providers.base import Provider, ProviderInstance
 
 OPS = ("search", "create", "get", "list", "start", "stop", "destroy")
 FAULTS = ("rate_limit", "server_error", "timeout", "malformed", "capacity", "auth")
@@ -34,6 +34,10 @@ class Harness(abc.ABC):
     async def settle(self) -> None:
         """Let simulated time pass so a machine moves to its next state (fakes that progress per
         request or per wall-clock second need nothing here)."""
+
+    async def existing(self, label: str) -> ProviderInstance:
+        """A running machine made outside gpuherd, for providers gpuherd cannot create on."""
+        raise NotImplementedError
 
     def forget(self, provider_id: str) -> None:
         """Make the provider lose the machine entirely (for reconcile's 'gone' case)."""

@@ -21,7 +21,7 @@ from core.retry import provider_call
 
 from .harness import Harness, make_harness
 
-PROVIDERS = ["sandbox", "vast", "runpod", "aws"]
+PROVIDERS = ["sandbox", "vast", "runpod", "aws", "surf"]
 BOOTING = {ProviderState.PROVISIONING, ProviderState.LOADING, ProviderState.STARTING, ProviderState.RUNNING}
 
 
@@ -43,6 +43,11 @@ async def call(h: Harness, fn):
     return await provider_call(h.provider, fn, sleep=_no_sleep)
 
 
+def needs(h: Harness, capability: str) -> None:
+    if not getattr(h.provider.capabilities, capability):
+        pytest.skip(f"{h.name} does not {capability.removeprefix('can_')} (checked in test_refused_operations)")
+
+
 async def cheapest(h: Harness, *, max_gpus: int = 1):
     offers = await call(h, h.provider.search)
     fitting = [o for o in offers if o.num_gpus <= max_gpus] or offers
@@ -50,6 +55,8 @@ async def cheapest(h: Harness, *, max_gpus: int = 1):
 
 
 async def boot(h: Harness, label: str = "gh-conformance-1") -> ProviderInstance:
+    if not h.provider.capabilities.can_create:
+        return await h.existing(label)
     offer = await cheapest(h)
     return await h.provider.create(CreateRequest(offer_id=offer.offer_id, label=label,
                                                  image="vllm/vllm-openai:v0.6.3", ports=[8000],
@@ -76,6 +83,7 @@ async def walk_until(h: Harness, provider_id: str, want: ProviderState, allowed:
 # ------------------------------------------------------------------------------------ offers
 
 async def test_search_returns_normalised_offers(h: Harness):
+    needs(h, "can_search")
     offers = await call(h, h.provider.search)
     assert offers, f"{h.name} returned no offers"
     for o in offers[:200]:
@@ -92,6 +100,7 @@ async def test_search_returns_normalised_offers(h: Harness):
 
 
 async def test_an_offer_can_be_looked_up_by_id(h: Harness):
+    needs(h, "can_search")
     offer = await cheapest(h)
     again = await call(h, lambda: h.provider.get_offer(offer.offer_id))
     assert again is not None and again.offer_id == offer.offer_id and again.gpu_name == offer.gpu_name
@@ -103,16 +112,19 @@ async def test_full_lifecycle(h: Harness):
     caps = h.provider.capabilities
     created = await boot(h)
     assert created.provider == h.name and created.provider_id
-    assert created.label == "gh-conformance-1"
+    if caps.can_create:
+        assert created.label == "gh-conformance-1"
     assert created.state in BOOTING
 
     listed = await call(h, h.provider.list)
     mine = [p for p in listed if p.provider_id == created.provider_id]
-    assert len(mine) == 1 and mine[0].label == "gh-conformance-1", "list finds the machine by its label"
+    assert len(mine) == 1 and mine[0].label == created.label, "list finds the machine (by its label)"
 
     await walk_until(h, created.provider_id, ProviderState.RUNNING, BOOTING)
     running = await call(h, lambda: h.provider.get(created.provider_id))
-    assert running is not None and running.dph > 0 and running.num_gpus >= 1
+    assert running is not None
+    if caps.can_create:  # SURF bills credits from a wallet, not dollars, and names no GPU
+        assert running.dph > 0 and running.num_gpus >= 1
 
     if caps.can_stop:
         await call(h, lambda: h.provider.stop(created.provider_id))
@@ -124,6 +136,11 @@ async def test_full_lifecycle(h: Harness):
         await call(h, lambda: h.provider.start(created.provider_id))
         await walk_until(h, created.provider_id, ProviderState.RUNNING, BOOTING | {ProviderState.STOPPED})
 
+    if not caps.can_destroy:
+        with pytest.raises(ProviderError) as err:
+            await h.provider.destroy(created.provider_id)
+        assert h.display in err.value.message
+        return
     await call(h, lambda: h.provider.destroy(created.provider_id))
     for _ in range(30):
         gone = await call(h, lambda: h.provider.get(created.provider_id))
@@ -140,7 +157,7 @@ async def test_full_lifecycle(h: Harness):
 
 async def test_unknown_machine_is_none_not_an_error(h: Harness):
     unknown = {"sandbox": "sb-i-999999", "vast": "99999999", "runpod": "zzzzzzzzzzzzzz",
-               "aws": "i-0123456789abcdef0"}[h.name]
+               "aws": "i-0123456789abcdef0", "surf": "00000000-0000-4000-8000-000000000000"}[h.name]
     assert await call(h, lambda: h.provider.get(unknown)) is None
 
 
@@ -152,12 +169,13 @@ async def test_rate_limit_with_retry_after_is_waited_out(h: Harness):
     assert isinstance(listed, list)
 
 
-async def test_server_error_on_search_is_a_provider_error(h: Harness):
+async def test_server_error_is_a_provider_error(h: Harness):
     if "server_error" not in h.faults:
         pytest.skip(f"{h.name} cannot inject server errors")
-    h.inject("search", "server_error", times=10)
+    op, fn = ("search", h.provider.search) if h.provider.capabilities.can_search else ("list", h.provider.list)
+    h.inject(op, "server_error", times=10)
     with pytest.raises(ProviderError) as err:
-        await call(h, h.provider.search)
+        await call(h, fn)
     assert h.display in err.value.message
 
 
@@ -173,13 +191,15 @@ async def test_timeout_is_a_provider_timeout_and_bounded(h: Harness):
 async def test_malformed_json_is_named(h: Harness):
     if "malformed" not in h.faults:
         pytest.skip(f"{h.name} answers no JSON to break")
-    h.inject("search", "malformed", times=10)
+    op, fn = ("search", h.provider.search) if h.provider.capabilities.can_search else ("list", h.provider.list)
+    h.inject(op, "malformed", times=10)
     with pytest.raises(ProviderError) as err:
-        await call(h, h.provider.search)
+        await call(h, fn)
     assert "malformed" in err.value.message.lower() and h.display in err.value.message
 
 
 async def test_capacity_error_on_create(h: Harness):
+    needs(h, "can_create")
     offer = await cheapest(h)
     h.inject("create", "capacity")
     with pytest.raises(CapacityError) as err:
@@ -202,6 +222,8 @@ async def test_errors_are_typed_not_raw(h: Harness):
     """Whatever the fault, nothing but a GpuherdError leaves a provider."""
     for kind in sorted(h.faults - {"timeout"}):
         op = "create" if kind == "capacity" else "list"
+        if op == "create" and not h.provider.capabilities.can_create:
+            continue
         h.inject(op, kind, times=10)
         try:
             if op == "create":
@@ -212,3 +234,16 @@ async def test_errors_are_typed_not_raw(h: Harness):
         except GpuherdError:
             pass
         h.clear()
+
+
+async def test_refused_operations_say_so_without_a_request(h: Harness):
+    """What a provider cannot do is refused with a message naming it, before anything is sent."""
+    caps = h.provider.capabilities
+    if caps.can_create and caps.can_search and caps.can_destroy:
+        pytest.skip(f"{h.name} refuses nothing")
+    if not caps.can_search:
+        assert await h.provider.search() == []
+    if not caps.can_create:
+        with pytest.raises(ProviderError) as err:
+            await h.provider.create(CreateRequest(offer_id="x", label="gh-x", image="x/y:1"))
+        assert h.display in err.value.message
