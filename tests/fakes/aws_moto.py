@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import threading
+import time
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator, Mapping
@@ -307,6 +308,8 @@ class MotoProxy(LoopbackServer):
             fault = queue.popleft() if queue else None
             pins = self._pins.get(action)
             pinned = pins.pop(0) if pins else None
+        if self.latency_s:
+            time.sleep(self.latency_s)
         if fault is not None:
             return self._send_aws_fault(h, fault, service, action, params)
         if pinned is not None:
