@@ -144,8 +144,10 @@ def search_reply(r: SearchResult) -> Reply:
                      if name in r.provider_ages)
     if ages:
         reply = reply.with_note(f"Prices asked: {ages}. $/h includes a {SEARCH_DISK_GB} GB disk.")
-    for note in r.price_notes:
-        reply = reply.with_note(f"Price not live: {note}")
+    for src in r.price_sources:
+        # a cached price list says how old it is; a table's date is in its name
+        age = f", {duration(src.age_s)} old" if src.age_s is not None and src.age_s < 2 * 86400 else ""
+        reply = reply.with_note(f"{src.provider} prices from {src.source}{age}.")
     return _simulated(reply, r.simulated)
 
 

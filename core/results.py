@@ -42,6 +42,16 @@ class InstanceView(BaseModel):
     activity_detail: str | None = None
 
 
+class PriceSource(BaseModel):
+    """Where some shown offers' prices came from when not from the live search (a cached price
+    list, a table shipped with gpuherd) and when that price was set."""
+
+    provider: str
+    source: str
+    priced_at: datetime | None = None
+    age_s: int | None = None        # how old the price was at the search
+
+
 class SearchResult(BaseModel):
     query: str
     description: str
@@ -51,7 +61,7 @@ class SearchResult(BaseModel):
     failures: dict[str, str] = Field(default_factory=dict)
     price_age_s: int = 0                                        # the oldest provider's
     provider_ages: dict[str, int] = Field(default_factory=dict)  # seconds since each was asked
-    price_notes: list[str] = Field(default_factory=list)        # prices not read live, and from where
+    price_sources: list[PriceSource] = Field(default_factory=list)  # prices not read live, and from where
     simulated: bool = False
 
 

@@ -46,6 +46,7 @@ from .providers.base import CreateRequest, Provider, ProviderInstance, ProviderS
 from .providers.registry import ProviderRegistry, build_registry
 from .query import OfferQuery, parse_query
 from .results import (
+    PriceSource,
     AttachResult,
     ReconcileResult,
     AuditEntry,
@@ -229,12 +230,19 @@ class GpuService:
         shown = query.sort(matched, limit)
         now = self.clock.now()
         ages = {name: max(0, int((now - at).total_seconds())) for name, at in got.fetched.items()}
-        notes = sorted({f"{o.provider}: {o.price_source}" for o in shown if o.price_source})
+        sources: dict[tuple[str, str], datetime | None] = {}
+        for o in shown:
+            if o.price_source:
+                key = (o.provider, o.price_source)
+                at = sources.get(key)
+                sources[key] = o.priced_at if at is None or (o.priced_at and o.priced_at < at) else at
         searched = [n for n in names if self.providers.get(n).capabilities.can_search]
         return SearchResult(query=text, description=query.describe(), offers=shown,
                             total_matches=len(matched), providers=searched, failures=got.failures,
                             price_age_s=max(ages.values(), default=0), provider_ages=ages,
-                            price_notes=notes,
+                            price_sources=[PriceSource(provider=p, source=src, priced_at=at,
+                                                       age_s=int((now - at).total_seconds()) if at else None)
+                                           for (p, src), at in sorted(sources.items())],
                             simulated=any(o.simulated for o in matched) or self._any_simulated(names))
 
     def _any_simulated(self, names: list[str]) -> bool:

@@ -248,3 +248,18 @@ def test_a_boot_killed_after_the_provider_created_the_machine_leaves_nothing_unt
     asyncio.run(later())
     out = (cloud_env / "gpuherd.log").read_text() if (cloud_env / "gpuherd.log").exists() else ""
     assert VAST_KEY not in out
+
+
+async def test_search_reply_says_where_a_price_not_read_live_came_from(service):
+    from bot.replies import duration, search_reply
+    from core.results import PriceSource, SearchResult
+
+    r = SearchResult(query="", description="", offers=[], total_matches=0, providers=["aws"],
+                     provider_ages={"aws": 4},
+                     price_sources=[PriceSource(provider="aws", source="AWS Pricing API", age_s=3 * 3600),
+                                    PriceSource(provider="aws", source="gpuherd price table of 2025-07-01",
+                                                age_s=400 * 86400)])
+    notes = search_reply(r).notes
+    assert f"aws prices from AWS Pricing API, {duration(3 * 3600)} old." in notes
+    assert "aws prices from gpuherd price table of 2025-07-01." in notes
+    assert any(n.startswith("Prices asked: aws") for n in notes)
