@@ -12,6 +12,7 @@ from typing import TextIO
 
 from rich.console import Console
 from rich.markup import escape
+from core.models import Role
 from core.notify import Notice
 from core.service import GpuService
 
@@ -37,6 +38,8 @@ class Shell:
     def _notice(self, notice: Notice) -> None:
         if notice.actor == self.actor.principal:
             return  # the reply to the user's own command says it already
+        if notice.to_admins and not self.actor.at_least(Role.ADMIN):
+            return  # machines gpuherd does not manage are the admins' business
         colour = {"warning": "yellow", "error": "red"}.get(notice.level, "cyan")
         self.console.print(f"[{colour}]» {escape(notice.text)}[/{colour}]")
         for action in notice.actions:
