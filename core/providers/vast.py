@@ -96,6 +96,7 @@ from .vast_wire import (
     _MICRO,
     NAME,
     _build_offer,
+    _dec,
     _endpoint,
     _gpu_name,
     _name_cache,
@@ -597,15 +598,9 @@ class VastProvider(Provider):
 
 
 def _signed_decimal(value: Any) -> Decimal | None:
-    if value is None or isinstance(value, bool):
-        return None
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    if not -1e12 < x < 1e12:      # also NaN and infinities
-        return None
-    return Decimal(repr(x)).quantize(_MICRO)
+    """A balance, which may be negative (credit owed)."""
+    found = _dec(value, -1e12, 1e12)
+    return found.quantize(_MICRO) if found is not None else None
 
 
 # the private names are re-exported from vast_wire for bench/bench_vast_normalise.py (it clears the caches)

@@ -381,14 +381,16 @@ def _normalise_one(o: Any, fetched_at: datetime | None, interruptible: bool) -> 
 # --------------------------------------------------------------------------------- instances
 
 
-def _dec(value: Any) -> Decimal | None:
+def _dec(value: Any, low: float = 0, high: float = 1e9) -> Decimal | None:
+    """A JSON number as an exact Decimal (through its shortest repr, so 0.1 stays 0.1), or None
+    for anything missing, non-numeric or outside [low, high)."""
     if value is None or isinstance(value, bool):
         return None
     try:
         x = float(value)
     except (TypeError, ValueError):
         return None
-    if not 0 <= x < 1e9:          # also NaN and infinities
+    if not low <= x < high:       # also NaN and infinities
         return None
     return Decimal(repr(x))
 

@@ -36,7 +36,7 @@ from xml.sax.saxutils import escape
 
 from .loopback import Fault, LoopbackServer, Request, Response
 
-ACCESS_KEY = "AKIAGPUHERDTESTKEY01"
+ACCESS_KEY = "fake-access-key-for-tests"
 SECRET_KEY = "gpuherd/test+SecretAccessKey0123456789abcd"     # what no message may contain
 REGION = "us-east-1"
 ACCOUNT = "123456789012"                                     # moto's default account
