@@ -10,6 +10,7 @@ import abc
 from pathlib import Path
 
 from core.providers.base import Provider, ProviderInstance
+from tests.fakes.loopback import LoopbackServer
 
 OPS = ("search", "create", "get", "list", "start", "stop", "destroy")
 FAULTS = ("rate_limit", "server_error", "timeout", "malformed", "capacity", "auth")
@@ -45,6 +46,29 @@ class Harness(abc.ABC):
 
     async def close(self) -> None:
         await self.provider.aclose()
+
+
+class LoopbackHarness(Harness):
+    """A real client against a loopback fake (tests/fakes): faults go to the fake, with a hang
+    that outlasts the client's `timeout_s` and ends soon after, so no server thread lingers."""
+
+    fake: LoopbackServer
+    timeout_s: float = 0.5
+
+    def inject(self, op: str, kind: str, *, times: int = 1, retry_after: float | None = None) -> None:
+        self.fake.fault(op, kind, times=times, retry_after=retry_after, hang_s=self.timeout_s * 3)
+
+    def clear(self) -> None:
+        self.fake.clear_faults()
+
+    def forget(self, provider_id: str) -> None:
+        self.fake.forget(provider_id)  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        try:
+            await self.provider.aclose()
+        finally:
+            self.fake.stop()
 
 
 async def make_harness(name: str, tmp_path: Path) -> Harness:

@@ -12,13 +12,13 @@ from core.providers.base import ProviderInstance
 from core.providers.surf import SurfProvider
 from tests.fakes.surf_fake import FakeSurf
 
-from .harness import Harness
+from .harness import LoopbackHarness
 
 SECRET = "surf-token-5e6f7a8b9c0d1e2f-conformance"
 TIMEOUT_S = 0.5
 
 
-class SurfHarness(Harness):
+class SurfHarness(LoopbackHarness):
     name = "surf"
     display = "SURF Research Cloud"
     secret = SECRET
@@ -30,27 +30,12 @@ class SurfHarness(Harness):
         self.provider = SurfProvider(SECRET, base_url=self.fake.url + "/v1", timeout_s=TIMEOUT_S, attempts=3,
                                      backoff_s=0.01, transport=httpx.AsyncHTTPTransport(verify=False))
 
-    def inject(self, op: str, kind: str, *, times: int = 1, retry_after: float | None = None) -> None:
-        self.fake.fault(op, kind, times=times, retry_after=retry_after, hang_s=TIMEOUT_S * 3)
-
-    def clear(self) -> None:
-        self.fake.clear_faults()
-
-    def forget(self, provider_id: str) -> None:
-        self.fake.forget(provider_id)
-
     async def existing(self, label: str) -> ProviderInstance:
         ws_id = self.fake.add(f"gpu-{label}", status="running")
         found = await self.provider.get(ws_id)
         assert found is not None
         return found
 
-    async def close(self) -> None:
-        try:
-            await self.provider.aclose()
-        finally:
-            self.fake.stop()
 
-
-async def make(tmp_path: Path) -> Harness:
+async def make(tmp_path: Path) -> LoopbackHarness:
     return SurfHarness()

@@ -11,13 +11,13 @@ import httpx
 from core.providers.vast import VastProvider
 from tests.fakes.vast_fake import FakeVast
 
-from .harness import FAULTS, Harness
+from .harness import FAULTS, LoopbackHarness
 
 SECRET = "vastkey-0c1d2e3f4a5b6c7d8e9f-conformance"
 TIMEOUT_S = 0.5
 
 
-class VastHarness(Harness):
+class VastHarness(LoopbackHarness):
     name = "vast"
     display = "vast.ai"
     secret = SECRET
@@ -29,22 +29,6 @@ class VastHarness(Harness):
         self.provider = VastProvider(SECRET, base_url=self.fake.url, timeout_s=TIMEOUT_S, attempts=3,
                                      backoff_s=0.01, transport=httpx.AsyncHTTPTransport(verify=False))
 
-    def inject(self, op: str, kind: str, *, times: int = 1, retry_after: float | None = None) -> None:
-        # a hang must outlast the client's timeout; longer only slows the suite down
-        self.fake.fault(op, kind, times=times, retry_after=retry_after, hang_s=TIMEOUT_S * 3)
 
-    def clear(self) -> None:
-        self.fake.clear_faults()
-
-    def forget(self, provider_id: str) -> None:
-        self.fake.forget(provider_id)
-
-    async def close(self) -> None:
-        try:
-            await self.provider.aclose()
-        finally:
-            self.fake.stop()
-
-
-async def make(tmp_path: Path) -> Harness:
+async def make(tmp_path: Path) -> LoopbackHarness:
     return VastHarness()
