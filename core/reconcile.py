@@ -29,7 +29,7 @@ from .auth import Actor, system_actor
 from .clock import as_utc
 from .errors import Conflict, GpuherdError, InvalidInput, NotFound
 from .guard_plan import replan
-from .ids import is_gpuherd_label, label_for, new_instance_id
+from .ids import LABEL_PREFIX, is_gpuherd_label, label_for, new_instance_id
 from .ledger import COMPUTE, STORAGE, Ledger
 from .models import Instance, InstanceState, Role, UnmanagedInstance
 from .money import from_micros, rate, to_micros
@@ -96,8 +96,12 @@ class Reconciler:
         labelled = [m for m in unknown if m.label]
         intents: dict[str, Instance] = {}
         if labelled:
+            # the keys these labels could stand for: the label itself, or a surface's key we marked
+            keys = {k for m in labelled for k in (m.label or "", (m.label or "").removeprefix(LABEL_PREFIX))}
             with svc.db.session() as s:
-                for row in s.exec(select(Instance).where(Instance.provider_id.is_(None))).scalars():  # type: ignore[call-overload,union-attr]
+                for row in s.exec(select(Instance).where(  # type: ignore[call-overload]
+                        Instance.idempotency_key.in_(sorted(keys)),  # type: ignore[attr-defined]
+                        Instance.provider_id.is_(None))).scalars():  # type: ignore[union-attr]
                     intents[label_for(row.idempotency_key)] = row
         strangers: list[ProviderInstance] = []
         for machine in unknown:
@@ -127,7 +131,7 @@ class Reconciler:
         await self._report_unmanaged(name, strangers, result)
         # intents whose machine never appeared: the create never reached the provider
         labels = {m.label for m in machines if m.label}
-        for intent in intents.values() if labelled else self._stale_intents(name):
+        for intent in self._stale_intents(name):
             if (intent.provider == name and intent.state == InstanceState.PENDING.value
                     and now - as_utc(intent.created_at) >= BOOT_GRACE
                     and label_for(intent.idempotency_key) not in labels):
@@ -154,7 +158,7 @@ class Reconciler:
         svc = self.service
         return self._insert(system_actor("reconcile"), provider, machine, owner="system:reconcile",
                             team=svc.settings.default_team, template=ADOPTED_TEMPLATE,
-                            key=machine.label or f"adopt:{provider}:{machine.provider_id}",
+                            key=f"adopt:{provider}:{machine.provider_id}:{uuid.uuid4().hex[:8]}",
                             idle=DEFAULT_IDLE, event="reconcile.adopt")
 
     async def _report_unmanaged(self, provider: str, machines: list[ProviderInstance],

@@ -491,18 +491,21 @@ class GpuService:
             return self._view(s, inst)
 
     def _mark_failed(self, actor: Actor, instance_id: str, error: GpuherdError | None) -> None:
+        """Close an intent whose machine was never made. Never touches one whose machine was
+        recorded meanwhile (a slow create that came back while reconcile gave up on it)."""
         now = self.clock.now()
+        message = (error.message if error else "create failed")[:500]
         with self.db.session() as s:
-            inst = s.get(Instance, instance_id)
-            if inst is None:
+            failed = s.exec(update(Instance).where(  # type: ignore[call-overload]
+                Instance.id == instance_id, Instance.provider_id.is_(None))  # type: ignore[union-attr]
+                .values(state=InstanceState.FAILED.value, status_message=message, updated_at=now,
+                        next_guard_at=None, version=Instance.version + 1))
+            if failed.rowcount != 1:
+                s.rollback()
                 return
-            inst.state = InstanceState.FAILED.value
-            inst.status_message = (error.message if error else "create failed")[:500]
-            inst.updated_at = now
-            inst.next_guard_at = None
-            s.add(inst)
-            audit_log.record(s, actor, "boot", now=now, instance_id=inst.id, ok=False,
-                             template=inst.template, error=inst.status_message)
+            inst = s.get(Instance, instance_id)
+            audit_log.record(s, actor, "boot", now=now, instance_id=instance_id, ok=False,
+                             template=inst.template if inst else None, error=message)
             s.commit()
 
     async def _wait_ready(self, instance_id: str, template: Template | None,

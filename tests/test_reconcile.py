@@ -236,3 +236,23 @@ async def test_attach_from_configuration_once_and_typos_only_logged(service, san
     [row] = _rows(service)
     assert row.provider_id == machine.provider_id and row.owner == "local:alice"
     assert "sbx-424242" in caplog.text and "nosuch" in caplog.text
+
+
+async def test_a_recorded_machine_is_never_marked_failed(service, admin, sandbox):
+    booted = await service.boot(admin, "budget", wait=False)
+    from core.errors import GpuherdError
+    service._mark_failed(admin, booted.instance.id, GpuherdError("late give-up"))
+    [row] = _rows(service)
+    assert row.state != "failed" and row.provider_id == booted.instance.provider_id
+
+
+async def test_a_labelled_machine_whose_old_intent_failed_long_ago_is_adopted_into_it(service, admin, sandbox,
+                                                                                      monkeypatch, clock):
+    """The create timed out, the label search failed too, the boot was marked failed; the machine
+    exists after all. Reconcile finds it by the label, however long ago that was."""
+    row = await _crashed_boot(service, admin, sandbox, monkeypatch, "slow-create")
+    from core.errors import GpuherdError
+    service._mark_failed(admin, row.id, GpuherdError("create timed out"))
+    clock.advance(timedelta(days=30))
+    result = await service.reconcile(admin)
+    assert result.adopted == [row.id] and len(_rows(service)) == 1
