@@ -263,3 +263,31 @@ async def test_search_reply_says_where_a_price_not_read_live_came_from(service):
     assert f"aws prices from AWS Pricing API, {duration(3 * 3600)} old." in notes
     assert "aws prices from gpuherd price table of 2025-07-01." in notes
     assert any(n.startswith("Prices asked: aws") for n in notes)
+
+
+async def test_running_is_not_healthy_until_the_model_server_answers():
+    """vast.ai or RunPod say 'running' when the container starts; vLLM then loads for minutes."""
+    from core.providers.base import ProviderInstance, ProviderState
+    from core.providers.runpod import RunPodProvider
+    from tests.fakes.loopback import LoopbackServer, Response
+
+    class ModelServer(LoopbackServer):
+        ready = False
+
+        def routes(self) -> None:
+            self.route("GET", "/health", lambda req, params: Response(200 if self.ready else 503, {}), "health")
+
+    provider = RunPodProvider("unused-key", base_url="http://127.0.0.1:9")
+    with ModelServer() as server:
+        pinst = ProviderInstance(provider="runpod", provider_id="p1", state=ProviderState.RUNNING,
+                                 endpoint=server.url)
+        assert await provider.health(pinst, "/health", 8000) is False
+        server.ready = True
+        assert await provider.health(pinst, "/health", 8000) is True
+        assert len(server.calls("health")) == 2
+        loading = pinst.model_copy(update={"state": ProviderState.LOADING})
+        assert await provider.health(loading, "/health", 8000) is False
+    gone = pinst.model_copy(update={"endpoint": "http://127.0.0.1:9"})
+    assert await provider.health(gone, "/health", 8000) is False, "no answer is not healthy"
+    assert await provider.health(pinst.model_copy(update={"endpoint": None}), "/health", 8000) is True
+    await provider.aclose()

@@ -8,6 +8,7 @@ import enum
 from datetime import datetime
 from decimal import Decimal
 
+import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from typing import TYPE_CHECKING
@@ -16,6 +17,8 @@ from ..offers import Offer
 
 if TYPE_CHECKING:
     from ..query import OfferQuery
+
+HEALTH_TIMEOUT_S = 5.0
 
 
 class ProviderState(str, enum.Enum):
@@ -130,10 +133,22 @@ class Provider(abc.ABC):
     async def destroy(self, provider_id: str) -> None: ...
 
     async def health(self, instance: ProviderInstance, path: str | None, port: int | None) -> bool:
-        """Whether the model server answers. Default: provider-reported health, else running."""
+        """Whether the model server answers. A provider's "running" only means the container
+        started; a vLLM server then loads its model for minutes. So where the machine has an
+        endpoint and the template a health path, ask the server itself."""
         if instance.healthy is not None:
             return instance.healthy
-        return instance.state is ProviderState.RUNNING
+        if instance.state is not ProviderState.RUNNING:
+            return False
+        if not instance.endpoint or not path:
+            return True  # nothing to ask: running is all we can know
+        url = instance.endpoint.rstrip("/") + "/" + path.lstrip("/")
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(HEALTH_TIMEOUT_S), follow_redirects=True) as http:
+                response = await http.get(url)
+        except httpx.HTTPError:
+            return False
+        return response.status_code < 400
 
     async def balance(self) -> Decimal | None:
         """Account credit in USD where the provider reports one."""
