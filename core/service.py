@@ -46,9 +46,7 @@ from .providers.base import CreateRequest, Provider, ProviderInstance, ProviderS
 from .providers.registry import ProviderRegistry, build_registry
 from .query import OfferQuery, parse_query
 from .results import (
-    PriceSource,
     AttachResult,
-    ReconcileResult,
     AuditEntry,
     AuditResult,
     BootResult,
@@ -61,6 +59,8 @@ from .results import (
     InstanceCost,
     InstanceView,
     KeepResult,
+    PriceSource,
+    ReconcileResult,
     SearchResult,
     StartResult,
     StatusResult,
@@ -172,8 +172,13 @@ class GpuService:
         if flight is None:
             flight = asyncio.ensure_future(self._fetch_offers(provider, query, key))
             self._in_flight[key] = flight
-            flight.add_done_callback(lambda _f, k=key: self._in_flight.pop(k, None))
+            flight.add_done_callback(lambda f, k=key: self._landed(k, f))
         return await asyncio.shield(flight)
+
+    def _landed(self, key: tuple[str, str], flight: asyncio.Future[Any]) -> None:
+        self._in_flight.pop(key, None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved: a search whose waiters all timed out must not warn later
 
     async def _fetch_offers(self, provider: Provider, query: OfferQuery | None,
                             key: tuple[str, str]) -> tuple[list[Offer], datetime]:
