@@ -229,6 +229,10 @@ class GpuService:
         actor.require(Role.VIEWER, "searching")
         query = parse_query(text)
         names = self._provider_names(query.providers)
+        if names and not any(self.providers.get(n).capabilities.can_search for n in names):
+            shown = ", ".join(self.providers.get(n).display_name for n in names)
+            raise InvalidInput(f"{shown} has no offers to search: gpuherd attaches existing machines there "
+                               f"(/gpu attach {names[0]}:<id>).")
         got = await self._gather_offers(names, query)
         matched = [o for o in got.offers if query.matches(o)]
         limit = query.limit or 10

@@ -291,3 +291,8 @@ async def test_running_is_not_healthy_until_the_model_server_answers():
     assert await provider.health(gone, "/health", 8000) is False, "no answer is not healthy"
     assert await provider.health(pinst.model_copy(update={"endpoint": None}), "/health", 8000) is True
     await provider.aclose()
+
+
+async def test_searching_only_a_provider_without_offers_says_so(service):
+    text = await run(service, "/gpu search provider=surf")
+    assert "SURF Research Cloud has no offers" in text and "/gpu attach surf:" in text
