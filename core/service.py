@@ -1156,35 +1156,16 @@ class GpuService:
             upcoming=upcoming, blind=blind, simulated=any(v.simulated for v in views))
 
     # --- crash recovery ------------------------------------------------------------------
-    async def resolve_pending(self, older_than: timedelta = timedelta(minutes=2)) -> list[str]:
-        """Boot intents left by a crash: adopt the machine if the provider has our label, else
-        mark the intent failed. Returns the ids adopted. Runs at start."""
-        cutoff = self.clock.now() - older_than
+    async def resolve_pending(self) -> list[str]:
+        """Boot intents left by a crash, at start: a reconcile pass adopts each machine that has
+        the intent's label and fails the intents whose machine never appeared. Skipped (no
+        provider is asked) when no intent is pending. Returns the ids adopted."""
         with self.db.session() as s:
-            pending = [i for i in s.exec(select(Instance).where(  # type: ignore[call-overload]
-                Instance.state == InstanceState.PENDING.value)).scalars() if as_utc(i.created_at) <= cutoff]
-        adopted: list[str] = []
-        system = system_actor("recovery")
-        for inst in pending:
-            if inst.provider not in self.providers:
-                continue
-            provider = self.providers.get(inst.provider)
-            try:
-                listed = await provider.list()
-            except ProviderError as exc:
-                log.warning("cannot resolve pending %s: %s", inst.id, exc.message)
-                continue
-            found = next((p for p in listed if p.label == label_for(inst.idempotency_key)), None)
-            if found is None:
-                self._mark_failed(system, inst.id, GpuherdError("boot interrupted before the provider created it"))
-                continue
-            offer = Offer(provider=inst.provider, offer_id=inst.offer_id or "", gpu_name=inst.gpu_name,
-                          num_gpus=inst.num_gpus, gpu_ram=0, dph=from_micros(inst.dph_micros),
-                          simulated=inst.simulated)
-            template = self.templates.find(inst.template) or self.templates.all()[0]
-            self._record_created(system, inst.id, offer, found, template)
-            adopted.append(inst.id)
-        return adopted
+            pending = s.exec(select(func.count()).select_from(Instance).where(  # type: ignore[call-overload]
+                Instance.state == InstanceState.PENDING.value)).one()[0]
+        if not pending:
+            return []
+        return (await self.reconcile()).adopted
 
     # --- reconcile / attach --------------------------------------------------------------
     async def reconcile(self, actor: Actor | None = None) -> ReconcileResult:
