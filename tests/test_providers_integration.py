@@ -23,6 +23,7 @@ from bot import grammar
 from bot.render_text import to_text as render_plain
 from core.clock import Clock
 from core.config import load_settings
+from core.errors import NoMatchingOffer
 from core.ids import label_for
 from core.models import AuditEvent, BillingSegment, Instance
 from core.providers.registry import build_registry
@@ -181,9 +182,9 @@ async def test_boot_takes_the_cheapest_offer_anywhere_or_the_named_provider(serv
     assert pod["name"].startswith("gh-"), "the pod carries our label"
     r2 = await service.boot(actor, "budget", confirm=True)
     assert r2.offer.provider == cheapest.provider and r2.offer.dph == cheapest.dph
-    with pytest.raises(Exception) as err:
+    with pytest.raises(NoMatchingOffer) as err:
         await service.boot(actor, "budget", provider="surf")
-    assert "SURF" in str(err.value) or "surf" in str(err.value)
+    assert "No configured provider can boot 'budget'" in err.value.message
 
 
 async def test_keys_appear_in_no_reply_log_or_audit_record(service, vast, runpod, surf, caplog):

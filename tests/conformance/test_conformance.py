@@ -43,6 +43,11 @@ async def call(h: Harness, fn):
     return await provider_call(h.provider, fn, sleep=_no_sleep)
 
 
+def a_read(h: Harness):
+    """The read a fault test breaks: search, or list where the provider has no offers."""
+    return ("search", h.provider.search) if h.provider.capabilities.can_search else ("list", h.provider.list)
+
+
 def needs(h: Harness, capability: str) -> None:
     if not getattr(h.provider.capabilities, capability):
         pytest.skip(f"{h.name} does not {capability.removeprefix('can_')} (checked in test_refused_operations)")
@@ -172,7 +177,7 @@ async def test_rate_limit_with_retry_after_is_waited_out(h: Harness):
 async def test_server_error_is_a_provider_error(h: Harness):
     if "server_error" not in h.faults:
         pytest.skip(f"{h.name} cannot inject server errors")
-    op, fn = ("search", h.provider.search) if h.provider.capabilities.can_search else ("list", h.provider.list)
+    op, fn = a_read(h)
     h.inject(op, "server_error", times=10)
     with pytest.raises(ProviderError) as err:
         await call(h, fn)
@@ -191,7 +196,7 @@ async def test_timeout_is_a_provider_timeout_and_bounded(h: Harness):
 async def test_malformed_json_is_named(h: Harness):
     if "malformed" not in h.faults:
         pytest.skip(f"{h.name} answers no JSON to break")
-    op, fn = ("search", h.provider.search) if h.provider.capabilities.can_search else ("list", h.provider.list)
+    op, fn = a_read(h)
     h.inject(op, "malformed", times=10)
     with pytest.raises(ProviderError) as err:
         await call(h, fn)
