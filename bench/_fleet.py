@@ -9,8 +9,8 @@ from typing import Any
 
 import _path  # noqa: F401
 
-from core.ids import new_instance_id
-from core.models import Instance
+from gpuherd.core.ids import new_instance_id
+from gpuherd.core.models import Instance
 
 
 def clone_instance(model: Instance, state: dict[str, Any], taken: set[str], **fields: Any) -> tuple[Instance, dict]:

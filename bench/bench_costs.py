@@ -17,14 +17,14 @@ from pathlib import Path
 
 import _path  # noqa: F401
 
-from core.clock import VirtualClock
-from core.config import Settings
-from core.db import Database
-from core.ledger import split_at_months
-from core.providers.registry import ProviderRegistry
-from core.providers.sandbox import SandboxProvider
-from core.service import GpuService
-from core.templates import TemplateCatalog
+from gpuherd.core.clock import VirtualClock
+from gpuherd.core.config import Settings
+from gpuherd.core.db import Database
+from gpuherd.core.ledger import split_at_months
+from gpuherd.core.providers.registry import ProviderRegistry
+from gpuherd.core.providers.sandbox import SandboxProvider
+from gpuherd.core.service import GpuService
+from gpuherd.core.templates import TemplateCatalog
 
 USERS = [f"slack:U{n:04d}" for n in range(40)]
 TEAMS = ["ml", "vision", "nlp", "infra"]

@@ -21,15 +21,15 @@ import _path  # noqa: F401
 
 import httpx
 
-from core.clock import Clock
-from core.config import Settings
-from core.db import Database
-from core.providers.aws import AwsProvider
-from core.providers.registry import ProviderRegistry
-from core.providers.runpod import RunPodProvider
-from core.providers.vast import VastProvider
-from core.service import GpuService
-from core.templates import TemplateCatalog
+from gpuherd.core.clock import Clock
+from gpuherd.core.config import Settings
+from gpuherd.core.db import Database
+from gpuherd.core.providers.aws import AwsProvider
+from gpuherd.core.providers.registry import ProviderRegistry
+from gpuherd.core.providers.runpod import RunPodProvider
+from gpuherd.core.providers.vast import VastProvider
+from gpuherd.core.service import GpuService
+from gpuherd.core.templates import TemplateCatalog
 from tests.fakes.aws_moto import MOTO_AMI, REGION, MotoProxy, moto_url, session
 from tests.fakes.runpod_fake import FakeRunPod
 from tests.fakes.vast_fake import FakeVast

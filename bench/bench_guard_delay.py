@@ -37,19 +37,19 @@ import _path  # noqa: F401
 from _fleet import clone_instance
 from sqlalchemy import func, select
 
-from core.clock import Clock, epoch
-from core.config import Settings
-from core.db import Database
-from core.guard_plan import idle_deadline, replan
-from core.guards import PASS_BATCH
-from core.ledger import COMPUTE
-from core.models import BillingSegment, Instance, InstanceState
-from core.notify import NotifierHub
-from core.providers.registry import ProviderRegistry
-from core.providers.sandbox import SandboxProvider
-from core.scheduler import GuardScheduler
-from core.service import GpuService
-from core.templates import TemplateCatalog
+from gpuherd.core.clock import Clock, epoch
+from gpuherd.core.config import Settings
+from gpuherd.core.db import Database
+from gpuherd.core.guard_plan import idle_deadline, replan
+from gpuherd.core.guards import PASS_BATCH
+from gpuherd.core.ledger import COMPUTE
+from gpuherd.core.models import BillingSegment, Instance, InstanceState
+from gpuherd.core.notify import NotifierHub
+from gpuherd.core.providers.registry import ProviderRegistry
+from gpuherd.core.providers.sandbox import SandboxProvider
+from gpuherd.core.scheduler import GuardScheduler
+from gpuherd.core.service import GpuService
+from gpuherd.core.templates import TemplateCatalog
 
 TEMPLATES = ["budget", "budget", "budget", "research", "high_performance"]
 USERS = [f"slack:U{n:03d}" for n in range(12)]

@@ -43,18 +43,18 @@ import _path  # noqa: F401
 from _fleet import clone_instance
 from sqlalchemy import select
 
-from core.clock import VirtualClock, epoch
-from core.config import Settings
-from core.db import Database
-from core.guard_plan import replan
-from core.guards import PASS_BATCH, Guards
-from core.ledger import COMPUTE, STORAGE
-from core.models import BillingSegment, Instance, InstanceState
-from core.notify import NotifierHub
-from core.providers.registry import ProviderRegistry
-from core.providers.sandbox import SandboxProvider
-from core.service import GpuService
-from core.templates import TemplateCatalog
+from gpuherd.core.clock import VirtualClock, epoch
+from gpuherd.core.config import Settings
+from gpuherd.core.db import Database
+from gpuherd.core.guard_plan import replan
+from gpuherd.core.guards import PASS_BATCH, Guards
+from gpuherd.core.ledger import COMPUTE, STORAGE
+from gpuherd.core.models import BillingSegment, Instance, InstanceState
+from gpuherd.core.notify import NotifierHub
+from gpuherd.core.providers.registry import ProviderRegistry
+from gpuherd.core.providers.sandbox import SandboxProvider
+from gpuherd.core.service import GpuService
+from gpuherd.core.templates import TemplateCatalog
 
 TEMPLATES = ["budget", "budget", "budget", "research", "high_performance"]
 USERS = [f"slack:U{n:03d}" for n in range(40)]

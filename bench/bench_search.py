@@ -14,13 +14,10 @@ import time
 from decimal import Decimal
 from pathlib import Path
 
-try:
-    import core  # noqa: F401
-except ImportError:   # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (gpuherd itself is installed: ./run test)
 
-from core.offers import Offer  # noqa: E402
-from core.query import parse_query  # noqa: E402
+from gpuherd.core.offers import Offer  # noqa: E402
+from gpuherd.core.query import parse_query  # noqa: E402
 
 TARGET_MS = 50.0
 

@@ -30,17 +30,17 @@ import _path  # noqa: F401
 from _fleet import clone_instance
 from sqlalchemy import select
 
-from bot.grammar import Context, dispatch
-from bot.render_text import to_text
-from core.clock import VirtualClock, epoch
-from core.config import Settings
-from core.db import Database
-from core.ledger import COMPUTE, STORAGE
-from core.models import BillingSegment, Instance, InstanceState
-from core.providers.registry import ProviderRegistry
-from core.providers.sandbox import SandboxProvider
-from core.service import GpuService
-from core.templates import TemplateCatalog
+from gpuherd.bot.grammar import Context, dispatch
+from gpuherd.bot.render_text import to_text
+from gpuherd.core.clock import VirtualClock, epoch
+from gpuherd.core.config import Settings
+from gpuherd.core.db import Database
+from gpuherd.core.ledger import COMPUTE, STORAGE
+from gpuherd.core.models import BillingSegment, Instance, InstanceState
+from gpuherd.core.providers.registry import ProviderRegistry
+from gpuherd.core.providers.sandbox import SandboxProvider
+from gpuherd.core.service import GpuService
+from gpuherd.core.templates import TemplateCatalog
 
 TEMPLATES = ["budget", "budget", "budget", "research", "high_performance"]
 USERS = [f"slack:U{n:03d}" for n in range(12)]
@@ -181,7 +181,7 @@ def main() -> None:
         svc_plain, result = timed(args.breakdown_runs, functools.partial(service_only, False))
 
         async def render_only() -> str:
-            from bot.replies import status_reply
+            from gpuherd.bot.replies import status_reply
             return to_text(status_reply(result))
 
         rendering, _ = timed(args.breakdown_runs, render_only)

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:        # the fakes live in tests/, which is never installed
     sys.path.insert(0, str(ROOT))
 
-from core.providers import vast  # noqa: E402
+from gpuherd.core.providers import vast  # noqa: E402
 from tests.fakes.vast_fake import make_offers  # noqa: E402
 
 TARGET_MS = 100.0

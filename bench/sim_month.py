@@ -47,19 +47,19 @@ from pathlib import Path
 import _path  # noqa: F401
 from sqlalchemy import func, select
 
-from core.auth import Actor, system_actor
-from core.clock import VirtualClock, as_utc, epoch
-from core.config import Settings
-from core.db import Database
-from core.guards import Guards
-from core.ledger import COMPUTE
-from core.models import BillingSegment, Instance, InstanceState
-from core.notify import Notice, NotifierHub
-from core.providers.registry import ProviderRegistry
-from core.providers.sandbox import SandboxProvider
-from core.results import Confirmation
-from core.service import GpuService
-from core.templates import TemplateCatalog
+from gpuherd.core.auth import Actor, system_actor
+from gpuherd.core.clock import VirtualClock, as_utc, epoch
+from gpuherd.core.config import Settings
+from gpuherd.core.db import Database
+from gpuherd.core.guards import Guards
+from gpuherd.core.ledger import COMPUTE
+from gpuherd.core.models import BillingSegment, Instance, InstanceState
+from gpuherd.core.notify import Notice, NotifierHub
+from gpuherd.core.providers.registry import ProviderRegistry
+from gpuherd.core.providers.sandbox import SandboxProvider
+from gpuherd.core.results import Confirmation
+from gpuherd.core.service import GpuService
+from gpuherd.core.templates import TemplateCatalog
 
 START = datetime(2026, 11, 1, tzinfo=UTC)          # a Sunday; the month is November 2026
 MAIN_TEMPLATES = (("budget", 0.45), ("research", 0.4), ("high_performance", 0.15))

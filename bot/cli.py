@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.markup import escape
 
-from core.errors import GpuherdError
+from gpuherd.core.errors import GpuherdError
 
 from . import grammar
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _service():
-    from core.service import GpuService
+    from gpuherd.core.service import GpuService
 
     return GpuService.from_settings()
 
@@ -69,7 +69,7 @@ async def _one_shot(line: str, yes: bool) -> int:
 
 
 async def _shell(yes: bool) -> int:
-    from core.scheduler import GuardScheduler
+    from gpuherd.core.scheduler import GuardScheduler
 
     from .shell import Shell
 
@@ -94,7 +94,7 @@ async def _run_guards() -> int:
     """`gpuherd guards --run`: the guard scheduler in the foreground, printing what it does."""
     import signal
 
-    from core.scheduler import GuardScheduler
+    from gpuherd.core.scheduler import GuardScheduler
 
     from .render_text import make_console
 
@@ -119,8 +119,8 @@ async def _run_guards() -> int:
 
 
 def _db(action: str) -> int:
-    from core.config import load_settings
-    from core.db import Database, current_revision, head_revision
+    from gpuherd.core.config import load_settings
+    from gpuherd.core.db import Database, current_revision, head_revision
 
     settings = load_settings()
     db = Database(settings.resolved_database_url)
@@ -133,7 +133,7 @@ def _db(action: str) -> int:
 def _users(args: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from core.models import User
+    from gpuherd.core.models import User
 
     service = _service()
     actor = service.local_actor("cli")
@@ -167,7 +167,7 @@ def _setup_logging(verbose: bool) -> None:
     if verbose:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=fmt)
         return
-    from core.config import home_from_env
+    from gpuherd.core.config import home_from_env
 
     try:
         home = home_from_env()

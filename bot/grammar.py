@@ -11,11 +11,11 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from core.auth import Actor
-from core.errors import GpuherdError, InvalidInput
-from core.models import Role
-from core.service import GpuService, Progress
-from core.results import Confirmation
+from gpuherd.core.auth import Actor
+from gpuherd.core.errors import GpuherdError, InvalidInput
+from gpuherd.core.models import Role
+from gpuherd.core.service import GpuService, Progress
+from gpuherd.core.results import Confirmation
 
 from . import replies
 from .replies import Reply

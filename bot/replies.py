@@ -10,10 +10,10 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from core.money import rate, usd
-from core.offers import SEARCH_DISK_GB
-from core.providers.sandbox import SIMULATED_NOTE
-from core.results import (
+from gpuherd.core.money import rate, usd
+from gpuherd.core.offers import SEARCH_DISK_GB
+from gpuherd.core.providers.sandbox import SIMULATED_NOTE
+from gpuherd.core.results import (
     AttachResult,
     ReconcileResult,
     AuditResult,

@@ -12,9 +12,9 @@ from typing import TextIO
 
 from rich.console import Console
 from rich.markup import escape
-from core.models import Role
-from core.notify import Notice
-from core.service import GpuService
+from gpuherd.core.models import Role
+from gpuherd.core.notify import Notice
+from gpuherd.core.service import GpuService
 
 from . import grammar
 from .render_text import make_console, render

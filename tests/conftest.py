@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, text
 
-from core.clock import VirtualClock
-from core.config import Settings
-from core.db import Database
-from core.notify import NotifierHub
-from core.providers.registry import ProviderRegistry
-from core.providers.sandbox import SandboxProvider
-from core.service import GpuService
-from core.templates import TemplateCatalog
+from gpuherd.core.clock import VirtualClock
+from gpuherd.core.config import Settings
+from gpuherd.core.db import Database
+from gpuherd.core.notify import NotifierHub
+from gpuherd.core.providers.registry import ProviderRegistry
+from gpuherd.core.providers.sandbox import SandboxProvider
+from gpuherd.core.service import GpuService
+from gpuherd.core.templates import TemplateCatalog
 
 PG_URL = os.environ.get("GPUHERD_TEST_POSTGRES_URL")
 PG_SKIP = "PostgreSQL tests need GPUHERD_TEST_POSTGRES_URL (CI sets it; see DEVELOPERS.md)"

@@ -16,9 +16,9 @@ from decimal import Decimal
 import pytest
 from botocore.stub import ANY, Stubber
 
-from core.clock import VirtualClock
-from core.config import Settings
-from core.errors import (
+from gpuherd.core.clock import VirtualClock
+from gpuherd.core.config import Settings
+from gpuherd.core.errors import (
     AuthError,
     CapacityError,
     ConfigError,
@@ -29,9 +29,9 @@ from core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from core.offers import quote, storage_hourly
-from core.providers import aws as aws_module
-from core.providers.aws import (
+from gpuherd.core.offers import quote, storage_hourly
+from gpuherd.core.providers import aws as aws_module
+from gpuherd.core.providers.aws import (
     AwsProvider,
     PriceTable,
     gpu_memory_gb,
@@ -42,8 +42,8 @@ from core.providers.aws import (
     user_data,
     wants_spot,
 )
-from core.providers.base import CreateRequest, ProviderInstance, ProviderState
-from core.query import parse_query
+from gpuherd.core.providers.base import CreateRequest, ProviderInstance, ProviderState
+from gpuherd.core.query import parse_query
 from tests.fakes.aws_moto import (
     MOTO_AMI,
     REGION,
@@ -241,7 +241,7 @@ def test_price_list_parsing_reads_on_demand_hours_only():
 async def test_unreachable_pricing_api_falls_back_to_the_table(proxy, clock, caplog):
     p = build(proxy, clock, pricing_endpoint_url=f"http://127.0.0.1:{closed_port()}")
     try:
-        with caplog.at_level(logging.WARNING, logger="core.providers.aws"):
+        with caplog.at_level(logging.WARNING, logger="gpuherd.core.providers.aws"):
             offers = by_id(await p.search())
     finally:
         await p.aclose()
@@ -550,7 +550,7 @@ async def test_aws_errors_become_typed_errors(provider, proxy, caplog, op, answe
     await prime(provider)
     action = {"create": "RunInstances", "list": "DescribeInstances"}[op]
     proxy.pin(action, answer, times=2)                     # every botocore attempt
-    with caplog.at_level(logging.WARNING, logger="core.providers.aws"), pytest.raises(error) as err:
+    with caplog.at_level(logging.WARNING, logger="gpuherd.core.providers.aws"), pytest.raises(error) as err:
         if op == "create":
             await provider.create(req(label="gh-err"))
         else:
@@ -580,7 +580,7 @@ async def test_an_answer_of_unexpected_shape_is_still_a_typed_error(provider, pr
         '2016-11-15/"><requestId>r</requestId><reservationSet><item><reservationId>r-1</reservationId>'
         "<instancesSet><item><instanceType>g5.xlarge</instanceType></item></instancesSet></item>"
         "</reservationSet></DescribeInstancesResponse>")))
-    with caplog.at_level(logging.ERROR, logger="core.providers.aws"), pytest.raises(ProviderError) as err:
+    with caplog.at_level(logging.ERROR, logger="gpuherd.core.providers.aws"), pytest.raises(ProviderError) as err:
         await provider.list()
     assert err.value.message == "AWS EC2: list failed: AWS EC2 answered in an unexpected shape (KeyError)"
     assert any(r.exc_info for r in caplog.records), "the details are in the log"
@@ -635,7 +635,7 @@ def test_off_means_off_even_with_credentials(monkeypatch):
 def test_missing_boto3_says_which_extra(monkeypatch, caplog):
     monkeypatch.setattr(aws_module, "boto3", None)
     monkeypatch.setattr(aws_module, "_warned", set())
-    with caplog.at_level(logging.INFO, logger="core.providers.aws"):
+    with caplog.at_level(logging.INFO, logger="gpuherd.core.providers.aws"):
         assert AwsProvider.from_settings(settings(aws="on")) is None
     assert any("gpuherd[aws]" in r.getMessage() for r in caplog.records)
 

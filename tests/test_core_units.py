@@ -7,11 +7,11 @@ from decimal import Decimal
 
 import pytest
 
-from core.audit import MASK, scrub
-from core.errors import AuthError, ProviderUnavailable, RateLimited
-from core.ids import ID_RE, new_instance_id, normalise_instance_id
-from core.money import cost_of, from_micros, rate, to_decimal, to_micros, usd
-from core.retry import with_retries
+from gpuherd.core.audit import MASK, scrub
+from gpuherd.core.errors import AuthError, ProviderUnavailable, RateLimited
+from gpuherd.core.ids import ID_RE, new_instance_id, normalise_instance_id
+from gpuherd.core.money import cost_of, from_micros, rate, to_decimal, to_micros, usd
+from gpuherd.core.retry import with_retries
 
 
 def test_money_is_exact():

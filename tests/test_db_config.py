@@ -10,11 +10,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlmodel import SQLModel
 
-from core import models  # noqa: F401
-from core.config import load_settings
-from core.db import Database, current_revision, head_revision
-from core.errors import ConfigError
-from core.service import GpuService
+from gpuherd.core import models  # noqa: F401
+from gpuherd.core.config import load_settings
+from gpuherd.core.db import Database, current_revision, head_revision
+from gpuherd.core.errors import ConfigError
+from gpuherd.core.service import GpuService
 
 
 def test_migrations_produce_exactly_the_models_schema(database):

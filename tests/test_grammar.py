@@ -13,15 +13,15 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from bot import grammar
-from bot.grammar import REGISTRY, Context, dispatch
-from bot.render_text import to_text
-from bot.replies import Reply
-from core.auth import Actor
-from core.models import AuditEvent, BillingSegment, Budget, Instance, InstanceState
-from core.providers.base import CreateRequest
-from core.providers.sandbox import SIMULATED_NOTE, SandboxProvider
-from core.service import GpuService
+from gpuherd.bot import grammar
+from gpuherd.bot.grammar import REGISTRY, Context, dispatch
+from gpuherd.bot.render_text import to_text
+from gpuherd.bot.replies import Reply
+from gpuherd.core.auth import Actor
+from gpuherd.core.models import AuditEvent, BillingSegment, Budget, Instance, InstanceState
+from gpuherd.core.providers.base import CreateRequest
+from gpuherd.core.providers.sandbox import SIMULATED_NOTE, SandboxProvider
+from gpuherd.core.service import GpuService
 
 # --- helpers ------------------------------------------------------------------------------------
 
@@ -407,7 +407,7 @@ async def test_an_unexpected_exception_becomes_an_internal_error_reply(
 
     monkeypatch.setattr(service, "costs", broken)
     monkeypatch.setattr(service, "boot", broken_async)
-    caplog.set_level(logging.ERROR, logger="bot.grammar")
+    caplog.set_level(logging.ERROR, logger="gpuherd.bot.grammar")
     for line in ("/gpu costs", "/gpu boot budget"):
         before = snapshot(service)
         r = await run(service, line)

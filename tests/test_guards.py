@@ -9,13 +9,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from core.errors import PermissionDenied
-from core.guards import Guards
-from core.ledger import COMPUTE, STORAGE, Ledger
-from core.models import AuditEvent, BudgetAlert, Instance
-from core.providers.base import Capabilities
-from core.results import BootResult, Confirmation
-from core.templates import TemplateCatalog
+from gpuherd.core.errors import PermissionDenied
+from gpuherd.core.guards import Guards
+from gpuherd.core.ledger import COMPUTE, STORAGE, Ledger
+from gpuherd.core.models import AuditEvent, BudgetAlert, Instance
+from gpuherd.core.providers.base import Capabilities
+from gpuherd.core.results import BootResult, Confirmation
+from gpuherd.core.templates import TemplateCatalog
 
 
 @pytest.fixture
@@ -342,7 +342,7 @@ async def test_status_shows_next_action_and_armed_guards(service, admin, clock):
 
 
 async def test_invalid_guard_durations_are_refused(service, admin):
-    from core.errors import InvalidInput
+    from gpuherd.core.errors import InvalidInput
 
     for bad in ({"idle": "-5m"}, {"idle": "forever"}, {"max_lifetime": "0m"}):
         with pytest.raises(InvalidInput):

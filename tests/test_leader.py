@@ -19,7 +19,7 @@ import pytest
 from conftest import PG_SKIP, PG_URL
 from sqlalchemy import create_engine, text
 
-from core.leader import (
+from gpuherd.core.leader import (
     GUARDS_LOCK_KEY,
     FileLeadership,
     Leadership,
@@ -39,7 +39,7 @@ def _spawn_holder(setup: str) -> subprocess.Popen[str]:
     code = textwrap.dedent("""
         import sys, time
         from pathlib import Path
-        from core.leader import FileLeadership, PostgresAdvisoryLeadership
+        from gpuherd.core.leader import FileLeadership, PostgresAdvisoryLeadership
         {setup}
         print(lead.try_acquire(), lead.holds(), flush=True)
         time.sleep(120)

@@ -7,10 +7,10 @@ from decimal import Decimal
 
 import pytest
 
-from core.errors import InvalidInput
-from core.ledger import COMPUTE, STORAGE, Ledger, month_of, parse_period
-from core.models import Instance
-from core.money import to_micros
+from gpuherd.core.errors import InvalidInput
+from gpuherd.core.ledger import COMPUTE, STORAGE, Ledger, month_of, parse_period
+from gpuherd.core.models import Instance
+from gpuherd.core.money import to_micros
 
 T0 = datetime(2026, 11, 1, 0, 0, tzinfo=UTC)
 

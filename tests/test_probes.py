@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from core.probes import (
+from gpuherd.core.probes import (
     ActivityStatus,
     MetricsSample,
     ProbeError,

@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from bot import grammar
-from bot.render_text import to_text as render_plain
-from core.clock import Clock
-from core.config import load_settings
-from core.errors import NoMatchingOffer
-from core.ids import label_for
-from core.models import AuditEvent, BillingSegment, Instance
-from core.providers.registry import build_registry
-from core.reconcile import BOOT_GRACE
-from core.service import GpuService
+from gpuherd.bot import grammar
+from gpuherd.bot.render_text import to_text as render_plain
+from gpuherd.core.clock import Clock
+from gpuherd.core.config import load_settings
+from gpuherd.core.errors import NoMatchingOffer
+from gpuherd.core.ids import label_for
+from gpuherd.core.models import AuditEvent, BillingSegment, Instance
+from gpuherd.core.providers.registry import build_registry
+from gpuherd.core.reconcile import BOOT_GRACE
+from gpuherd.core.service import GpuService
 from tests.fakes.runpod_fake import FakeRunPod
 from tests.fakes.surf_fake import FakeSurf
 from tests.fakes.vast_fake import FakeVast
@@ -221,7 +221,7 @@ def test_a_boot_killed_after_the_provider_created_the_machine_leaves_nothing_unt
 
     vast.after["create"] = kill_now
     log = (cloud_env.parent / "boot.out").open("w")
-    victim["proc"] = subprocess.Popen([sys.executable, "-m", "bot.cli", "boot", "budget", "confirm=yes"],
+    victim["proc"] = subprocess.Popen([sys.executable, "-m", "gpuherd.bot.cli", "boot", "budget", "confirm=yes"],
                                       env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     assert victim["proc"].wait(timeout=60) == -signal.SIGKILL
     [machine] = vast.instances.values()
@@ -252,8 +252,8 @@ def test_a_boot_killed_after_the_provider_created_the_machine_leaves_nothing_unt
 
 
 async def test_search_reply_says_where_a_price_not_read_live_came_from(service):
-    from bot.replies import duration, search_reply
-    from core.results import PriceSource, SearchResult
+    from gpuherd.bot.replies import duration, search_reply
+    from gpuherd.core.results import PriceSource, SearchResult
 
     r = SearchResult(query="", description="", offers=[], total_matches=0, providers=["aws"],
                      provider_ages={"aws": 4},
@@ -268,8 +268,8 @@ async def test_search_reply_says_where_a_price_not_read_live_came_from(service):
 
 async def test_running_is_not_healthy_until_the_model_server_answers():
     """vast.ai or RunPod say 'running' when the container starts; vLLM then loads for minutes."""
-    from core.providers.base import ProviderInstance, ProviderState
-    from core.providers.runpod import RunPodProvider
+    from gpuherd.core.providers.base import ProviderInstance, ProviderState
+    from gpuherd.core.providers.runpod import RunPodProvider
     from tests.fakes.loopback import LoopbackServer, Response
 
     class ModelServer(LoopbackServer):

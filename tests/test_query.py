@@ -10,9 +10,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from core.errors import QueryError
-from core.offers import Offer
-from core.query import (
+from gpuherd.core.errors import QueryError
+from gpuherd.core.offers import Offer
+from gpuherd.core.query import (
     DEFAULT_ORDER,
     FIELD_ALIASES,
     GPU_MODELS,

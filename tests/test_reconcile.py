@@ -10,12 +10,12 @@ from datetime import timedelta
 import pytest
 from sqlalchemy import select
 
-from core.errors import Conflict, InvalidInput, NotFound, PermissionDenied
-from core.ledger import COMPUTE, STORAGE
-from core.money import from_micros
-from core.models import BillingSegment, Instance, UnmanagedInstance
-from core.providers.base import CreateRequest
-from core.reconcile import BOOT_GRACE
+from gpuherd.core.errors import Conflict, InvalidInput, NotFound, PermissionDenied
+from gpuherd.core.ledger import COMPUTE, STORAGE
+from gpuherd.core.money import from_micros
+from gpuherd.core.models import BillingSegment, Instance, UnmanagedInstance
+from gpuherd.core.providers.base import CreateRequest
+from gpuherd.core.reconcile import BOOT_GRACE
 
 
 @pytest.fixture
@@ -118,7 +118,7 @@ async def test_late_boot_and_reconcile_record_the_machine_once(service, admin, s
     [machine] = await sandbox.list()
     clock.advance(BOOT_GRACE * 2)
     await service.reconcile(admin)
-    from core.offers import Offer
+    from gpuherd.core.offers import Offer
     offer = Offer(provider="sandbox", offer_id=row.offer_id, gpu_name=row.gpu_name, num_gpus=1, gpu_ram=24,
                   dph=from_micros(row.dph_micros))
     view = service._record_created(admin, row.id, offer, machine, service.templates.get("budget"))
@@ -240,7 +240,7 @@ async def test_attach_from_configuration_once_and_typos_only_logged(service, san
 
 async def test_a_recorded_machine_is_never_marked_failed(service, admin, sandbox):
     booted = await service.boot(admin, "budget", wait=False)
-    from core.errors import GpuherdError
+    from gpuherd.core.errors import GpuherdError
     service._mark_failed(admin, booted.instance.id, GpuherdError("late give-up"))
     [row] = _rows(service)
     assert row.state != "failed" and row.provider_id == booted.instance.provider_id
@@ -251,7 +251,7 @@ async def test_a_labelled_machine_whose_old_intent_failed_long_ago_is_adopted_in
     """The create timed out, the label search failed too, the boot was marked failed; the machine
     exists after all. Reconcile finds it by the label, however long ago that was."""
     row = await _crashed_boot(service, admin, sandbox, monkeypatch, "slow-create")
-    from core.errors import GpuherdError
+    from gpuherd.core.errors import GpuherdError
     service._mark_failed(admin, row.id, GpuherdError("create timed out"))
     clock.advance(timedelta(days=30))
     result = await service.reconcile(admin)

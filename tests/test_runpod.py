@@ -13,8 +13,8 @@ from decimal import Decimal
 import httpx
 import pytest
 
-from core.config import Settings, load_settings
-from core.errors import (
+from gpuherd.core.config import Settings, load_settings
+from gpuherd.core.errors import (
     AuthError,
     CapacityError,
     ProviderError,
@@ -22,10 +22,10 @@ from core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from core.offers import storage_hourly
-from core.providers import runpod as rp_module
-from core.providers.base import CreateRequest, ProviderState
-from core.providers.runpod import RunPodProvider, encode_type_id, parse_offer_id
+from gpuherd.core.offers import storage_hourly
+from gpuherd.core.providers import runpod as rp_module
+from gpuherd.core.providers.base import CreateRequest, ProviderState
+from gpuherd.core.providers.runpod import RunPodProvider, encode_type_id, parse_offer_id
 from tests.fakes.runpod_fake import INPUTS, OBJECTS, SOMETHING_WRONG, FakeRunPod
 
 KEY = "rp_test_9f8e7d6c5b4a3210"

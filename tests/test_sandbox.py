@@ -11,17 +11,17 @@ from decimal import Decimal
 
 import pytest
 
-from core.clock import VirtualClock
-from core.errors import (
+from gpuherd.core.clock import VirtualClock
+from gpuherd.core.errors import (
     CapacityError,
     ProviderStateError,
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
 )
-from core.offers import quote
-from core.providers.base import CreateRequest, ProviderState
-from core.providers.sandbox import SIMULATED_NOTE, SandboxProvider, parse_faults
+from gpuherd.core.offers import quote
+from gpuherd.core.providers.base import CreateRequest, ProviderState
+from gpuherd.core.providers.sandbox import SIMULATED_NOTE, SandboxProvider, parse_faults
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
 MODELS = ("RTX 3090", "RTX 4090", "RTX A6000", "L40S", "A100 40GB", "A100 80GB", "H100 SXM",
@@ -314,7 +314,7 @@ async def test_label_round_trips_and_list_finds_it(sandbox):
 
 async def test_corrupt_state_file_is_reported(state_file, clock):
     state_file.write_text("{not json")
-    from core.errors import ProviderError
+    from gpuherd.core.errors import ProviderError
 
     with pytest.raises(ProviderError) as info:
         await SandboxProvider(state_file, clock=clock).list()

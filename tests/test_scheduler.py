@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from core.clock import as_utc
-from core.config import Settings
-from core.db import Database
-from core.guard_plan import replan
-from core.models import AuditEvent, Instance, SchedulerState
-from core.notify import NotifierHub
-from core.providers.registry import ProviderRegistry
-from core.providers.sandbox import SandboxProvider
-from core.scheduler import GuardScheduler
-from core.service import GpuService
-from core.templates import TemplateCatalog
+from gpuherd.core.clock import as_utc
+from gpuherd.core.config import Settings
+from gpuherd.core.db import Database
+from gpuherd.core.guard_plan import replan
+from gpuherd.core.models import AuditEvent, Instance, SchedulerState
+from gpuherd.core.notify import NotifierHub
+from gpuherd.core.providers.registry import ProviderRegistry
+from gpuherd.core.providers.sandbox import SandboxProvider
+from gpuherd.core.scheduler import GuardScheduler
+from gpuherd.core.service import GpuService
+from gpuherd.core.templates import TemplateCatalog
 
 from conftest import PG_SKIP, PG_URL, _pg_database
 
@@ -106,7 +106,7 @@ async def test_a_second_scheduler_on_the_same_home_stands_by(tmp_path):
 
 
 def _spawn_guards(env: dict[str, str], log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "bot.cli", "guards", "--run"], env=env,
+    return subprocess.Popen([sys.executable, "-m", "gpuherd.bot.cli", "guards", "--run"], env=env,
                             stdout=log.open("w"), stderr=subprocess.STDOUT,
                             cwd=Path(__file__).resolve().parents[1])
 
@@ -218,8 +218,8 @@ async def test_a_failure_to_record_state_does_not_stop_the_scheduler(tmp_path, m
 
 
 async def test_reconcile_runs_on_its_own_for_the_leader_only(tmp_path):
-    from core.models import UnmanagedInstance
-    from core.providers.base import CreateRequest
+    from gpuherd.core.models import UnmanagedInstance
+    from gpuherd.core.providers.base import CreateRequest
 
     service = _real_service(tmp_path, f"sqlite:///{tmp_path / 'g.db'}", reconcile_interval_s=10)
     sandbox = service.providers.get("sandbox")

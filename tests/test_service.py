@@ -10,7 +10,7 @@ from decimal import Decimal
 import pytest
 from sqlalchemy import func, select
 
-from core.errors import (
+from gpuherd.core.errors import (
     CapacityError,
     Conflict,
     InvalidInput,
@@ -19,9 +19,9 @@ from core.errors import (
     PermissionDenied,
     ProviderError,
 )
-from core.ledger import COMPUTE, STORAGE, Ledger
-from core.models import AuditEvent, Instance, InstanceState
-from core.results import BootResult, Confirmation, DestroyResult
+from gpuherd.core.ledger import COMPUTE, STORAGE, Ledger
+from gpuherd.core.models import AuditEvent, Instance, InstanceState
+from gpuherd.core.results import BootResult, Confirmation, DestroyResult
 
 
 def _count(service, model) -> int:
@@ -373,8 +373,8 @@ async def test_budgets_set_show_and_refuse_bad_amounts(service, admin, member, c
 
 
 async def test_search_partial_results_name_the_failing_provider(service, admin, sandbox, clock):
-    from core.providers.registry import ProviderRegistry
-    from core.providers.sandbox import SandboxProvider
+    from gpuherd.core.providers.registry import ProviderRegistry
+    from gpuherd.core.providers.sandbox import SandboxProvider
 
     broken = SandboxProvider(None, seed=9, time_scale=0, clock=clock)
     broken.name = "other"
@@ -468,7 +468,7 @@ async def test_a_stop_whose_process_died_is_picked_up_later(service, admin, sand
 
 
 async def test_status_says_when_a_provider_could_not_be_asked(service, admin, sandbox):
-    from bot.replies import status_reply
+    from gpuherd.bot.replies import status_reply
 
     r = await _boot(service, admin)
     sandbox.inject("unavailable", count=4, on="list")  # outlasts the retries

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from bot.grammar import REGISTRY
-from bot.shell import Shell
-from core.db import head_revision
-from core.models import Instance
-from core.providers.sandbox import SIMULATED_NOTE
-from core.service import GpuService
+from gpuherd.bot.grammar import REGISTRY
+from gpuherd.bot.shell import Shell
+from gpuherd.core.db import head_revision
+from gpuherd.core.models import Instance
+from gpuherd.core.providers.sandbox import SIMULATED_NOTE
+from gpuherd.core.service import GpuService
 
 ID = re.compile(r"Booted (g-[0-9a-f]{4,8})")
 
@@ -153,7 +153,7 @@ async def test_other_peoples_actions_are_announced_own_are_not(service: GpuServi
 
 def gpuherd_cmd() -> list[str]:
     script = Path(sys.executable).with_name("gpuherd")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "bot.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gpuherd.bot.cli"]
 
 
 @pytest.fixture

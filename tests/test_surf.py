@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from core.config import Settings
-from core.errors import (
+from gpuherd.core.config import Settings
+from gpuherd.core.errors import (
     AuthError,
     CapacityError,
     ProviderError,
@@ -23,8 +23,8 @@ from core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from core.providers.base import CreateRequest, ProviderState
-from core.providers.surf import SurfProvider
+from gpuherd.core.providers.base import CreateRequest, ProviderState
+from gpuherd.core.providers.surf import SurfProvider
 from tests.fakes.surf_fake import NO_GPUS, TOKEN, FakeSurf
 
 DISPLAY = "SURF Research Cloud"
@@ -389,7 +389,7 @@ async def test_next_link_on_another_host_never_gets_the_token(fake: FakeSurf, sl
         fake.public_url = f"{elsewhere.url}/v1"
         ids = {fake.add(f"gpuherd-{i}") for i in range(7)}
         provider = make(fake, sleeps)
-        caplog.set_level(logging.INFO, logger="core.providers.surf")
+        caplog.set_level(logging.INFO, logger="gpuherd.core.providers.surf")
         try:
             listed = await provider.list()
         finally:

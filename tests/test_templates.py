@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from core.errors import ConfigError, InvalidInput, NotFound
-from core.offers import Offer
-from core.providers.base import CreateRequest
-from core.templates import (
+from gpuherd.core.errors import ConfigError, InvalidInput, NotFound
+from gpuherd.core.offers import Offer
+from gpuherd.core.providers.base import CreateRequest
+from gpuherd.core.templates import (
     OVERRIDE_SCHEMA,
     Template,
     TemplateCatalog,

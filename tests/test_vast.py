@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from core.config import Settings
-from core.errors import (
+from gpuherd.core.config import Settings
+from gpuherd.core.errors import (
     AuthError,
     CapacityError,
     GpuherdError,
@@ -26,9 +26,9 @@ from core.errors import (
     ProviderUnavailable,
     RateLimited,
 )
-from core.offers import SEARCH_DISK_GB, quote, storage_hourly
-from core.providers.base import CreateRequest, ProviderState
-from core.providers.vast import (
+from gpuherd.core.offers import SEARCH_DISK_GB, quote, storage_hourly
+from gpuherd.core.providers.base import CreateRequest, ProviderState
+from gpuherd.core.providers.vast import (
     SEARCH_LIMIT,
     VastProvider,
     _gpu_ram_terms,
@@ -37,7 +37,7 @@ from core.providers.vast import (
     normalise_offers,
     vast_state,
 )
-from core.query import parse_query
+from gpuherd.core.query import parse_query
 from tests.fakes.loopback import Response
 from tests.fakes.vast_fake import FakeVast, make_offers
 

@@ -3,14 +3,14 @@
 from alembic import context
 from sqlmodel import SQLModel
 
-from core import models  # noqa: F401  (registers the tables on SQLModel.metadata)
+from gpuherd.core import models  # noqa: F401  (registers the tables on SQLModel.metadata)
 
 target_metadata = SQLModel.metadata
 config = context.config
 engine = config.attributes.get("engine")
 if engine is None:  # plain `alembic` CLI use: take the URL from gpuherd's settings
-    from core.config import load_settings
-    from core.db import make_engine
+    from gpuherd.core.config import load_settings
+    from gpuherd.core.db import make_engine
 
     engine = make_engine(load_settings().resolved_database_url)
 

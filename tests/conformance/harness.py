@@ -9,7 +9,7 @@ from __future__ import annotations
 import abc
 from pathlib import Path
 
-from core.providers.base import Provider, ProviderInstance
+from gpuherd.core.providers.base import Provider, ProviderInstance
 from tests.fakes.loopback import LoopbackServer
 
 OPS = ("search", "create", "get", "list", "start", "stop", "destroy")

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.clock import Clock
-from core.providers.aws import AwsProvider
+from gpuherd.core.clock import Clock
+from gpuherd.core.providers.aws import AwsProvider
 from tests.fakes.aws_moto import (
     MOTO_AMI,
     REGION,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from core.providers.runpod import RunPodProvider
+from gpuherd.core.providers.runpod import RunPodProvider
 from tests.fakes.runpod_fake import FakeRunPod
 
 from .harness import FAULTS, OPS, LoopbackHarness

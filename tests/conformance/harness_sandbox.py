@@ -5,8 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from core.clock import VirtualClock
-from core.providers.sandbox import SandboxProvider
+from gpuherd.core.clock import VirtualClock
+from gpuherd.core.providers.sandbox import SandboxProvider
 
 from .harness import Harness
 

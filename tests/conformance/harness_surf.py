@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 
-from core.providers.base import ProviderInstance
-from core.providers.surf import SurfProvider
+from gpuherd.core.providers.base import ProviderInstance
+from gpuherd.core.providers.surf import SurfProvider
 from tests.fakes.surf_fake import FakeSurf
 
 from .harness import LoopbackHarness

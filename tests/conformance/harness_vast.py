@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from core.providers.vast import VastProvider
+from gpuherd.core.providers.vast import VastProvider
 from tests.fakes.vast_fake import FakeVast
 
 from .harness import FAULTS, LoopbackHarness

@@ -14,10 +14,10 @@ from decimal import Decimal
 
 import pytest
 
-from core.errors import AuthError, CapacityError, GpuherdError, ProviderError, ProviderTimeout
-from core.offers import normalise_gpu_name
-from core.providers.base import CreateRequest, ProviderInstance, ProviderState
-from core.retry import provider_call
+from gpuherd.core.errors import AuthError, CapacityError, GpuherdError, ProviderError, ProviderTimeout
+from gpuherd.core.offers import normalise_gpu_name
+from gpuherd.core.providers.base import CreateRequest, ProviderInstance, ProviderState
+from gpuherd.core.retry import provider_call
 
 from .harness import Harness, make_harness
 
