@@ -98,6 +98,10 @@ class Instance(SQLModel, table=True):
     activity_status: str | None = Field(default=None, max_length=8)        # active | quiet | unknown
     activity_detail: str | None = Field(default=None, max_length=256)
     metrics_sample: str | None = Field(default=None, sa_type=Text)         # last vLLM counters (JSON)
+    # what the boot asked for (template, offer, provider, overrides), hashed: the same idempotency
+    # key with another request is refused instead of answering with this machine
+    request_hash: str | None = Field(default=None, max_length=64)
+    ready_at: datetime | None = Field(default=None, sa_column=_ts())       # health check passed (this session)
 
     @property
     def state_enum(self) -> InstanceState:
@@ -217,6 +221,7 @@ class ActionRecord(SQLModel, table=True):
     action: str = Field(max_length=32)
     actor: str = Field(max_length=128)
     instance_id: str | None = Field(default=None, max_length=16)
+    fingerprint: str | None = Field(default=None, max_length=64)   # hash of the request the key was used for
     result: str = Field(sa_type=Text)                  # JSON of the result object
     created_at: datetime = Field(sa_column=_ts(nullable=False))
 
@@ -241,3 +246,100 @@ class UnmanagedInstance(SQLModel, table=True):
     last_seen_at: datetime = Field(sa_column=_ts(nullable=False))
     reported_at: datetime | None = Field(default=None, sa_column=_ts())
     gone_at: datetime | None = Field(default=None, sa_column=_ts())         # no longer listed
+
+
+class NoticeRecord(SQLModel, table=True):
+    """A notice (warning, ready, stopped, budget) in the durable outbox, written in the same
+    transaction as the change it reports. Who receives it is decided when it is written: one
+    `NoticeDelivery` per surface and destination."""
+
+    __tablename__ = "notices"
+
+    id: int | None = Field(default=None, primary_key=True)
+    kind: str = Field(max_length=48)                   # instance.ready, guard.warn_idle, budget.threshold, ...
+    level: str = Field(default="info", max_length=8)   # info | warning | error
+    text: str = Field(sa_type=Text)
+    created_at: datetime = Field(sa_column=_ts(nullable=False, index=True))
+    instance_id: str | None = Field(default=None, max_length=16, index=True)
+    owner: str | None = Field(default=None, max_length=128)
+    team: str | None = Field(default=None, max_length=64)
+    actor: str | None = Field(default=None, max_length=128)   # who caused it (never told twice)
+    simulated: bool = False
+    actions: str = Field(default="[]", sa_type=Text)   # JSON list of typed actions (core.actions)
+
+
+class NoticeDelivery(SQLModel, table=True):
+    """One notice to one destination on one surface. A deliverer claims a row with a lease
+    (`claimed_until`), sends, then sets `delivered_at`: a process killed between the two may send
+    that notice again when the lease runs out, never lose it."""
+
+    __tablename__ = "notice_deliveries"
+    __table_args__ = (UniqueConstraint("notice_id", "surface", "target"),
+                      Index("ix_deliveries_due", "surface", "delivered_at", "next_attempt_at"))
+
+    id: int | None = Field(default=None, primary_key=True)
+    notice_id: int = Field(index=True)
+    surface: str = Field(max_length=16)                # shell | slack | discord | api | notebook
+    target: str = Field(max_length=160)                # user:<principal> | team:<team> | admins
+    attempts: int = 0
+    next_attempt_at: datetime = Field(sa_column=_ts(nullable=False))
+    claimed_by: str | None = Field(default=None, max_length=128)
+    claimed_until: datetime | None = Field(default=None, sa_column=_ts())
+    delivered_at: datetime | None = Field(default=None, sa_column=_ts())
+    expires_at: datetime | None = Field(default=None, sa_column=_ts())
+    gave_up_at: datetime | None = Field(default=None, sa_column=_ts())
+    last_error: str | None = Field(default=None, max_length=512)
+
+
+class ConfirmationRecord(SQLModel, table=True):
+    """A question waiting for a yes (a boot above the price limit or past a budget, a destroy).
+    Only the token's hash is stored; secret arguments are sealed (encrypted), never plain text."""
+
+    __tablename__ = "confirmations"
+
+    token_hash: str = Field(primary_key=True, max_length=64)
+    actor: str = Field(max_length=128, index=True)
+    operation: str = Field(max_length=32)              # boot | destroy
+    reason: str = Field(max_length=16)                 # price | budget | destroy
+    instance_id: str | None = Field(default=None, max_length=16)
+    args: str = Field(default="{}", sa_type=Text)      # JSON of the request, secrets masked
+    sealed: str | None = Field(default=None, sa_type=Text)    # encrypted JSON of the secret arguments
+    accepted_dph_micros: int | None = Field(default=None, sa_type=BigInteger)   # the price said yes to
+    created_at: datetime = Field(sa_column=_ts(nullable=False))
+    expires_at: datetime = Field(sa_column=_ts(nullable=False, index=True))
+    used_at: datetime | None = Field(default=None, sa_column=_ts())
+    result: str | None = Field(default=None, sa_type=Text)    # JSON of what the yes did (a replayed yes gets it)
+
+
+class OperationRecord(SQLModel, table=True):
+    """Long work (a boot, a start) after the provider accepted it: the readiness watcher moves it
+    to succeeded (healthy) or failed, writing progress events any process can follow."""
+
+    __tablename__ = "operations"
+
+    id: str = Field(primary_key=True, max_length=32)
+    kind: str = Field(max_length=16)                   # boot | start
+    instance_id: str = Field(max_length=16, index=True)
+    actor: str = Field(max_length=128)
+    state: str = Field(max_length=16, index=True)      # running | succeeded | failed
+    phase: str = Field(max_length=16)                  # accepted | provisioning | loading | healthy | failed
+    message: str | None = Field(default=None, max_length=512)
+    created_at: datetime = Field(sa_column=_ts(nullable=False))
+    updated_at: datetime = Field(sa_column=_ts(nullable=False))
+    deadline_at: datetime = Field(sa_column=_ts(nullable=False))   # health timeout
+    finished_at: datetime | None = Field(default=None, sa_column=_ts())
+    last_seq: int = 0
+
+
+class OperationEvent(SQLModel, table=True):
+    __tablename__ = "operation_events"
+    __table_args__ = (UniqueConstraint("operation_id", "seq"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    operation_id: str = Field(max_length=32, index=True)
+    seq: int
+    at: datetime = Field(sa_column=_ts(nullable=False))
+    phase: str = Field(max_length=16)
+    provider_state: str | None = Field(default=None, max_length=16)
+    elapsed_s: float = 0
+    text: str = Field(max_length=512)
