@@ -1,11 +1,22 @@
 """Engine, sessions and migrations. SQLite (embedded default) is upgraded automatically at start;
-a PostgreSQL deployment runs `gpuherd db upgrade` (or lets the first process do it)."""
+a PostgreSQL deployment runs `gpuherd db upgrade` (or lets the first process do it).
+
+Database work never runs on the event loop: `Database.run(fn)` runs one unit of work (a
+function of a session) in a worker thread and awaits it. Threads rather than SQLAlchemy's
+asyncio engine because every query in gpuherd is a short synchronous unit already, the same
+code serves the sync CLI paths, and SQLite has no mature async driver; the pool of workers is
+sized to the connection pool so a burst queues in Python, not on connections."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import contextvars
+import functools
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -16,6 +27,7 @@ from sqlmodel import Session
 
 from .errors import ConfigError
 
+T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
@@ -67,6 +79,10 @@ class Database:
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = make_engine(url)
+        # SQLite serialises writers anyway (WAL, busy timeout); PostgreSQL gets one worker per
+        # pooled connection (pool_size 5 + overflow 5)
+        self._workers = 4 if self.engine.dialect.name == "sqlite" else 10
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def is_postgres(self) -> bool:
@@ -83,5 +99,28 @@ class Database:
         with Session(self.engine, expire_on_commit=False) as session:
             yield session
 
+    async def run(self, fn: Callable[[Session], T]) -> T:
+        """Run `fn(session)` in a worker thread: the event loop keeps serving while the database
+        works. `fn` commits what it wants kept; the session closes when it returns."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="gpuherd-db")
+        ctx = contextvars.copy_context()
+        call = functools.partial(ctx.run, self._in_session, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+
+    def _in_session(self, fn: Callable[[Session], T]) -> T:
+        with self.session() as s:
+            return fn(s)
+
+    async def call(self, fn: Callable[[], T]) -> T:
+        """Other blocking work (no session) on the same workers."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=self._workers, thread_name_prefix="gpuherd-db")
+        ctx = contextvars.copy_context()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, functools.partial(ctx.run, fn))
+
     def dispose(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
         self.engine.dispose()
