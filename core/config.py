@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         default="member", description="role of a chat user gpuherd has not seen before")
     default_team: str = "default"
     admins: list[str] = Field(default_factory=list, description="principals that are always admin")
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Fernet key sealing the secret arguments of stored confirmations; default: "
+                    "secret.key in home, made on first use. Several replicas sharing one database "
+                    "must share this key (set the same GPUHERD_SECRET_KEY on each)")
 
     # behaviour
     boot_timeout_s: float = Field(default=900, gt=0, description="how long start/boot waits for health")
