@@ -3,23 +3,30 @@ clock, persistence across processes, and injected faults."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import statistics
+import sys
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from pathlib import Path
 
 import pytest
-
 from gpuherd.core.clock import VirtualClock
 from gpuherd.core.errors import (
     CapacityError,
+    ProviderError,
     ProviderStateError,
     ProviderTimeout,
     ProviderUnavailable,
     RateLimited,
 )
 from gpuherd.core.offers import quote
+from gpuherd.core.providers import sandbox as sandbox_module
 from gpuherd.core.providers.base import CreateRequest, ProviderState
 from gpuherd.core.providers.sandbox import SIMULATED_NOTE, SandboxProvider, parse_faults
 
@@ -49,6 +56,14 @@ def request(offer_id: str = "sb-0001", label: str = "gh-test-1", **kw) -> Create
 
 def dumped(offers):
     return [o.model_dump() for o in offers]
+
+
+def machines_dir(state_file: Path) -> Path:
+    return state_file.with_name(state_file.name + ".d") / "machines"
+
+
+def machine_file(state_file: Path, provider_id: str) -> dict:
+    return json.loads((machines_dir(state_file) / f"{provider_id}.json").read_text())
 
 
 # ---------------------------------------------------------------------------- offers
@@ -205,7 +220,7 @@ async def test_durations_vary_per_instance_but_are_deterministic(state_file, clo
     sandbox = SandboxProvider(state_file, clock=clock)
     a = await sandbox.create(request(label="a"))
     b = await sandbox.create(request(label="b"))
-    raw = json.loads(state_file.read_text())["instances"]
+    raw = {i.provider_id: machine_file(state_file, i.provider_id) for i in (a, b)}
     assert raw[a.provider_id]["durations"] != raw[b.provider_id]["durations"]
     other = SandboxProvider(clock=clock)  # in memory, same seed: same ids, same timings
     a2 = await other.create(request(label="a"))
@@ -293,7 +308,7 @@ async def test_persistence_across_provider_objects(state_file, clock):
     assert other.provider_id != inst.provider_id
     await first.destroy(inst.provider_id)
     assert [i.provider_id for i in await second.list()] == [other.provider_id]
-    assert not list(state_file.parent.glob("*.tmp"))
+    assert not list(state_file.parent.rglob("*.tmp"))
 
 
 async def test_in_memory_provider_writes_nothing(tmp_path, clock, monkeypatch):
@@ -314,8 +329,6 @@ async def test_label_round_trips_and_list_finds_it(sandbox):
 
 async def test_corrupt_state_file_is_reported(state_file, clock):
     state_file.write_text("{not json")
-    from gpuherd.core.errors import ProviderError
-
     with pytest.raises(ProviderError) as info:
         await SandboxProvider(state_file, clock=clock).list()
     assert str(state_file) in info.value.message
@@ -497,3 +510,352 @@ async def test_clear_faults(clock):
     sandbox.inject("timeout")
     sandbox.clear_faults()
     assert await sandbox.list() == []
+
+
+# ---------------------------------------------------------------------------- storage at scale
+
+
+def seed_machines(sandbox: SandboxProvider, n: int) -> list[str]:
+    """n running machines (at time_scale=0), written in one go through the bulk hook."""
+    with sandbox._state(write=True) as state:
+        template = {
+            "label": None, "offer_id": "sb-0001", "gpu_name": "RTX 4090", "num_gpus": 1,
+            "gpu_ram": 24, "location": "Oregon, US", "dph": "0.4", "storage_dph": "0.01",
+            "disk_gb": 20, "image": "vllm/vllm-openai:latest", "port": 8000,
+            "created_at": T0.isoformat(), "action": "create", "action_at": T0.isoformat(),
+            "durations": {"provisioning": 0.0, "loading": 0.0, "model": 0.0}, "gpu_util": None,
+        }
+        first = int(state["next_id"])
+        ids = [f"sbx-{number:06d}" for number in range(first, first + n)]
+        for number, pid in enumerate(ids, start=first):
+            state["instances"][pid] = {**template, "provider_id": pid, "label": f"gh-seed-{number}"}
+        state["next_id"] = first + n
+    return ids
+
+
+class IoLog:
+    """Counts the sandbox's file reads and writes and notes the threads they ran on."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.reads = self.writes = self.bytes_written = self.scans = 0
+        self.threads: set[int] = set()
+        load, write, scandir = (sandbox_module._DirectoryStore._load, sandbox_module._write_json,
+                                sandbox_module.os.scandir)
+
+        def counted_load(store, path):
+            self.reads += 1
+            self.threads.add(threading.get_ident())
+            return load(store, path)
+
+        def counted_write(path, value):
+            self.writes += 1
+            self.bytes_written += len(sandbox_module._dumps(value))
+            self.threads.add(threading.get_ident())
+            return write(path, value)
+
+        def counted_scandir(path):
+            self.scans += 1
+            self.threads.add(threading.get_ident())
+            return scandir(path)
+
+        monkeypatch.setattr(sandbox_module._DirectoryStore, "_load", counted_load)
+        monkeypatch.setattr(sandbox_module, "_write_json", counted_write)
+        monkeypatch.setattr(sandbox_module.os, "scandir", counted_scandir)
+
+    def reset(self) -> None:
+        self.reads = self.writes = self.bytes_written = self.scans = 0
+        self.threads.clear()
+
+
+async def test_event_loop_keeps_its_heartbeat_under_load(tmp_path):
+    sandbox = SandboxProvider(tmp_path / "sandbox.json", time_scale=0)
+    existing = seed_machines(sandbox, 2000)
+    lateness: list[float] = []
+    done = asyncio.Event()
+
+    async def heartbeat() -> None:
+        loop = asyncio.get_running_loop()
+        while not done.is_set():
+            due = loop.time() + 0.005
+            await asyncio.sleep(0.005)
+            lateness.append(loop.time() - due)
+
+    beat = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0.02)
+    creates = [sandbox.create(request(label=f"gh-load-{k}")) for k in range(200)]
+    stops = [sandbox.stop(pid) for pid in existing[:200]]
+    results = await asyncio.gather(*creates, *stops, sandbox.list(), sandbox.list())
+    done.set()
+    await beat
+    await sandbox.aclose()
+    assert {r.state for r in results[:200]} == {ProviderState.RUNNING}
+    assert {r.state for r in results[200:400]} == {ProviderState.STOPPED}
+    assert len({r.provider_id for r in results[:200]}) == 200
+    assert len(await SandboxProvider(tmp_path / "sandbox.json", time_scale=0).list()) == 2200
+    # A regression guard, not a benchmark: rewriting a 2,000-machine file on the loop per call
+    # kept the heartbeat waiting for seconds.
+    assert max(lateness) < 0.2, f"heartbeat was {max(lateness) * 1000:.0f} ms late"
+    assert len(lateness) > 5
+
+
+async def test_no_file_io_on_the_event_loop_thread(tmp_path, monkeypatch, clock):
+    log = IoLog(monkeypatch)
+    sandbox = SandboxProvider(tmp_path / "sandbox.json", clock=clock, time_scale=0)
+    pid = (await sandbox.create(request())).provider_id
+    await sandbox.get(pid)
+    await sandbox.list()
+    await sandbox.stop(pid)
+    await sandbox.start(pid)
+    await sandbox.destroy(pid)
+    assert log.reads and log.writes and log.scans
+    assert threading.get_ident() not in log.threads
+
+
+async def _stop_cost(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int) -> tuple[float, IoLog]:
+    sandbox = SandboxProvider(tmp_path / f"sandbox-{size}.json", time_scale=0)
+    ids = seed_machines(sandbox, size)
+    await sandbox.get(ids[0])  # the worker thread is up
+    log = IoLog(monkeypatch)
+    started = time.perf_counter()
+    for pid in ids[:50]:
+        await sandbox.stop(pid)
+    elapsed = time.perf_counter() - started
+    await sandbox.get(ids[-1])
+    await sandbox.aclose()
+    monkeypatch.undo()
+    return elapsed, log
+
+
+async def test_a_change_costs_the_same_at_100_and_5000_machines(tmp_path, monkeypatch):
+    small_s, small = await _stop_cost(tmp_path, monkeypatch, 100)
+    large_s, large = await _stop_cost(tmp_path, monkeypatch, 5000)
+    # 50 stops read and write 50 records, and one get reads one, whatever the account holds
+    assert (small.reads, small.writes, small.scans) == (51, 50, 0)
+    assert (large.reads, large.writes, large.scans) == (51, 50, 0)
+    assert large.bytes_written == small.bytes_written < 50 * 1024
+    # generous: the single-file store took ~50 times longer at 5,000 machines
+    assert large_s < 3 * small_s + 0.25, f"{small_s * 1000:.0f} ms vs {large_s * 1000:.0f} ms"
+
+
+async def test_list_reads_only_what_changed(tmp_path, monkeypatch):
+    path = tmp_path / "sandbox.json"
+    sandbox = SandboxProvider(path, time_scale=0)
+    ids = seed_machines(sandbox, 300)
+    old = time.time() - 60  # as if written a minute ago: nothing is too recent to trust
+    for name in os.listdir(machines_dir(path)):
+        os.utime(machines_dir(path) / name, (old, old))
+    os.utime(machines_dir(path), (old, old))
+    log = IoLog(monkeypatch)
+    assert len(await sandbox.list()) == 300
+    assert log.reads == 300
+    log.reset()
+    assert len(await sandbox.list()) == 300
+    assert (log.reads, log.scans) == (0, 0)  # the directory has not changed: nothing to read
+    await SandboxProvider(path, time_scale=0).stop(ids[7])  # another process, say
+    log.reset()
+    listed = await sandbox.list()
+    assert log.reads == 1 and log.scans == 1
+    assert listed[7].state is ProviderState.STOPPED
+    assert {i.state for i in listed[:7] + listed[8:]} == {ProviderState.RUNNING}
+    log.reset()
+    assert (await sandbox.get(ids[3])).state is ProviderState.RUNNING
+    assert log.reads == 1 and log.scans == 0  # get reads one machine
+
+
+# ---------------------------------------------------------------------------- several processes
+
+
+async def test_two_providers_stopping_the_same_machines_never_both_win(tmp_path):
+    path = tmp_path / "sandbox.json"
+    a = SandboxProvider(path, time_scale=0)
+    b = SandboxProvider(path, time_scale=0)  # its own worker thread: a real race on the lock
+    ids = seed_machines(a, 100)
+    outcomes = await asyncio.gather(*(p.stop(pid) for pid in ids for p in (a, b)),
+                                    return_exceptions=True)
+    for k in range(len(ids)):
+        pair = outcomes[2 * k: 2 * k + 2]
+        assert sum(not isinstance(o, BaseException) for o in pair) == 1
+        assert sum(isinstance(o, ProviderStateError) for o in pair) == 1
+    assert {i.state for i in await b.list()} == {ProviderState.STOPPED}
+    created = await asyncio.gather(*(p.create(request(label=f"c{k}")) for k in range(40)
+                                     for p in (a, b)))
+    assert len({c.provider_id for c in created}) == 80
+    assert len(await a.list()) == 180
+    assert machine_file(path, ids[0])["action"] == "stop"
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+CHILD = r"""
+import asyncio, sys, time
+from pathlib import Path
+from gpuherd.core.errors import ProviderStateError
+from gpuherd.core.providers.base import CreateRequest
+from gpuherd.core.providers.sandbox import SandboxProvider
+
+async def main(path, go, command, *ids):
+    sandbox = SandboxProvider(Path(path), time_scale=0)
+    await sandbox.list()
+    if command == "visit":
+        await sandbox.stop(ids[0])
+        made = await sandbox.create(CreateRequest(offer_id="sb-0002", label="gh-from-child",
+                                                  image="img"))
+        print(made.provider_id)
+        return
+    print("ready", flush=True)
+    while not Path(go).exists():
+        time.sleep(0.001)
+    won = 0
+    for pid in ids:
+        try:
+            await sandbox.stop(pid)
+            won += 1
+        except ProviderStateError:
+            pass
+    print(won)
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+async def _child(*args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+async def test_a_machine_made_in_one_process_is_seen_in_another(tmp_path):
+    path = tmp_path / "sandbox.json"
+    sandbox = SandboxProvider(path, time_scale=0)
+    mine = await sandbox.create(request(label="gh-mine"))
+    assert [i.provider_id for i in await sandbox.list()] == [mine.provider_id]
+    child = await _child(str(path), "-", "visit", mine.provider_id)
+    out, err = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode == 0, err.decode()
+    theirs = out.decode().strip()
+    assert theirs != mine.provider_id
+    seen = await sandbox.get(theirs)
+    assert seen is not None and seen.label == "gh-from-child"
+    assert (await sandbox.get(mine.provider_id)).state is ProviderState.STOPPED
+    assert [i.provider_id for i in await sandbox.list()] == sorted([mine.provider_id, theirs])
+
+
+async def test_processes_racing_to_stop_the_same_machines(tmp_path):
+    path, go = tmp_path / "sandbox.json", tmp_path / "go"
+    sandbox = SandboxProvider(path, time_scale=0)
+    ids = seed_machines(sandbox, 200)
+    child = await _child(str(path), str(go), "race", *ids)
+    assert child.stdout is not None
+    assert (await asyncio.wait_for(child.stdout.readline(), 60)).strip() == b"ready"
+    go.touch()
+    won = 0
+    for pid in ids:
+        try:
+            await sandbox.stop(pid)
+            won += 1
+        except ProviderStateError:
+            pass
+    out, err = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode == 0, err.decode()
+    assert won + int(out.decode()) == len(ids)  # every machine stopped exactly once
+    listed = await sandbox.list()
+    assert len(listed) == 200 and {i.state for i in listed} == {ProviderState.STOPPED}
+
+
+# ---------------------------------------------------------------------------- old state file
+
+
+async def test_old_single_file_state_is_migrated_once(state_file, clock):
+    old = SandboxProvider(clock=clock)  # the records as version 1 stored them
+    a = await old.create(request(label="gh-a"))
+    b = await old.create(request(label="gh-b"))
+    await old.destroy((await old.create(request(label="gh-gone"))).provider_id)
+    clock.advance(120)
+    await old.stop(b.provider_id)
+    version_1 = {**old._memory, "version": 1}
+    state_file.write_text(json.dumps(version_1, indent=1, sort_keys=True))
+    (state_file.parent / "sandbox.json.lock").touch()
+
+    migrated = SandboxProvider(state_file, clock=clock)
+    listed = await migrated.list()
+    assert [i.model_dump() for i in listed] == [i.model_dump() for i in await old.list()]
+    assert [i.label for i in listed] == ["gh-a", "gh-b"]
+    assert not state_file.exists()
+    assert json.loads(state_file.with_name("sandbox.json.migrated").read_text()) == version_1
+    # the counter carried over: ids are not reused
+    fresh = await migrated.create(request(label="gh-c"))
+    assert fresh.provider_id == "sbx-000004"
+    again = SandboxProvider(state_file, clock=clock)
+    await again.destroy(a.provider_id)
+    assert [i.label for i in await SandboxProvider(state_file, clock=clock).list()] == ["gh-b", "gh-c"]
+
+
+async def test_empty_old_state_file_migrates_to_nothing(state_file, clock):
+    state_file.write_text("\n")
+    sandbox = SandboxProvider(state_file, clock=clock)
+    assert await sandbox.list() == []
+    assert (await sandbox.create(request())).provider_id == "sbx-000001"
+
+
+async def test_old_file_of_another_shape_is_reported(state_file, clock):
+    state_file.write_text('{"machines": []}')
+    with pytest.raises(ProviderError) as info:
+        await SandboxProvider(state_file, clock=clock).get("sbx-000001")
+    assert str(state_file) in info.value.message
+    assert state_file.exists()  # left for the user to look at
+
+
+async def test_corrupt_machine_file_is_reported(state_file, clock):
+    sandbox = SandboxProvider(state_file, clock=clock)
+    pid = (await sandbox.create(request())).provider_id
+    (machines_dir(state_file) / f"{pid}.json").write_text("{half a rec")
+    with pytest.raises(ProviderError) as info:
+        await sandbox.get(pid)
+    assert pid in info.value.message
+
+
+async def test_ids_that_cannot_name_a_file_are_unknown(sandbox, state_file):
+    await sandbox.create(request())
+    for bad in ("../sandbox.json", "", ".hidden", "a/b", "sbx-000001.json/.."):
+        assert await sandbox.get(bad) is None
+        with pytest.raises(ProviderStateError):
+            await sandbox.stop(bad)
+        await sandbox.destroy(bad)
+    assert len(await sandbox.list()) == 1
+
+
+# ---------------------------------------------------------------------------- latency
+
+
+async def test_latency_is_awaited_on_every_call_concurrently(clock):
+    sandbox = SandboxProvider(clock=clock, time_scale=0, latency_s=0.05)
+    loop = asyncio.get_running_loop()
+
+    async def timed(call) -> float:
+        started = loop.time()
+        await call
+        return loop.time() - started
+
+    pid = (await sandbox.create(request())).provider_id
+    for call in (sandbox.search(), sandbox.get(pid), sandbox.list(), sandbox.stop(pid),
+                 sandbox.start(pid), sandbox.get_offer("sb-0001"), sandbox.destroy(pid)):
+        assert await timed(call) >= 0.049
+    # the latency is a wait, not work: twenty calls at once take one latency, not twenty
+    assert await timed(asyncio.gather(*(sandbox.list() for _ in range(20)))) < 0.5
+    sandbox.inject("unavailable", on="list")
+    started = loop.time()
+    with pytest.raises(ProviderUnavailable):
+        await sandbox.list()
+    assert loop.time() - started >= 0.049  # a failing call is slow too
+    assert await timed(SandboxProvider(clock=clock).list()) < 0.049
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="latency_s"):
+            SandboxProvider(latency_s=bad)
+
+
+async def test_faults_under_latency_stay_in_call_order(clock):
+    async def outcomes(latency: float) -> list[str]:
+        sandbox = SandboxProvider(clock=clock, seed=5, faults="timeout=0.3", latency_s=latency)
+        results = await asyncio.gather(*(sandbox.list() for _ in range(60)), return_exceptions=True)
+        return ["timeout" if isinstance(r, ProviderTimeout) else "ok" for r in results]
+
+    assert await outcomes(0.01) == await outcomes(0.0)

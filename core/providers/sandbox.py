@@ -10,31 +10,72 @@ Design:
 - Offers are generated once per seed with a private `random.Random`; prices drift a little per
   six-hour window, deterministically (seed, offer, window), so the same seed at the same virtual
   time always yields the same catalogue.
-- Instances live in a JSON file (or in memory when no path is given). Writes are atomic
-  (temp file + os.replace) and serialised between processes with `fcntl.flock` on a lock file.
 - States are computed lazily from the clock: a record stores its last action ("create", "stop",
   "start") with the time it happened and how long each phase takes; nothing runs in the
-  background and nothing sleeps.
-- Faults: per-call probabilities from a `faults` string and one-shot `inject()`ed faults.
+  background and nothing sleeps (unless `latency_s` asks every call to, as a slow API would).
+- Faults: per-call probabilities from a `faults` string and one-shot `inject()`ed faults. They are
+  drawn on the event loop when a call begins, in call order, so a seed replays the same faults.
+
+Storage: machines live in memory (no path) or, given `state_path` (e.g. ~/.gpuherd/sandbox.json),
+in the directory next to it named `<state_path>.d/`:
+
+    meta.json              {"version": 2, "next_id": N}: the id counter (ids are never reused)
+    lock                   flock'ed (exclusive) around every change, across processes
+    machines/<id>.json     one small JSON record per machine
+
+Why one file per machine rather than one state file or a journal: the old single file was read and
+rewritten (and fsynced) whole on every stop, so a change cost O(machines), and a guard pass stopping
+100 of 10,000 machines spent seconds rewriting megabytes. With a file per machine a change reads
+and atomically replaces (temp file + os.replace) one record of a few hundred bytes, whatever the
+account holds; `get()` reads one file; another process sees a change as soon as the rename lands,
+with no replay of a journal's tail and no compaction to coordinate between processes. Changes are
+read-modify-write under the directory lock, so two processes stopping the same machine serialise:
+one stops it, the other is told it is already stopping. Reads take no lock: a rename is atomic, so
+a reader sees the old record or the new, never half of one. `list()` reads every record (it is the
+listing) but keeps what it parsed, keyed by each file's (inode, mtime, size), and skips even the
+directory scan while the directory's mtime is unchanged. Nothing changed within RACY_S of a scan is
+trusted, as coarse file timestamps could hide a second change in the same tick (and a file edited
+in place by hand, rather than replaced, goes unseen until the directory next changes). Files are
+not fsynced: this is a simulation, a process crash cannot tear a record (the rename is atomic),
+and losing the last simulated changes to a power cut harms nobody, while an fsync per call costs
+milliseconds on a real disk.
+
+A file in the old single-file format (version 1) at `state_path` is migrated on first use, under
+both the old and the new lock: its records are written out one per file, the counter carried over,
+and the old file renamed to `<state_path>.migrated`.
+
+The event loop never does file I/O or waits on a lock: every async method draws its fault, awaits
+its simulated latency, then runs its storage work (and, for list(), the views of every record) on
+one worker thread the provider owns. One worker, first in first out, keeps concurrent calls of one
+provider in call order, so ids and outcomes stay as deterministic as when everything ran inline;
+each call is a few hundred microseconds of work, so one worker keeps up. A caller that gives up
+waiting (a timeout around the call) does not undo a change already queued, as with a real API
+whose response is lost. The synchronous test hooks (`set_gpu_util`, `fail`, `_state`) do their
+small I/O in the calling thread.
 """
 
 from __future__ import annotations
 
+import abc
+import asyncio
 import contextlib
 import json
+import math
 import os
 import random
-import zlib
-import tempfile
+import re
 import threading
-from collections.abc import Iterator
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-try:  # POSIX; on other systems only the in-process lock applies
+try:  # POSIX; elsewhere an in-process lock per state directory is all there is
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
@@ -55,7 +96,12 @@ from .base import Capabilities, CreateRequest, Provider, ProviderInstance, Provi
 SIMULATED_NOTE = "Simulated: sandbox provider — no real machines, no real charges."
 
 NAME = "sandbox"
-STATE_VERSION = 1
+STATE_VERSION = 2        # 1: one JSON file holding every machine; 2: a directory, a file per machine
+RACY_S = 2.0             # list() trusts no file (or directory) changed this recently before a scan
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,99}")  # what may name a machine file
+
+Record = dict[str, Any]  # one machine as stored
+_T = TypeVar("_T")
 
 # Nominal phase durations in seconds, before per-instance variation and `time_scale`.
 PROVISIONING_S = 10.0
@@ -183,21 +229,30 @@ class SandboxProvider(Provider):
         clock: Clock | None = None,
         faults: str = "",
         price_drift: float = 0.02,
+        latency_s: float = 0.0,
     ) -> None:
+        """`state_path`: where machines persist (see the module docstring; None: in memory).
+        `latency_s`: seconds every API call (search, create, get, list, start, stop, destroy)
+        awaits before it answers, as a slow cloud API would; 0 answers at once."""
         if time_scale < 0:
             raise ValueError("sandbox time_scale must be >= 0")
         if not 0 <= price_drift < 0.5:
             raise ValueError("sandbox price_drift must be in 0..0.5")
+        if not (math.isfinite(latency_s) and latency_s >= 0):
+            raise ValueError("sandbox latency_s must be a finite number of seconds >= 0")
         self.state_path = Path(state_path) if state_path is not None else None
         self.seed = seed
         self.time_scale = float(time_scale)
         self.clock = clock or Clock()
         self.price_drift = price_drift
+        self.latency_s = float(latency_s)
         self.fault_rates = parse_faults(faults)
         self._fault_rng = random.Random(f"sandbox-faults:{seed}")
         self._injected: list[_Injected] = []
-        self._thread_lock = threading.RLock()
-        self._memory: dict[str, Any] = self._empty_state()
+        self._memory: dict[str, Any] = _empty_state()
+        self._store: _Store = (_MemoryStore(self._memory) if self.state_path is None
+                               else _DirectoryStore(self.state_path))
+        self._executor: ThreadPoolExecutor | None = None
         self._catalogue = self._generate(seed)
         self._by_id = {b.offer.offer_id: b for b in self._catalogue}
 
@@ -273,7 +328,7 @@ class SandboxProvider(Provider):
         return self._priced(base, epoch(now) // PRICE_WINDOW_S, now)
 
     async def search(self, query: OfferQuery | None = None) -> list[Offer]:
-        fault = self._take_fault("search")
+        fault = await self._begin("search")
         offers = self._offers_at(self.clock.now())
         self._raise_after(fault)
         return offers
@@ -301,9 +356,20 @@ class SandboxProvider(Provider):
         self._injected.clear()
         self.fault_rates = {}
 
-    def _take_fault(self, method: str) -> str | None:
-        """The fault this call suffers, if any. Immediate faults raise here; `timeout_after` is
-        returned so the caller raises it once the call has taken effect."""
+    async def _begin(self, method: str) -> str | None:
+        """Start an API call: draw its fault (now, in call order, so a seed replays the same
+        faults however long the latency), await the simulated latency, then raise an immediate
+        fault. Returns "timeout_after" when the call must take effect and then raise."""
+        kind, error = self._draw_fault(method)
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
+        if error is not None:
+            raise error
+        return kind
+
+    def _draw_fault(self, method: str) -> tuple[str | None, ProviderError | None]:
+        """The fault this call suffers, if any, with the error to raise at once (None for
+        `timeout_after`, which the caller raises once the call has taken effect)."""
         kind: str | None = None
         for pending in self._injected:
             if pending.on is not None:
@@ -331,8 +397,8 @@ class SandboxProvider(Provider):
                         kind = name
                     break
         if kind is None or kind == "timeout_after":
-            return kind
-        raise self._fault_error(kind, method)
+            return kind, None
+        return kind, self._fault_error(kind, method)
 
     def _fault_error(self, kind: str, method: str) -> ProviderError:
         if kind == "capacity":
@@ -349,65 +415,28 @@ class SandboxProvider(Provider):
         if fault == "timeout_after":
             raise self._fault_error(fault, method)
 
-    # ------------------------------------------------------------------ state file
+    # ------------------------------------------------------------------ storage
 
-    @staticmethod
-    def _empty_state() -> dict[str, Any]:
-        return {"version": STATE_VERSION, "next_id": 1, "instances": {}}
+    async def _io(self, work: Callable[[], _T]) -> _T:
+        """Run `work` (storage I/O, locks, views) on the provider's worker thread."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpuherd-sandbox")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+    async def aclose(self) -> None:
+        """Let the worker thread go once the work already queued is done."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            executor.shutdown(wait=False)
 
     @contextlib.contextmanager
     def _state(self, write: bool) -> Iterator[dict[str, Any]]:
-        """The state, locked; written back atomically when `write` and no exception escaped."""
-        with self._thread_lock:
-            if self.state_path is None:
-                yield self._memory
-                return
-            path = self.state_path
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock_path = path.with_name(path.name + ".lock")
-            with open(lock_path, "a+") as lock_file:
-                if fcntl is not None:
-                    fcntl.flock(lock_file.fileno(), fcntl.LOCK_EX if write else fcntl.LOCK_SH)
-                try:
-                    state = self._read(path)
-                    yield state
-                    if write:
-                        self._write(path, state)
-                finally:
-                    if fcntl is not None:
-                        fcntl.flock(lock_file.fileno(), fcntl.LOCK_UN)
-
-    def _read(self, path: Path) -> dict[str, Any]:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            return self._empty_state()
-        if not text.strip():
-            return self._empty_state()
-        try:
-            state = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ProviderError(NAME, f"state file {path} is not valid JSON ({exc.msg})",
-                                hint="delete it to start the sandbox afresh") from None
-        if not isinstance(state, dict) or not isinstance(state.get("instances"), dict):
-            raise ProviderError(NAME, f"state file {path} is not a sandbox state file",
-                                hint="delete it to start the sandbox afresh")
-        state.setdefault("next_id", 1)
-        return state
-
-    @staticmethod
-    def _write(path: Path, state: dict[str, Any]) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(state, handle, indent=1, sort_keys=True)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        """Test and bench hook, synchronous: every machine as one dict in the version-1 shape
+        ({"next_id": N, "instances": {id: record}}); with `write`, the records added, changed or
+        removed in it (and next_id) are stored when the block ends without an exception. The
+        directory lock is held throughout, so keep the block short."""
+        with self._store.snapshot(write) as state:
+            yield state
 
     # ------------------------------------------------------------------ timings
 
@@ -512,7 +541,7 @@ class SandboxProvider(Provider):
     # ------------------------------------------------------------------ instances
 
     async def create(self, request: CreateRequest) -> ProviderInstance:
-        fault = self._take_fault("create")
+        fault = await self._begin("create")
         now = self.clock.now()
         offer = self._offer(request.offer_id, now)
         if offer is None:
@@ -524,11 +553,9 @@ class SandboxProvider(Provider):
                 NAME, f"offer {offer.offer_id} has {offer.disk_space:g} GB of disk; "
                       f"{request.disk_gb:g} GB requested")
         port = request.health_port or (request.ports[0] if request.ports else 8000)
-        with self._state(write=True) as state:
-            number = int(state["next_id"])
-            state["next_id"] = number + 1
-            provider_id = f"sbx-{number:06d}"
-            record = {
+
+        def build(provider_id: str) -> Record:
+            return {
                 "provider_id": provider_id,
                 "label": request.label,
                 "offer_id": offer.offer_id,
@@ -547,87 +574,417 @@ class SandboxProvider(Provider):
                 "durations": self._durations(provider_id, "create"),
                 "gpu_util": None,
             }
-            state["instances"][provider_id] = record
-        instance = self._view(record, now)
+
+        instance = await self._io(lambda: self._view(self._store.create(build), now))
         self._raise_after(fault, "create")
         return instance
 
     async def get(self, provider_id: str) -> ProviderInstance | None:
-        fault = self._take_fault("get")
+        fault = await self._begin("get")
         now = self.clock.now()
-        with self._state(write=False) as state:
-            record = state["instances"].get(provider_id)
-        instance = self._view(record, now) if record is not None else None
+
+        def work() -> ProviderInstance | None:
+            record = self._store.get(provider_id)
+            return self._view(record, now) if record is not None else None
+
+        instance = await self._io(work)
         self._raise_after(fault, "get")
         return instance
 
     async def list(self) -> list[ProviderInstance]:
-        fault = self._take_fault("list")
+        fault = await self._begin("list")
         now = self.clock.now()
-        with self._state(write=False) as state:
-            records = [state["instances"][key] for key in sorted(state["instances"])]
-        instances = [self._view(record, now) for record in records]
+        instances = await self._io(lambda: [self._view(r, now) for r in self._store.records()])
         self._raise_after(fault, "list")
         return instances
 
     async def start(self, provider_id: str) -> ProviderInstance:
-        fault = self._take_fault("start")
+        fault = await self._begin("start")
         now = self.clock.now()
-        with self._state(write=True) as state:
-            record = self._record(state, provider_id, "start")
+
+        def change(record: Record) -> None:
             current = self._view(record, now).state
             if current not in (ProviderState.STOPPED, ProviderState.ERROR):
                 raise ProviderStateError(NAME, f"cannot start {provider_id}: it is {current.value}")
             record.update(action="start", action_at=_format_time(now),
                           durations=self._durations(provider_id, "start", _format_time(now)),
                           error=None)
-        instance = self._view(record, now)
+
+        instance = await self._io(
+            lambda: self._view(self._store.update(provider_id, "start", change), now))
         self._raise_after(fault, "start")
         return instance
 
     async def stop(self, provider_id: str) -> ProviderInstance:
-        fault = self._take_fault("stop")
+        fault = await self._begin("stop")
         now = self.clock.now()
-        with self._state(write=True) as state:
-            record = self._record(state, provider_id, "stop")
+
+        def change(record: Record) -> None:
             current = self._view(record, now).state
             if current in (ProviderState.STOPPING, ProviderState.STOPPED):
                 raise ProviderStateError(NAME, f"cannot stop {provider_id}: it is already {current.value}")
             record.update(action="stop", action_at=_format_time(now),
                           durations=self._durations(provider_id, "stop", _format_time(now)))
-        instance = self._view(record, now)
+
+        instance = await self._io(
+            lambda: self._view(self._store.update(provider_id, "stop", change), now))
         self._raise_after(fault, "stop")
         return instance
 
     async def destroy(self, provider_id: str) -> None:
-        fault = self._take_fault("destroy")
-        with self._state(write=True) as state:
-            # destroying what is already gone succeeds: the caller wants it gone, and it is
-            state["instances"].pop(provider_id, None)
+        fault = await self._begin("destroy")
+        # destroying what is already gone succeeds: the caller wants it gone, and it is
+        await self._io(lambda: self._store.delete(provider_id))
         self._raise_after(fault, "destroy")
 
-    @staticmethod
-    def _record(state: dict[str, Any], provider_id: str, action: str) -> dict[str, Any]:
-        record = state["instances"].get(provider_id)
-        if record is None:
-            raise ProviderStateError(NAME, f"cannot {action} {provider_id}: no such instance")
-        return record
-
     # ------------------------------------------------------------------ test hooks
+    # Synchronous, for tests and benches: the I/O (one small file) happens in the calling thread.
 
     def set_gpu_util(self, provider_id: str, util: float | None) -> None:
         """Pin the reported GPU utilisation of a running instance (None: back to simulated)."""
         if util is not None and not 0 <= util <= 100:
             raise ValueError("gpu utilisation is a percentage, 0..100")
-        with self._state(write=True) as state:
-            self._record(state, provider_id, "set utilisation of")["gpu_util"] = util
+
+        def change(record: Record) -> None:
+            record["gpu_util"] = util
+
+        self._store.update(provider_id, "set utilisation of", change)
 
     def fail(self, provider_id: str, message: str = "the machine failed") -> None:
         """Put an instance into ERROR, as when a host dies. `start` recovers it."""
         now = self.clock.now()
-        with self._state(write=True) as state:
-            record = self._record(state, provider_id, "fail")
+
+        def change(record: Record) -> None:
             record.update(action="error", action_at=_format_time(now), error=message)
+
+        self._store.update(provider_id, "fail", change)
+
+
+# ---------------------------------------------------------------------------- storage
+
+
+def _empty_state() -> dict[str, Any]:
+    return {"version": STATE_VERSION, "next_id": 1, "instances": {}}
+
+
+def _no_such(provider_id: str, action: str) -> ProviderStateError:
+    return ProviderStateError(NAME, f"cannot {action} {provider_id}: no such instance")
+
+
+class _Store(abc.ABC):
+    """Where machine records live. Methods are synchronous and thread-safe; the provider calls
+    them from its worker thread (and the test hooks from theirs)."""
+
+    @abc.abstractmethod
+    def get(self, provider_id: str) -> Record | None: ...
+
+    @abc.abstractmethod
+    def records(self) -> list[Record]:
+        """Every machine, ordered by id. The caller must not change them."""
+
+    @abc.abstractmethod
+    def create(self, build: Callable[[str], Record]) -> Record:
+        """Allocate the next id, store `build(id)` under it and return it."""
+
+    @abc.abstractmethod
+    def update(self, provider_id: str, action: str, change: Callable[[Record], None]) -> Record:
+        """Apply `change` to the record, atomically with respect to every other change; an
+        exception from `change` leaves the record as it was. Raises ProviderStateError naming
+        `action` when there is no such machine."""
+
+    @abc.abstractmethod
+    def delete(self, provider_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def snapshot(self, write: bool) -> contextlib.AbstractContextManager[dict[str, Any]]:
+        """Every machine in the version-1 shape; see SandboxProvider._state."""
+
+
+class _MemoryStore(_Store):
+    def __init__(self, state: dict[str, Any]) -> None:
+        self._state = state
+        self._lock = threading.RLock()
+
+    def get(self, provider_id: str) -> Record | None:
+        with self._lock:
+            return self._state["instances"].get(provider_id)
+
+    def records(self) -> list[Record]:
+        with self._lock:
+            instances = self._state["instances"]
+            return [instances[key] for key in sorted(instances)]
+
+    def create(self, build: Callable[[str], Record]) -> Record:
+        with self._lock:
+            number = int(self._state["next_id"])
+            self._state["next_id"] = number + 1
+            record = build(_provider_id(number))
+            self._state["instances"][record["provider_id"]] = record
+            return record
+
+    def update(self, provider_id: str, action: str, change: Callable[[Record], None]) -> Record:
+        with self._lock:
+            record = self._state["instances"].get(provider_id)
+            if record is None:
+                raise _no_such(provider_id, action)
+            changed = dict(record)  # changes set top-level keys; a failed one leaves no trace
+            change(changed)
+            self._state["instances"][provider_id] = changed
+            return changed
+
+    def delete(self, provider_id: str) -> None:
+        with self._lock:
+            self._state["instances"].pop(provider_id, None)
+
+    @contextlib.contextmanager
+    def snapshot(self, write: bool) -> Iterator[dict[str, Any]]:
+        with self._lock:
+            yield self._state
+
+
+@dataclass(frozen=True)
+class _Cached:
+    stamp: tuple[int, int, int]   # (inode, mtime_ns, size) of the file when it was read
+    record: Record
+
+
+# Without fcntl, the lock of a state directory is a threading lock shared in the process.
+_LOCAL_LOCKS: dict[str, threading.Lock] = {}
+_LOCAL_LOCKS_GUARD = threading.Lock()
+
+
+class _DirectoryStore(_Store):
+    """A directory holding one JSON file per machine; see the module docstring."""
+
+    def __init__(self, state_path: Path) -> None:
+        self.legacy = state_path
+        self.root = state_path.with_name(state_path.name + ".d")
+        self.machines = self.root / "machines"
+        self.meta = self.root / "meta.json"
+        self.lock_path = self.root / "lock"
+        self._ready = False
+        self._cache_lock = threading.Lock()
+        self._cache: dict[str, _Cached] = {}
+        self._quiet_dir: tuple[int, int] | None = None   # (inode, mtime_ns) of an unchanged directory
+        self._cached_list: list[Record] = []
+
+    # -------------------------------------------------------------- files
+
+    def _path(self, provider_id: str) -> Path | None:
+        """The machine's file; None for an id no machine can have (so no path escapes)."""
+        if not _ID.fullmatch(provider_id):
+            return None
+        return self.machines / f"{provider_id}.json"
+
+    def _load(self, path: Path) -> Record | None:
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            record = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ProviderError(NAME, f"sandbox machine file {path} is not valid JSON ({exc})",
+                                hint="delete it to forget that machine") from None
+        if not isinstance(record, dict) or not isinstance(record.get("provider_id"), str):
+            raise ProviderError(NAME, f"sandbox machine file {path} is not a machine record",
+                                hint="delete it to forget that machine")
+        return record
+
+    @contextlib.contextmanager
+    def _locked(self, path: Path | None = None) -> Iterator[None]:
+        """The exclusive lock of the state directory (or of `path`), across processes."""
+        lock_path = path or self.lock_path
+        if fcntl is None:  # pragma: no cover - Windows
+            with _LOCAL_LOCKS_GUARD:
+                local = _LOCAL_LOCKS.setdefault(str(lock_path.resolve()), threading.Lock())
+            with local:
+                yield
+            return
+        # A descriptor of our own per acquisition: flock then excludes other threads too.
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _prepare(self) -> None:
+        """Create the directory and migrate a version-1 state file, once per store."""
+        if self._ready:
+            return
+        self.machines.mkdir(parents=True, exist_ok=True)
+        if self.legacy.is_file():
+            with self._locked(self.legacy.with_name(self.legacy.name + ".lock")), self._locked():
+                if self.legacy.is_file():  # another process may have migrated it meanwhile
+                    self._migrate()
+        self._ready = True
+
+    def _migrate(self) -> None:
+        path = self.legacy
+        text = path.read_text(encoding="utf-8")
+        try:
+            state: Any = json.loads(text) if text.strip() else _empty_state()
+        except json.JSONDecodeError as exc:
+            raise ProviderError(NAME, f"state file {path} is not valid JSON ({exc.msg})",
+                                hint="delete it to start the sandbox afresh") from None
+        instances = state.get("instances") if isinstance(state, dict) else None
+        if not isinstance(instances, dict):
+            raise ProviderError(NAME, f"state file {path} is not a sandbox state file",
+                                hint="delete it to start the sandbox afresh")
+        for provider_id, record in instances.items():
+            target = self._path(provider_id)
+            if target is None or not isinstance(record, dict):
+                raise ProviderError(NAME, f"state file {path} holds a bad machine {provider_id!r}",
+                                    hint="delete it to start the sandbox afresh")
+            _write_json(target, {**record, "provider_id": provider_id})
+        try:
+            carried = int(state.get("next_id", 1))
+        except (TypeError, ValueError):
+            carried = 1  # _read_next_id counts past the machines written above anyway
+        self._write_next_id(max(carried, self._read_next_id()))
+        os.replace(path, path.with_name(path.name + ".migrated"))
+
+    def _read_next_id(self) -> int:
+        try:
+            return int(json.loads(self.meta.read_bytes())["next_id"])
+        except FileNotFoundError:
+            pass
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged counter: recount from the machines there are
+        numbers = [int(name[4:-5]) for name in os.listdir(self.machines)
+                   if re.fullmatch(r"sbx-\d+\.json", name)]
+        return max(numbers, default=0) + 1
+
+    def _write_next_id(self, number: int) -> None:
+        _write_json(self.meta, {"version": STATE_VERSION, "next_id": number})
+
+    # -------------------------------------------------------------- the store
+
+    def get(self, provider_id: str) -> Record | None:
+        self._prepare()
+        path = self._path(provider_id)
+        return self._load(path) if path is not None else None
+
+    def records(self) -> list[Record]:
+        self._prepare()
+        with self._cache_lock:
+            scan_ns = time.time_ns()
+            racy_ns = int(RACY_S * 1e9)
+            st = os.stat(self.machines)
+            directory = (st.st_ino, st.st_mtime_ns)
+            if directory == self._quiet_dir:
+                return list(self._cached_list)
+            fresh: dict[str, _Cached] = {}
+            with os.scandir(self.machines) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name.startswith(".") or not name.endswith(".json"):
+                        continue
+                    try:
+                        est = entry.stat()
+                    except FileNotFoundError:
+                        continue  # destroyed meanwhile
+                    stamp = (est.st_ino, est.st_mtime_ns, est.st_size)
+                    cached = self._cache.get(name)
+                    if cached is not None and cached.stamp == stamp:
+                        fresh[name] = cached
+                        continue
+                    # Read after the stat: a file replaced in between is cached under the old
+                    # stamp, which the next scan sees differ.
+                    record = self._load(self.machines / name)
+                    if record is not None:
+                        fresh[name] = _Cached(stamp, record)
+            result = sorted((c.record for c in fresh.values()), key=lambda r: r["provider_id"])
+            self._cache = {n: c for n, c in fresh.items() if scan_ns - c.stamp[1] > racy_ns}
+            quiet = scan_ns - directory[1] > racy_ns and len(self._cache) == len(fresh)
+            self._quiet_dir = directory if quiet else None
+            self._cached_list = result if quiet else []
+            return list(result)
+
+    def create(self, build: Callable[[str], Record]) -> Record:
+        self._prepare()
+        with self._locked():
+            number = self._read_next_id()
+            while (self.machines / f"{_provider_id(number)}.json").exists():
+                number += 1  # a counter behind the machines (restored or hand-edited)
+            self._write_next_id(number + 1)
+            record = build(_provider_id(number))
+            _write_json(self.machines / f"{record['provider_id']}.json", record)
+        return record
+
+    def update(self, provider_id: str, action: str, change: Callable[[Record], None]) -> Record:
+        self._prepare()
+        path = self._path(provider_id)
+        if path is None:
+            raise _no_such(provider_id, action)
+        with self._locked():
+            record = self._load(path)
+            if record is None:
+                raise _no_such(provider_id, action)
+            change(record)
+            _write_json(path, record)
+        return record
+
+    def delete(self, provider_id: str) -> None:
+        self._prepare()
+        path = self._path(provider_id)
+        if path is None:
+            return
+        # under the lock: not in the middle of someone's read-modify-write of it
+        with self._locked(), contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    @contextlib.contextmanager
+    def snapshot(self, write: bool) -> Iterator[dict[str, Any]]:
+        self._prepare()
+        with self._locked():
+            instances: dict[str, Record] = {}
+            for name in sorted(os.listdir(self.machines)):
+                if name.startswith(".") or not name.endswith(".json"):
+                    continue
+                record = self._load(self.machines / name)
+                if record is not None:
+                    instances[record["provider_id"]] = record
+            next_id = self._read_next_id()
+            before = {key: _dumps(record) for key, record in instances.items()}
+            state: dict[str, Any] = {"version": STATE_VERSION, "next_id": next_id,
+                                     "instances": instances}
+            yield state
+            if not write:
+                return
+            for key, record in state["instances"].items():
+                path = self._path(key)
+                if path is None:
+                    raise ValueError(f"{key!r} cannot name a sandbox machine")
+                if before.get(key) != _dumps(record):
+                    _write_json(path, {**record, "provider_id": key})
+            for key in before.keys() - state["instances"].keys():
+                with contextlib.suppress(FileNotFoundError):
+                    self.machines.joinpath(f"{key}.json").unlink()
+            if int(state["next_id"]) != next_id:
+                self._write_next_id(int(state["next_id"]))
+
+
+def _provider_id(number: int) -> str:
+    return f"sbx-{number:06d}"
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, indent=1, sort_keys=True).encode("utf-8")
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Replace `path` atomically. Callers hold the directory lock, so the temporary name only
+    has to differ between the threads and processes that could be writing."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_bytes(_dumps(value))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
 
 
 def _dph(per_gpu: float, num_gpus: int, storage_cost: Decimal) -> Decimal:
