@@ -16,6 +16,15 @@ from gpuherd.core.errors import GpuherdError, InvalidInput
 from gpuherd.core.models import Role
 from gpuherd.core.service import GpuService, Progress
 from gpuherd.core.results import Confirmation
+from gpuherd.core.text import (
+    MAX_LINE,
+    MAX_NAME,
+    MAX_WORD,
+    bounded,
+    clip,
+    suggestible,
+    too_long,
+)
 
 from . import replies
 from .replies import Reply
@@ -93,15 +102,16 @@ class Registry:
         key = self._aliases.get(name.lower(), name.lower())
         if key in self._commands:
             return self._commands[key]
-        close = difflib.get_close_matches(key, [*self._commands, *self._aliases], n=1)
+        close = difflib.get_close_matches(key, [*self._commands, *self._aliases], n=1) if suggestible(key) else []
         hint = f" Did you mean `/gpu {close[0]}`?" if close else ""
-        raise InvalidInput(f"Unknown command '{name}'.{hint} `/gpu help` lists the commands.")
+        raise InvalidInput(f"Unknown command '{clip(name)}'.{hint} `/gpu help` lists the commands.")
 
 
 REGISTRY = Registry()
 
 
 def tokenize(text: str) -> list[str]:
+    bounded(text, MAX_LINE, "command line", stop="=")      # shlex reads one character at a time
     try:
         return shlex.split(text)
     except ValueError as exc:
@@ -131,37 +141,48 @@ def parse_args(cmd: Command, rest: str) -> Args:
     if cmd.free_text:
         return Args(raw=rest)
     args = Args(raw=rest)
+    # Boot overrides carry template settings (env tokens, image refs); every other argument and
+    # option value is a name, id, duration or amount. Limits and why: gpuherd.core.text.
+    value_limit = MAX_WORD if "*" in cmd.options else MAX_NAME
     for word in tokenize(rest):
         if "=" in word and not word.startswith("="):
             key, _, value = word.partition("=")
-            key = _option_key(key)
+            key = _option_key(bounded(key, MAX_NAME, "option name"))
             if "*" not in cmd.options and key not in cmd.options:
                 allowed = ", ".join(f"{o}=" for o in cmd.options) or "none"
-                close = difflib.get_close_matches(key, cmd.options, n=1)
+                close = difflib.get_close_matches(key, cmd.options, n=1) if suggestible(key) else []
                 hint = f" Did you mean {close[0]}=?" if close else ""
-                raise InvalidInput(f"`/gpu {cmd.name}` has no option '{key}'.{hint} Options: {allowed}.")
+                raise InvalidInput(f"`/gpu {cmd.name}` has no option '{clip(key)}'.{hint} Options: {allowed}.")
+            if len(value) > value_limit:
+                if key.startswith("env."):      # an env value may be a secret: never shown
+                    raise InvalidInput(f"The value of {clip(key)}= is too long: {len(value):,} characters; "
+                                       f"at most {value_limit:,} (value not shown).")
+                raise InvalidInput(too_long(value, value_limit, f"the value of {clip(key)}="))
             if key in args.options:
-                raise InvalidInput(f"Option '{key}' is given twice.")
+                raise InvalidInput(f"Option '{clip(key)}' is given twice.")
             args.options[key] = value
         elif word.startswith("--"):
-            flag = word[2:].lower()
+            flag = bounded(word, MAX_NAME, "option")[2:].lower()
             if flag in ("yes", "confirm"):
                 args.options["confirm"] = "yes"
             elif flag in cmd.options:
                 args.options[flag] = "yes"
             else:
-                raise InvalidInput(f"`/gpu {cmd.name}` has no option '{word}'.")
+                raise InvalidInput(f"`/gpu {cmd.name}` has no option '{clip(word)}'.")
         else:
-            args.positional.append(word)
+            args.positional.append(bounded(word, MAX_NAME, f"argument of `/gpu {cmd.name}`"))
     if len(args.positional) > cmd.max_positional:
         extra = args.positional[cmd.max_positional]
-        raise InvalidInput(f"Unexpected '{extra}' in `/gpu {cmd.name}`. Usage: {cmd.usage}")
+        raise InvalidInput(f"Unexpected '{clip(extra)}' in `/gpu {cmd.name}`. Usage: {cmd.usage}")
     return args
 
 
 async def dispatch(ctx: Context, line: str) -> Reply:
     """Run one command line; always returns a Reply, never raises, never leaks a traceback."""
     try:
+        # First of all, in O(1): an over-long line is refused before any parsing; it is quoted
+        # up to its first '=' only, so no option value (an env token) is echoed.
+        bounded(line, MAX_LINE, "command line", stop="=")
         text = strip_prefix(line)
         if not text:
             return help_reply()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 import secrets
 
+from .text import MAX_NAME, bounded
+
 ID_RE = re.compile(r"^g-[0-9a-f]{4,8}$")
 
 
@@ -20,8 +22,9 @@ def new_instance_id(taken: set[str] | None = None, length: int = 4) -> str:
 
 
 def normalise_instance_id(text: str) -> str:
-    """Accept `G-7F3A` or `7f3a` as well as `g-7f3a`."""
-    t = text.strip().lower()
+    """Accept `G-7F3A` or `7f3a` as well as `g-7f3a`. Longer than any name (`text.MAX_NAME`):
+    InvalidInput, before any pattern runs."""
+    t = bounded(text, MAX_NAME, "instance id").strip().lower()
     if not t.startswith("g-") and re.fullmatch(r"[0-9a-f]{4,8}", t):
         t = "g-" + t
     return t

@@ -58,24 +58,25 @@ from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from .errors import QueryError
 from .offers import Offer
+from .text import MAX_QUERY, clip, suggestible, too_long
 
 __all__ = [
-    "OFFER_FIELDS",
-    "QUERY_KEYWORDS",
+    "DEFAULT_ORDER",
     "FIELD_ALIASES",
     "GPU_MODELS",
-    "DEFAULT_ORDER",
     "MAX_LIMIT",
+    "OFFER_FIELDS",
+    "QUERY_KEYWORDS",
     "FieldSpec",
     "Filter",
-    "SortKey",
     "OfferQuery",
-    "parse_query",
+    "SortKey",
     "gpu_model_matches",
+    "parse_query",
     "to_vast_filter",
 ]
 
-MAX_QUERY_LENGTH = 2000
+MAX_QUERY_LENGTH = MAX_QUERY   # 2,000 characters: see core/text.py
 MAX_LIMIT = 1000
 MAX_GPUS = 64
 
@@ -155,12 +156,13 @@ QUERY_KEYWORDS: dict[str, str] = {
 
 # GPU model words a user may type bare. Matching is by word of the offer's gpu_name, so this list
 # only decides which bare words are accepted; `gpu=<anything>` works for any model.
-GPU_MODELS: frozenset[str] = frozenset("""
+_MODEL_WORDS = """
     1080 1080ti 2060 2070 2080 2080ti 3060 3060ti 3070 3070ti 3080 3080ti 3090 3090ti
     4060 4060ti 4070 4070ti 4080 4090 4090d 5060 5060ti 5070 5070ti 5080 5090 titan
     a2000 a4000 a4500 a5000 a6000 a10 a10g a16 a30 a40 a100 a800 h100 h200 h800 gh200
     b100 b200 gb200 l4 l40 l40s t4 v100 p100 p40 k80 mi100 mi210 mi250 mi250x mi300x
-""".split())
+"""
+GPU_MODELS: frozenset[str] = frozenset(_MODEL_WORDS.split())
 _MODEL_PREFIXES = ("rtx", "gtx", "tesla", "nvidia", "quadro")
 
 _SORT_NAMES = {**{f: f for f in OFFER_FIELDS}, **FIELD_ALIASES}
@@ -254,7 +256,7 @@ class OfferQuery(BaseModel):
                 p0, p1 = parts
                 key: Callable[[Offer], tuple] = lambda o: (p0(o), p1(o), o.provider, o.offer_id)
             else:
-                key = lambda o: (*[p(o) for p in parts], o.provider, o.offer_id)  # noqa: E731
+                key = lambda o: (*[p(o) for p in parts], o.provider, o.offer_id)
             if limit is not None and limit * 8 < len(items):
                 return heapq.nsmallest(limit, items, key=key)   # same result as sorted()[:limit]
             items.sort(key=key)
@@ -361,7 +363,7 @@ def _sort_getter(field: str) -> Callable[[Offer], Any]:
     if spec.type is float:
         def num(o: Offer) -> float:
             v = getter(o)
-            return math.inf if v is None or v != v else v   # NaN would make the order undefined
+            return math.inf if v is None or v != v else v   # noqa: PLR0124 (NaN would make the order undefined)
         return num
     return getter
 
@@ -457,7 +459,7 @@ def _compile(f: Filter) -> Callable[[Offer], bool]:
     get = _getter(f.field)
     if spec.type is str:
         raw = get
-        get = lambda o: raw(o).casefold()  # noqa: E731
+        get = lambda o: raw(o).casefold()
         value = tuple(v.casefold() for v in value) if isinstance(value, tuple) else value.casefold()
 
     if op in ("in", "notin"):
@@ -531,6 +533,8 @@ _FALSE = {"false", "no", "0", "off"}
 
 
 def _did_you_mean(word: str, candidates: Iterable[str]) -> str:
+    if not suggestible(word):       # difflib on a long word: slow, and nothing is close anyway
+        return ""
     close = difflib.get_close_matches(word.lower(), list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 
@@ -551,7 +555,7 @@ def _model_word(word: str) -> str | None:
 def _gpu_count(text: str, token: str, position: int) -> int:
     n = int(text)
     if not 1 <= n <= MAX_GPUS:
-        raise QueryError(f"GPU count must be 1..{MAX_GPUS}, got '{token}'", token=token,
+        raise QueryError(f"GPU count must be 1..{MAX_GPUS}, got '{clip(token)}'", token=token,
                          position=position)
     return n
 
@@ -596,7 +600,7 @@ class _Parser:
             elif c == "]":
                 if depth == 0:
                     tok = text[clause_start:i + 1]
-                    raise self.error(f"Unbalanced bracket in '{tok}'", tok, i)
+                    raise self.error(f"Unbalanced bracket in '{clip(tok)}'", tok, i)
                 depth -= 1
             elif depth == 0 and c.isspace():
                 break
@@ -604,15 +608,14 @@ class _Parser:
         if quoted or depth:
             tok = text[clause_start:i]
             what = "quote" if quoted else "bracket"
-            raise self.error(f"Unbalanced {what} in '{tok}'", tok, clause_start)
+            raise self.error(f"Unbalanced {what} in '{clip(tok)}'", tok, clause_start)
         return text[pos:i], i
 
     # -- main loop ----------------------------------------------------------------------
 
     def parse(self) -> OfferQuery:
         if self.n > MAX_QUERY_LENGTH:
-            raise self.error(f"Query too long ({self.n} characters, at most {MAX_QUERY_LENGTH})",
-                             self.text[:40], 0)
+            raise self.error(too_long(self.text, MAX_QUERY_LENGTH, "search query"), self.text[:40], 0)
         pos = self.skip_ws(0)
         while pos < self.n:
             pos = self.skip_ws(self.clause(pos))
@@ -631,12 +634,12 @@ class _Parser:
         if m is None:
             c = text[start]
             if c in "=<>!":
-                raise self.error(f"Field missing before '{chunk}'", chunk, start,
+                raise self.error(f"Field missing before '{clip(chunk)}'", chunk, start,
                                  hint="write field<op>value, e.g. dph<0.5, or <$0.5 for a price")
             if c in '"[':
                 raw, end = self.scan_value(start, start)
-                raise self.error(f"Value without a field: '{raw}'", raw, start)
-            raise self.error(f"Unbalanced bracket in '{chunk}'", chunk, start)
+                raise self.error(f"Value without a field: '{clip(raw)}'", raw, start)
+            raise self.error(f"Unbalanced bracket in '{clip(chunk)}'", chunk, start)
         word, after = m.group(), m.end()
         lw = word.lower()
 
@@ -654,13 +657,13 @@ class _Parser:
         j = self.skip_ws(after)
         if _OPSYM.match(text, j) or (j > after and _WORDOP.match(text, j)):
             clause = self.clause_text(start, after)
-            raise self.error(f"Unknown field '{word}' in '{clause}'{_did_you_mean(word, _ALL_KEYS)}",
+            raise self.error(f"Unknown field '{clip(word)}' in '{clip(clause)}'{_did_you_mean(word, _ALL_KEYS)}",
                              word, start)
         if not next_char.isspace():
             tok = self.chunk(start)
-            raise self.error(f"Unexpected '{tok}'", tok, start)
+            raise self.error(f"Unexpected '{clip(tok)}'", tok, start)
         candidates = [*_ALL_KEYS, *GPU_MODELS]
-        raise self.error(f"Unknown word '{word}'{_did_you_mean(word, candidates)}", word, start,
+        raise self.error(f"Unknown word '{clip(word)}'{_did_you_mean(word, candidates)}", word, start,
                          hint="see /gpu help search for fields and shorthands")
 
     def clause_text(self, start: int, after: int) -> str:
@@ -687,7 +690,7 @@ class _Parser:
                 j += 1
             j = self.skip_ws(j)
             if j >= self.n:
-                raise self.error(f"Value missing after '{word}'", word, start)
+                raise self.error(f"Value missing after '{clip(word)}'", word, start)
             raw, end = self.scan_value(j, start)
             token = self.text[start:end]
             if lw == "--limit":
@@ -696,7 +699,7 @@ class _Parser:
                 self.set_order(_strip_value(raw), token, start)
             return end
         options = ["-o", "--order", "-n", "--no-default", "--limit"]
-        raise self.error(f"Unknown option '{word}'{_did_you_mean(word, options)}", word, start)
+        raise self.error(f"Unknown option '{clip(word)}'{_did_you_mean(word, options)}", word, start)
 
     # -- shorthands -----------------------------------------------------------------------
 
@@ -759,14 +762,14 @@ class _Parser:
                 self.add_filter(Filter(field=key, op="eq", value=True))
                 return after
             tok = text[start:after]
-            raise self.error(f"Operator missing after '{word}'", tok, start,
+            raise self.error(f"Operator missing after '{clip(word)}'", tok, start,
                              hint=f"write e.g. {word}=value")
         if op_match is not None:
             op_text = op_match.group()
             op = _SYM_OPS.get(op_text)
             if op is None:
                 clause = self.clause_text(start, after)
-                raise self.error(f"Unknown operator '{op_text}' in '{clause}'", op_text, j,
+                raise self.error(f"Unknown operator '{clip(op_text)}' in '{clip(clause)}'", op_text, j,
                                  hint="operators: = == != > >= < <= in notin")
             op_end = op_match.end()
         else:
@@ -776,16 +779,16 @@ class _Parser:
         k = self.skip_ws(op_end)
         if k >= self.n:
             tok = text[start:op_end]
-            raise self.error(f"Value missing after '{tok.strip()}'", tok, start)
+            raise self.error(f"Value missing after '{clip(tok.strip())}'", tok, start)
         raw, end = self.scan_value(k, start)
         clause = text[start:end]
         value = _strip_value(raw)
         if value == "":
-            raise self.error(f"Value missing after '{text[start:op_end].strip()}'", clause, start)
+            raise self.error(f"Value missing after '{clip(text[start:op_end].strip())}'", clause, start)
 
         if key == "limit":
             if op != "eq":
-                raise self.error(f"limit only takes '=' (in '{clause}')", clause, start)
+                raise self.error(f"limit only takes '=' (in '{clip(clause)}')", clause, start)
             if value.lower() in _WILDCARDS:
                 self.limit = None
             else:
@@ -793,14 +796,14 @@ class _Parser:
             return end
         if key in ("order", "sort"):
             if op != "eq":
-                raise self.error(f"{key} only takes '=' (in '{clause}')", clause, start)
+                raise self.error(f"{key} only takes '=' (in '{clip(clause)}')", clause, start)
             self.set_order(value, clause, start)
             return end
 
         field = _FILTER_KEYS[key]
         if value.lower() in _WILDCARDS:
             if op != "eq":
-                raise self.error(f"Wildcard '{value}' only works with '=' (in '{clause}')",
+                raise self.error(f"Wildcard '{clip(value)}' only works with '=' (in '{clip(clause)}')",
                                  clause, start)
             self.drop_field(field)
             return end
@@ -808,7 +811,7 @@ class _Parser:
         if op in ("in", "notin"):
             items = _split_list(value)
             if not items:
-                raise self.error(f"Value missing after '{text[start:op_end].strip()}'",
+                raise self.error(f"Value missing after '{clip(text[start:op_end].strip())}'",
                                  clause, start)
             converted = tuple(self.convert(field, item, clause, k) for item in items)
             if field == "provider":
@@ -819,10 +822,10 @@ class _Parser:
 
         scalar = _unquote(value)
         if scalar == "":
-            raise self.error(f"Value missing after '{text[start:op_end].strip()}'", clause, start)
+            raise self.error(f"Value missing after '{clip(text[start:op_end].strip())}'", clause, start)
         if op in ("gt", "gte", "lt", "lte") and _field_type(field) in (bool, str):
-            raise self.error(f"{field} cannot be compared with '{op_text.strip()}' "
-                             f"(in '{clause}'; use = != in notin)", clause, start)
+            raise self.error(f"{field} cannot be compared with '{clip(op_text.strip())}' "
+                             f"(in '{clip(clause)}'; use = != in notin)", clause, start)
         converted_value = self.convert(field, scalar, clause, k)
         if field == "provider":
             self.provider_clause(op, (converted_value,), clause, start)
@@ -844,7 +847,7 @@ class _Parser:
             if self.providers is not None:
                 wanted = self.providers & wanted
                 if not wanted:
-                    raise self.error(f"'{clause}' leaves no provider to search", clause, start)
+                    raise self.error(f"'{clip(clause)}' leaves no provider to search", clause, start)
             self.providers = wanted
         else:
             self.add_filter(Filter(field="provider", op=op, value=values if op == "notin" else values[0]))
@@ -858,11 +861,11 @@ class _Parser:
                 return True
             if low in _FALSE:
                 return False
-            raise self.error(f"{field} expects true or false, got '{value}'", value, start)
+            raise self.error(f"{field} expects true or false, got '{clip(value)}'", value, start)
         if typ is str:
             text = value.strip() if field in _NO_UNDERSCORE else value.replace("_", " ").strip()
             if not text:
-                raise self.error(f"Value missing in '{clause}'", value, start)
+                raise self.error(f"Value missing in '{clip(clause)}'", value, start)
             return text
         number = value
         if field in _PRICE_FIELDS:
@@ -871,11 +874,11 @@ class _Parser:
             number = number[:-2]
         if typ is int:
             if not _INT_RE.fullmatch(number):
-                raise self.error(f"{field} expects a whole number, got '{value}'", value, start)
+                raise self.error(f"{field} expects a whole number, got '{clip(value)}'", value, start)
             return int(number)
         if not _NUM_RE.fullmatch(number):
             kind = "a price in USD/hour" if typ is Decimal else "a number"
-            raise self.error(f"{field} expects {kind}, got '{value}'", value, start)
+            raise self.error(f"{field} expects {kind}, got '{clip(value)}'", value, start)
         try:
             if typ is Decimal:
                 result: Any = Decimal(number)
@@ -886,13 +889,13 @@ class _Parser:
         except (ValueError, ArithmeticError):
             ok = False
         if not ok:
-            raise self.error(f"{field} expects a finite number, got '{value}'", value, start)
+            raise self.error(f"{field} expects a finite number, got '{clip(value)}'", value, start)
         return result
 
     def set_limit(self, value: str, token: str, start: int) -> None:
         v = _unquote(value)
         if not _INT_RE.fullmatch(v) or not 1 <= int(v) <= MAX_LIMIT:
-            raise self.error(f"limit must be a positive integer ≤ {MAX_LIMIT}, got '{v}'",
+            raise self.error(f"limit must be a positive integer ≤ {MAX_LIMIT}, got '{clip(v)}'",
                              token, start)
         self.limit = int(v)
 
@@ -910,16 +913,16 @@ class _Parser:
             trail = item[-1] if len(item) > 1 and item[-1] in "+-" else ""
             name = item[len(lead):len(item) - len(trail)].strip().lower()
             if lead and trail and lead != trail:
-                raise self.error(f"Conflicting sort direction in '{item}'", item, start)
+                raise self.error(f"Conflicting sort direction in '{clip(item)}'", item, start)
             resolved = _SORT_NAMES.get(name)
             if resolved is None:
-                raise self.error(f"Unknown sort field '{name or item}' in '{token}'"
+                raise self.error(f"Unknown sort field '{clip(name or item)}' in '{clip(token)}'"
                                  f"{_did_you_mean(name, _SORT_NAMES)}", item, start)
             if any(k.field == resolved for k in keys):
                 continue
             keys.append(SortKey(field=resolved, desc="-" in (lead, trail)))
         if not keys:
-            raise self.error(f"Sort field missing in '{token}'", token, start)
+            raise self.error(f"Sort field missing in '{clip(token)}'", token, start)
         self.order = tuple(keys)
 
     def finish(self) -> OfferQuery:
@@ -988,5 +991,5 @@ def parse_query(text: str) -> OfferQuery:
     except QueryError:
         raise
     except Exception as exc:   # a parser bug must still reach the user as a clear message
-        raise QueryError(f"Could not understand the query '{text[:80]}'", token=text[:80],
+        raise QueryError(f"Could not understand the query '{clip(text)}'", token=text[:80],
                          position=0) from exc

@@ -30,12 +30,20 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError, InvalidInput, NotFound
 from .money import to_decimal
 from .offers import Offer
 from .query import Filter, OfferQuery
+from .text import MAX_NAME, MAX_WORD, bounded, clip, suggestible
 
 # --------------------------------------------------------------------------------------------
 # Durations
@@ -54,7 +62,9 @@ for _names, _secs in (
     for _n in _names:
         _UNIT_SECONDS[_n] = _secs
 
-_DURATION_TEXT = re.compile(r"(?:\d+(?:\.\d+)?[a-z]*)+")
+# Number, then (unit, number)*, then an optional unit: unambiguous, so matching is linear. The old
+# `(?:\d+(?:\.\d+)?[a-z]*)+` could split a run of digits every way: 30 digits and a `!` took minutes.
+_DURATION_TEXT = re.compile(r"\d+(?:\.\d+)?(?:[a-z]+\d+(?:\.\d+)?)*[a-z]*")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([a-z]*)")
 _DURATION_EXAMPLES = "like 45m, 2h, 1h30m, 90s or 1d"
 
@@ -67,10 +77,11 @@ def parse_duration(text: str, *, allow_zero: bool = False,
     zero (unless `allow_zero`), empty text, or more than `maximum` (365 days by default)."""
     if not isinstance(text, str):
         if isinstance(text, bool) or not isinstance(text, (int, float, Decimal)):
-            raise InvalidInput(f"{text!r} is not a duration; use text {_DURATION_EXAMPLES}")
+            raise InvalidInput(f"{clip(repr(text))} is not a duration; use text {_DURATION_EXAMPLES}")
         text = str(text)
-    shown = text.strip()
-    compact = re.sub(r"\s+", "", shown.lower())
+    text = bounded(text, MAX_NAME, "duration").strip()
+    shown = clip(text)
+    compact = re.sub(r"\s+", "", text.lower())
     if not compact:
         raise InvalidInput(f"A duration is needed ({_DURATION_EXAMPLES}); got nothing")
     if compact.startswith("-"):
@@ -88,11 +99,11 @@ def parse_duration(text: str, *, allow_zero: bool = False,
         if not unit:
             if len(parts) > 1:
                 raise InvalidInput(
-                    f"'{shown}' is not a duration: '{number}' needs a unit (s, m, h or d)")
+                    f"'{shown}' is not a duration: '{clip(number)}' needs a unit (s, m, h or d)")
             unit = "m"
         if unit not in _UNIT_SECONDS:
             raise InvalidInput(
-                f"'{shown}' is not a duration: unknown unit '{unit}' (use s, m, h, d or w)")
+                f"'{shown}' is not a duration: unknown unit '{clip(unit)}' (use s, m, h, d or w)")
         secs = _UNIT_SECONDS[unit]
         if secs in seen:
             raise InvalidInput(f"'{shown}' is not a duration: a unit is given twice")
@@ -238,14 +249,14 @@ class Template(BaseModel):
     def _image(cls, v: str) -> str:
         v = v.strip()
         if len(v) > 255 or not IMAGE_RE.match(v):
-            raise ValueError(f"'{v}' is not a container image reference (like vllm/vllm-openai:latest)")
+            raise ValueError(f"'{clip(v)}' is not a container image reference (like vllm/vllm-openai:latest)")
         return v
 
     @field_validator("model")
     @classmethod
     def _model(cls, v: str | None) -> str | None:
         if v is not None and (not HF_REPO_RE.match(v) or ".." in v):
-            raise ValueError(f"'{v}' is not a Hugging Face model id (like Qwen/Qwen2.5-Coder-7B-Instruct)")
+            raise ValueError(f"'{clip(v)}' is not a Hugging Face model id (like Qwen/Qwen2.5-Coder-7B-Instruct)")
         return v
 
     @field_validator("command", "onstart", "description", mode="before")
@@ -277,7 +288,7 @@ class Template(BaseModel):
     @classmethod
     def _health_path(cls, v: str | None) -> str | None:
         if v is not None and (not v.startswith("/") or any(c.isspace() for c in v)):
-            raise ValueError(f"'{v}' is not a URL path (like /health)")
+            raise ValueError(f"'{clip(v)}' is not a URL path (like /health)")
         return v
 
     @field_validator("env")
@@ -285,7 +296,7 @@ class Template(BaseModel):
     def _env(cls, v: dict[str, str]) -> dict[str, str]:
         for name, value in v.items():
             if not ENV_NAME_RE.match(name):
-                raise ValueError(f"'{name}' is not a valid environment variable name")
+                raise ValueError(f"'{clip(name)}' is not a valid environment variable name")
             if _has_control_chars(value):
                 raise ValueError(f"the value of {name} contains a line break or control character")
         return v
@@ -300,7 +311,7 @@ class Template(BaseModel):
         try:
             return to_decimal(v.strip().removesuffix("/h") if isinstance(v, str) else v)
         except ValueError:
-            raise ValueError(f"{v!r} is not an amount in USD/hour") from None
+            raise ValueError(f"'{clip(str(v))}' is not an amount in USD/hour") from None
 
     @field_validator("providers", "gpu_names", mode="before")
     @classmethod
@@ -317,7 +328,7 @@ class Template(BaseModel):
         out = [p.strip().lower() for p in v]
         for p in out:
             if not re.fullmatch(r"[a-z0-9_-]{1,32}", p):
-                raise ValueError(f"'{p}' is not a provider name")
+                raise ValueError(f"'{clip(p)}' is not a provider name")
         return out or None
 
     @field_validator("idle_minutes", "warn_minutes", mode="before")
@@ -799,7 +810,7 @@ class ValidatedOverrides:
 
 
 def _shown(value: str) -> str:
-    return repr(value if len(value) <= 60 else value[:57] + "...")
+    return f"'{clip(value)}'"
 
 
 def _canonical_key(raw_key: str) -> tuple[str, str | None]:
@@ -812,6 +823,8 @@ def _canonical_key(raw_key: str) -> tuple[str, str | None]:
 
 
 def _suggest(word: str, options: Iterable[str]) -> str | None:
+    if not suggestible(word):        # never difflib on a long word
+        return None
     match = difflib.get_close_matches(word, list(options), n=1, cutoff=0.6)
     return match[0] if match else None
 
@@ -833,11 +846,14 @@ def validate_overrides(template: Template, raw: Mapping[str, object]) -> Validat
             text = repr(raw_value)
         else:
             text = str(raw_value)
+        if len(raw_key) > MAX_NAME:
+            errors.append(f"Setting name '{clip(raw_key.strip())}' is too long: at most {MAX_NAME} characters")
+            continue
         key, env_name = _canonical_key(raw_key)
         if env_name is not None:
             if not ENV_NAME_RE.match(env_name):
-                errors.append(f"{raw_key}: '{env_name}' is not a valid environment variable name "
-                              "(letters, digits and _, not starting with a digit)")
+                errors.append(f"{clip(raw_key.strip())}: '{clip(env_name)}' is not a valid environment variable "
+                              "name (letters, digits and _, not starting with a digit)")
                 continue
             try:
                 value = _env_value(text)
@@ -851,7 +867,7 @@ def validate_overrides(template: Template, raw: Mapping[str, object]) -> Validat
         if spec is None:
             suggestion = _suggest(key, [*OVERRIDE_SCHEMA, *_ALIASES])
             suggestion = _ALIASES.get(suggestion, suggestion) if suggestion else None
-            msg = f"Template '{template.name}' has no setting '{raw_key.strip()}'"
+            msg = f"Template '{template.name}' has no setting '{clip(raw_key.strip())}'"
             if suggestion:
                 msg += f" (did you mean {suggestion}?)"
             else:
@@ -863,10 +879,13 @@ def validate_overrides(template: Template, raw: Mapping[str, object]) -> Validat
                           "run a vLLM model server")
             continue
         if spec.key in given_by:
-            errors.append(f"{given_by[spec.key]} and {raw_key.strip()} both set {spec.key}; "
+            errors.append(f"{clip(given_by[spec.key])} and {clip(raw_key.strip())} both set {spec.key}; "
                           "give it once")
             continue
         given_by[spec.key] = raw_key.strip()
+        if len(text) > MAX_WORD:     # no pattern runs over an over-long value
+            errors.append(f"{spec.key} must be {spec.expects}, got {_shown(text)}")
+            continue
         try:
             values[spec.key] = spec.parse(text)
         except _Bad:
@@ -922,10 +941,15 @@ def apply_overrides(template: Template, raw: Mapping[str, object]) -> tuple[Temp
     return checked.template, dict(checked.values)
 
 
+_MAX_PROBLEMS = 5   # listed in one message; the rest are counted
+
+
 def _invalid(errors: list[str]) -> InvalidInput:
     if len(errors) == 1:
         return InvalidInput(errors[0])
-    return InvalidInput(f"{len(errors)} problems with the overrides: " + "; ".join(errors))
+    shown = errors[:_MAX_PROBLEMS]
+    more = f"; and {len(errors) - len(shown)} more" if len(errors) > len(shown) else ""
+    return InvalidInput(f"{len(errors)} problems with the overrides: " + "; ".join(shown) + more)
 
 
 def _pydantic_problem(err: Mapping[str, Any]) -> str:
@@ -1064,7 +1088,7 @@ class TemplateCatalog:
 
     def get(self, name: str) -> Template:
         """The template called `name` (case, '-' and '_' forgiven), or NotFound listing them."""
-        key = name.strip().lower()
+        key = bounded(name, MAX_NAME, "template name").strip().lower()
         if key in self._templates:
             return self._templates[key]
         loose = [n for n in self._templates if _loose(n) == _loose(key)]
@@ -1072,14 +1096,14 @@ class TemplateCatalog:
             return self._templates[loose[0]]
         suggestion = _suggest(key, self._templates)
         did = f" (did you mean {suggestion}?)" if suggestion else ""
-        raise NotFound(f"Unknown template '{name.strip()}'{did}. Templates: {', '.join(self.names())}",
+        raise NotFound(f"Unknown template '{clip(name.strip())}'{did}. Templates: {', '.join(self.names())}",
                        hint=f"did you mean {suggestion}?" if suggestion else None)
 
     def find(self, name: str) -> Template | None:
         """Like get(), but None for an unknown name (an instance whose template was removed)."""
         try:
             return self.get(name)
-        except NotFound:
+        except (NotFound, InvalidInput):    # InvalidInput: a name too long to be one
             return None
 
     @staticmethod
@@ -1092,7 +1116,7 @@ class TemplateCatalog:
             return False
         try:
             self.get(name)
-        except NotFound:
+        except (NotFound, InvalidInput):
             return False
         return True
 
