@@ -32,9 +32,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--yes", "-y", action="store_true", help="accept confirmations (for scripts)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log to stderr")
+    parser.add_argument("--no-wait", action="store_true", dest="global_no_wait",
+                        help="boot/start return once the provider accepted (no wait for the health check)")
     sub = parser.add_subparsers(dest="cmd", metavar="<command>")
     shell = sub.add_parser("shell", help="interactive /gpu shell (reads stdin when piped)")
     shell.add_argument("--yes", "-y", action="store_true", dest="shell_yes", help="accept confirmations")
+    shell.add_argument("--no-wait", action="store_true", help="return from boot/start once the provider accepted")
     db = sub.add_parser("db", help="database: upgrade (migrate) or show the current revision")
     db.add_argument("action", choices=["upgrade", "current"])
     users = sub.add_parser("users", help="set a user's role or team (admin)")
@@ -55,12 +58,12 @@ def _service():
     return GpuService.from_settings()
 
 
-async def _one_shot(line: str, yes: bool) -> int:
+async def _one_shot(line: str, yes: bool, wait: bool = True) -> int:
     from .shell import Shell
 
     service = _service()
     try:
-        shell = Shell(service, yes=yes, interactive=False)
+        shell = Shell(service, yes=yes, interactive=False, wait=wait)
         shell.actor = service.local_actor("cli")
         await shell.run_line(line)
         return 1 if shell.errors else 0
@@ -68,54 +71,44 @@ async def _one_shot(line: str, yes: bool) -> int:
         await service.aclose()
 
 
-async def _shell(yes: bool) -> int:
-    from gpuherd.core.scheduler import GuardScheduler
+async def _shell(yes: bool, wait: bool = True) -> int:
+    from gpuherd.core.runtime import Runtime
 
     from .shell import Shell
 
     service = _service()
-    scheduler = GuardScheduler(service)
-    try:
-        adopted = await service.resolve_pending()  # boots a crash interrupted
-        if adopted:
-            Console(stderr=True).print(f"[yellow]Adopted {', '.join(adopted)}: booted before a crash.[/yellow]")
-        attached = await service.attach_configured()
-        if attached:
-            Console(stderr=True).print(f"Attached from the configuration: {', '.join(attached)}")
-        shell = Shell(service, yes=yes)
-        await scheduler.start()  # guards run in the background while you type
-        return await shell.run()
-    finally:
-        await scheduler.stop()
-        await service.aclose()
+    runtime = Runtime(service)
+    shell = Shell(service, yes=yes, wait=wait, runtime=runtime)  # the shell is a notice destination
+    async with runtime:  # recovery, attachments, guards and notices run in the background while you type
+        if runtime.adopted:
+            Console(stderr=True).print(f"[yellow]Adopted {', '.join(runtime.adopted)}: booted before a crash.[/yellow]")
+        if runtime.attached:
+            Console(stderr=True).print(f"Attached from the configuration: {', '.join(runtime.attached)}")
+        code = await shell.run()
+        await runtime.deliver_now()  # what the last commands caused, before leaving
+        return code
 
 
 async def _run_guards() -> int:
     """`gpuherd guards --run`: the guard scheduler in the foreground, printing what it does."""
     import signal
 
-    from gpuherd.core.scheduler import GuardScheduler
+    from gpuherd.core.runtime import Runtime
 
     from .render_text import make_console
 
     service = _service()
     console = make_console()
     service.hub.subscribe(lambda n: console.print(f"{n.at:%Y-%m-%d %H:%M:%S} {escape(n.text)}", highlight=False))
-    scheduler = GuardScheduler(service)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await service.resolve_pending()
-        await service.attach_configured()
-        await scheduler.start()
-        console.print(f"guards running as {scheduler.identity} ({scheduler.leadership.describe()}); Ctrl-C stops")
+    async with Runtime(service) as runtime:
+        scheduler = runtime.scheduler
+        console.print(f"guards running as {runtime.identity} ({scheduler.leadership.describe()}); Ctrl-C stops")  # type: ignore[union-attr]
         await stop.wait()
-        return 0
-    finally:
-        await scheduler.stop()
-        await service.aclose()
+    return 0
 
 
 def _db(action: str) -> int:
@@ -131,22 +124,22 @@ def _db(action: str) -> int:
 
 
 def _users(args: argparse.Namespace) -> int:
-    from sqlalchemy import select
-
-    from gpuherd.core.models import User
-
-    service = _service()
-    actor = service.local_actor("cli")
-    if args.action == "set":
-        if not args.principal:
-            raise GpuherdError("Which user? gpuherd users set <principal> --role member --team ml")
-        user = service.set_user(actor, args.principal, role=args.role, team=args.team)
-        print(f"{user.principal}: {user.role}, team {user.team}")
-    else:
-        with service.db.session() as s:
-            for user in s.exec(select(User).order_by(User.principal)).scalars():  # type: ignore[call-overload]
-                print(f"{user.principal:<32} {user.role:<7} {user.team}")
-    return 0
+    async def run() -> int:
+        service = _service()
+        try:
+            actor = service.local_actor("cli")
+            if args.action == "set":
+                if not args.principal:
+                    raise GpuherdError("Which user? gpuherd users set <principal> --role member --team ml")
+                user = await service.set_user(actor, args.principal, role=args.role, team=args.team)
+                print(f"{user.principal}: {user.role}, team {user.team}")
+            else:
+                for user in await service.users(actor):
+                    print(f"{user.principal:<32} {user.role:<7} {user.team}")
+            return 0
+        finally:
+            await service.aclose()
+    return asyncio.run(run())
 
 
 def _split_chat_command(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
@@ -189,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 0
         if args.cmd == "shell":
-            return asyncio.run(_shell(args.yes or args.shell_yes))
+            return asyncio.run(_shell(args.yes or args.shell_yes, wait=not args.no_wait))
         if args.cmd == "db":
             return _db(args.action)
         if args.cmd == "guards" and chat is not None and "--run" in chat[2]:
@@ -202,7 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             words = [args.cmd]
             args.cmd = "help"
         yes = args.yes or any(w in ("--yes", "-y") for w in words)
-        words = [w for w in words if w not in ("--yes", "-y")]
+        wait = not (args.global_no_wait or "--no-wait" in words)
+        words = [w for w in words if w not in ("--yes", "-y", "--no-wait")]
         import shlex
 
         if grammar.REGISTRY.find(args.cmd).free_text:
@@ -211,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             line = " ".join([args.cmd, *words])
         else:
             line = " ".join([args.cmd, *(shlex.quote(w) for w in words)])
-        return asyncio.run(_one_shot(line, yes))
+        return asyncio.run(_one_shot(line, yes, wait))
     except GpuherdError as exc:
         console.print(f"[red]{escape(exc.message)}[/red]")
         return 2

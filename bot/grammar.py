@@ -5,6 +5,7 @@ Nothing here decides a business rule: it only translates text to service calls."
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 import shlex
 import uuid
@@ -14,8 +15,8 @@ from dataclasses import dataclass, field
 from gpuherd.core.auth import Actor
 from gpuherd.core.errors import GpuherdError, InvalidInput
 from gpuherd.core.models import Role
-from gpuherd.core.service import GpuService, Progress
-from gpuherd.core.results import Confirmation
+from gpuherd.core.results import BootResult, Confirmation, DestroyResult, ProgressEvent, StartResult
+from gpuherd.core.service import GpuService
 from gpuherd.core.text import (
     MAX_LINE,
     MAX_NAME,
@@ -32,6 +33,7 @@ from .replies import Reply
 log = logging.getLogger(__name__)
 PREFIXES = ("/gpu", "gpu")
 Handler = Callable[["Context", "Args"], Awaitable[Reply]]
+Progress = Callable[[ProgressEvent], Awaitable[None] | None]
 
 
 @dataclass
@@ -42,8 +44,18 @@ class Context:
     service: GpuService
     actor: Actor
     delivery_id: str | None = None
-    progress: Progress | None = None
+    progress: Progress | None = None       # shown each step of a boot or start the command waits for
     wait: bool = True                      # wait for boots/starts to become healthy
+
+    async def follow(self, operation_id: str | None) -> None:
+        """Show the operation's progress until it ends (when this surface waits for it)."""
+        if not (self.wait and operation_id):
+            return
+        async for event in self.service.follow(self.actor, operation_id):
+            if self.progress is not None:
+                shown = self.progress(event)
+                if inspect.isawaitable(shown):
+                    await shown
 
     def key(self, command: str) -> str | None:
         return f"{self.actor.source}:{self.delivery_id}:{command}" if self.delivery_id else None
@@ -239,13 +251,8 @@ async def _search(ctx: Context, args: Args) -> Reply:
                   max_positional=1, aliases=("template",))
 async def _templates(ctx: Context, args: Args) -> Reply:
     if args.positional:
-        return replies.template_reply(ctx.service.show_template(ctx.actor, args.positional[0]))
-    return replies.templates_reply(ctx.service.list_templates(ctx.actor))
-
-
-def _confirm_or(result: object, build: Callable[[object], Reply]) -> Reply:
-    """Actions that may need a yes return a Confirmation instead of their result."""
-    return replies.confirmation_reply(result) if isinstance(result, Confirmation) else build(result)
+        return replies.template_reply(await ctx.service.show_template(ctx.actor, args.positional[0]))
+    return replies.templates_reply(await ctx.service.list_templates(ctx.actor))
 
 
 @REGISTRY.command(
@@ -253,7 +260,8 @@ def _confirm_or(result: object, build: Callable[[object], Reply]) -> Reply:
     usage="/gpu boot <template> [offer=<provider>:<id>] [provider=<name>] [key=value …]",
     options=("*",), max_positional=1,
     details=("Overrides are checked against the template (see /gpu templates <name>). Above the template's "
-             "max $/h you are asked to confirm, with the cost per hour, day and month."),
+             "max $/h you are asked to confirm, with the cost per hour, day and month; the yes holds for that "
+             "price only."),
     examples=("/gpu boot budget", "/gpu boot research max_model_len=4096 idle=45m",
               "/gpu boot budget offer=sandbox:sb-0042"))
 async def _boot(ctx: Context, args: Args) -> Reply:
@@ -262,11 +270,44 @@ async def _boot(ctx: Context, args: Args) -> Reply:
     opts = dict(args.options)
     offer = opts.pop("offer", None)
     provider = opts.pop("provider", None)
-    confirm = Args(options={"confirm": opts.pop("confirm")}).flag("confirm") if "confirm" in opts else False
+    if "confirm" in opts:
+        raise InvalidInput("A boot is confirmed by answering its question (the Boot anyway button or "
+                           "/gpu confirm <token>), not with confirm=yes.")
     key = opts.pop("key", None) or ctx.key("boot")
     result = await ctx.service.boot(ctx.actor, args.positional[0], offer=offer, provider=provider, overrides=opts,
-                                    idempotency_key=key, confirm=confirm, wait=ctx.wait, progress=ctx.progress)
-    return _confirm_or(result, replies.boot_reply)  # type: ignore[arg-type]
+                                    idempotency_key=key)
+    return await _answer(ctx, result)
+
+
+async def _answer(ctx: Context, result: BootResult | DestroyResult | Confirmation) -> Reply:
+    """The reply to a boot, a destroy or a yes: a question, or the result (a boot followed to
+    readiness when the surface waits)."""
+    if isinstance(result, Confirmation):
+        return replies.confirmation_reply(result)
+    if isinstance(result, DestroyResult):
+        return replies.destroy_reply(result)
+    if result.operation_id and ctx.wait:
+        await ctx.follow(result.operation_id)
+        view = await ctx.service.view(ctx.actor, result.instance.id)
+        result = result.model_copy(update={"instance": view, "ready": view.ready})
+    return replies.boot_reply(result)
+
+
+@REGISTRY.command("confirm", role=Role.VIEWER, summary="Say yes to a question gpuherd asked (its token)",
+                  usage="/gpu confirm <token>", max_positional=1,
+                  details="The price and the budget are checked again: if the price rose, you are asked again.")
+async def _confirm(ctx: Context, args: Args) -> Reply:
+    if not args.positional:
+        raise InvalidInput("Which question? Usage: /gpu confirm <token> (the token is in the question).")
+    return await _answer(ctx, await ctx.service.confirm(ctx.actor, args.positional[0]))
+
+
+@REGISTRY.command("cancel", role=Role.VIEWER, summary="Say no to a question gpuherd asked (its token)",
+                  usage="/gpu cancel <token>", max_positional=1)
+async def _cancel(ctx: Context, args: Args) -> Reply:
+    if not args.positional:
+        raise InvalidInput("Which question? Usage: /gpu cancel <token>")
+    return replies.cancelled_reply(await ctx.service.cancel(ctx.actor, args.positional[0]))
 
 
 def _instance_arg(args: Args, cmd: str) -> str:
@@ -278,9 +319,14 @@ def _instance_arg(args: Args, cmd: str) -> str:
 @REGISTRY.command("start", role=Role.MEMBER, summary="Resume a stopped instance and wait for its health check",
                   usage="/gpu start <id>", max_positional=1, options=("key",))
 async def _start(ctx: Context, args: Args) -> Reply:
-    r = await ctx.service.start(ctx.actor, _instance_arg(args, "start"),
-                                idempotency_key=args.options.get("key") or ctx.key("start"),
-                                wait=ctx.wait, progress=ctx.progress)
+    r: StartResult = await ctx.service.start(ctx.actor, _instance_arg(args, "start"),
+                                             idempotency_key=args.options.get("key") or ctx.key("start"))
+    if r.operation_id and ctx.wait:
+        began = ctx.service.clock.monotonic()
+        await ctx.follow(r.operation_id)
+        view = await ctx.service.view(ctx.actor, r.instance.id)
+        r = r.model_copy(update={"instance": view, "ready": view.ready,
+                                 "waited_s": round(ctx.service.clock.monotonic() - began, 1)})
     return replies.start_reply(r)
 
 
@@ -295,9 +341,9 @@ async def _stop(ctx: Context, args: Args) -> Reply:
 @REGISTRY.command("destroy", role=Role.MEMBER, summary="Destroy (no further charges); asks for confirmation",
                   usage="/gpu destroy <id>", max_positional=1, options=("confirm", "key"))
 async def _destroy(ctx: Context, args: Args) -> Reply:
-    r = await ctx.service.destroy(ctx.actor, _instance_arg(args, "destroy"), confirm=args.flag("confirm"),
+    r = await ctx.service.destroy(ctx.actor, _instance_arg(args, "destroy"), confirmed=args.flag("confirm"),
                                   idempotency_key=args.options.get("key") or ctx.key("destroy"))
-    return _confirm_or(r, replies.destroy_reply)  # type: ignore[arg-type]
+    return await _answer(ctx, r)
 
 
 @REGISTRY.command("status", summary="Instances: owner, state, $/h, accrued, idle for, next guard action",
@@ -305,7 +351,7 @@ async def _destroy(ctx: Context, args: Args) -> Reply:
                   aliases=("list", "ls"))
 async def _status(ctx: Context, args: Args) -> Reply:
     if args.flag("guards"):
-        return replies.guards_reply(ctx.service.guard_overview(ctx.actor))
+        return replies.guards_reply(await ctx.service.guard_overview(ctx.actor))
     iid = args.positional[0] if args.positional else None
     r = await ctx.service.status(ctx.actor, iid, include_ended=args.flag("all"))
     return replies.status_reply(r, single=iid is not None)
@@ -315,7 +361,7 @@ async def _status(ctx: Context, args: Args) -> Reply:
                   usage="/gpu guards", details="From a terminal, `gpuherd guards --run` runs the scheduler in the "
                   "foreground (the shell runs it in the background).")
 async def _guards(ctx: Context, args: Args) -> Reply:
-    return replies.guards_reply(ctx.service.guard_overview(ctx.actor))
+    return replies.guards_reply(await ctx.service.guard_overview(ctx.actor))
 
 
 @REGISTRY.command("keep", role=Role.MEMBER, summary="Postpone idle shutdown (default 1 h, at most 7 days)",
@@ -333,8 +379,8 @@ async def _keep(ctx: Context, args: Args) -> Reply:
 async def _costs(ctx: Context, args: Args) -> Reply:
     what = args.positional[0] if args.positional else None
     if what and (what.lower().startswith("g-")):
-        return replies.instance_cost_reply(ctx.service.instance_cost(ctx.actor, what))
-    return replies.costs_reply(ctx.service.costs(ctx.actor, what, args.options.get("by")))
+        return replies.instance_cost_reply(await ctx.service.instance_cost(ctx.actor, what))
+    return replies.costs_reply(await ctx.service.costs(ctx.actor, what, args.options.get("by")))
 
 
 @REGISTRY.command("audit", role=Role.ADMIN, summary="Recent audit events (who did what, what it cost)",
@@ -348,7 +394,7 @@ async def _audit(ctx: Context, args: Args) -> Reply:
             iid = word
         else:
             raise InvalidInput(f"'{word}' is neither a count nor an instance id. Usage: /gpu audit [n] [id]")
-    return replies.audit_reply(ctx.service.audit(ctx.actor, n, iid))
+    return replies.audit_reply(await ctx.service.audit(ctx.actor, n, iid))
 
 
 @REGISTRY.command(
@@ -361,7 +407,7 @@ async def _budget(ctx: Context, args: Args) -> Reply:
     if not args.positional:
         if args.options:
             raise InvalidInput("To change a budget: /gpu budget set team=<team> <USD>.")
-        return replies.budget_reply(ctx.service.budgets(ctx.actor))
+        return replies.budget_reply(await ctx.service.budgets(ctx.actor))
     verb = args.positional[0].lower()
     scopes = [(s, args.options[s]) for s in ("team", "user") if s in args.options]
     if verb not in ("set", "clear"):
@@ -371,11 +417,11 @@ async def _budget(ctx: Context, args: Args) -> Reply:
                            + (" 500" if verb == "set" else ""))
     scope, name = scopes[0]
     if verb == "clear":
-        return replies.budget_reply(ctx.service.clear_budget(ctx.actor, scope, name))
+        return replies.budget_reply(await ctx.service.clear_budget(ctx.actor, scope, name))
     if len(args.positional) < 2:
         raise InvalidInput(f"How much per month? /gpu budget set {scope}={name} 500")
     hard = args.flag("hard_cap") if "hard_cap" in args.options else None
-    return replies.budget_reply(ctx.service.set_budget(ctx.actor, scope, name, args.positional[1], hard))
+    return replies.budget_reply(await ctx.service.set_budget(ctx.actor, scope, name, args.positional[1], hard))
 
 
 @REGISTRY.command(

@@ -10,8 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from gpuherd.core.actions import Action as CoreAction
+from gpuherd.core.actions import Op
 from gpuherd.core.money import rate, usd
-from gpuherd.core.offers import SEARCH_DISK_GB
 from gpuherd.core.providers.sandbox import SIMULATED_NOTE
 from gpuherd.core.results import (
     AttachResult,
@@ -20,6 +21,7 @@ from gpuherd.core.results import (
     BootResult,
     BudgetResult,
     BudgetUse,
+    Cancelled,
     Confirmation,
     CostReport,
     DestroyResult,
@@ -61,10 +63,50 @@ class Confirm(BaseModel):
 
 
 class Action(BaseModel):
+    """A next step as a surface shows it: the words (`label`), the line that does it in the
+    shell and chat (`command`), and the core action's `ref` a button carries (never a command
+    line or a secret; core checks the presser again when it comes back)."""
+
     label: str
-    command: str                        # /gpu command line the button runs
+    command: str                        # /gpu command line that does it
+    ref: str = ""                       # core.actions.Action.ref, for buttons
     style: Literal["default", "primary", "danger"] = "default"
     confirm: Confirm | None = None
+
+
+def _span(duration: str) -> str:
+    """'1h' -> '1 h', '7d' -> '7 days' (button words)."""
+    if duration.endswith("d") and duration[:-1].isdigit():
+        n = int(duration[:-1])
+        return f"{n} day{'s' if n != 1 else ''}"
+    return f"{duration[:-1]} {duration[-1]}" if duration[:-1].isdigit() else duration
+
+
+def phrase(a: CoreAction, *, notice: bool = False, label: str | None = None) -> Action:
+    """How the shell and chat say a core action: the button's words and the /gpu line."""
+    iid = a.instance_id or ""
+    now = " now" if notice else ""
+    words: dict[Op, tuple[str, str]] = {
+        Op.KEEP: (f"Keep {_span(a.args.get('duration', '1h'))}", f"/gpu keep {iid} {a.args.get('duration', '1h')}"),
+        Op.STOP: (f"Stop{now}", f"/gpu stop {iid}"),
+        Op.START: ("Start", f"/gpu start {iid}"),
+        Op.DESTROY: (f"Destroy{now}", f"/gpu destroy {iid}"),
+        Op.STATUS: ("Status", f"/gpu status {iid}".strip()),
+        Op.COSTS: ("Costs", f"/gpu costs {a.args.get('period', '')}".strip()),
+        Op.BOOT: (f"Boot {a.args.get('template', '')}".strip(),
+                  " ".join(p for p in ("/gpu boot", a.args.get("template", ""),
+                                       f"offer={a.args['offer']}" if a.args.get("offer") else "") if p)),
+        Op.ATTACH: (f"Attach {a.args.get('ref', '')}", f"/gpu attach {a.args.get('ref', '')}"),
+        Op.CONFIRM: ("Yes", f"/gpu confirm {a.args.get('token', '')}"),
+        Op.CANCEL: ("Cancel", f"/gpu cancel {a.args.get('token', '')}"),
+        Op.SEARCH: ("Search", f"/gpu search {a.args.get('query', '')}".strip()),
+        Op.TEMPLATES: ("Templates", f"/gpu templates {a.args.get('name', '')}".strip()),
+        Op.BUDGET: ("Budgets", "/gpu budget"),
+    }
+    text, command = words[a.op]
+    confirm = (Confirm(title=f"{text}?", text=f"{text} {iid}: this cannot be undone.", yes=text, no="Cancel")
+               if a.confirm else None)
+    return Action(label=label or text, command=command, ref=a.ref, style=a.style.value, confirm=confirm)
 
 
 class Reply(BaseModel):
@@ -126,24 +168,25 @@ def error(message: str, hint: str | None = None, title: str = "Cannot do that") 
 # --- builders -----------------------------------------------------------------------------------
 
 def search_reply(r: SearchResult) -> Reply:
+    offers = [v.offer for v in r.offers]
     rows = [[o.ref, o.gpu_name, str(o.num_gpus), f"{o.gpu_ram:g}", rate(o.dph), f"{o.reliability:.3f}",
-             o.location or "—"] for o in r.offers]
+             o.location or "—"] for o in offers]
     reply = Reply(
         title=f"{r.total_matches} offer{'s' if r.total_matches != 1 else ''} · {r.description}",
         text="" if r.offers else "No offer matches. Loosen the query (e.g. drop a price limit) or try another GPU.",
         tables=[Table(columns=["offer", "gpu", "n", "GB", "$/h", "rel.", "where"], rows=rows,
                       align=["left", "left", "right", "right", "right", "right", "left"])] if rows else [],
-        actions=[Action(label=f"Boot {o.gpu_name} {rate(o.dph)}", command=f"/gpu boot budget offer={o.ref}")
-                 for o in r.offers[:3]],
+        actions=[phrase(a, label=f"Boot {v.offer.gpu_name} {rate(v.offer.dph)}")
+                 for v in r.offers if v.actions for a in v.actions[:1]][:3],
     )
     if r.total_matches > len(r.offers):
         reply = reply.with_note(f"Showing the cheapest {len(r.offers)}; add limit=N for more.")
-    for provider, message in r.failures.items():
-        reply = reply.with_note(f"⚠ {provider} did not answer: {message}")
+    for failure in r.failures:
+        reply = reply.with_note(f"⚠ {failure.provider} did not answer: {failure.message}")
     ages = ", ".join(f"{name} {duration(r.provider_ages[name])} ago" for name in r.providers
                      if name in r.provider_ages)
     if ages:
-        reply = reply.with_note(f"Prices asked: {ages}. $/h includes a {SEARCH_DISK_GB} GB disk.")
+        reply = reply.with_note(f"Prices asked: {ages}. $/h includes a {r.search_disk_gb} GB disk.")
     for src in r.price_sources:
         # a cached price list says how old it is; a table's date is in its name
         age = f", {duration(src.age_s)} old" if src.age_s is not None and src.age_s < 2 * 86400 else ""
@@ -164,14 +207,14 @@ def template_reply(r: TemplateDetail) -> Reply:
     s = r.summary
     return Reply(
         title=f"Template {s.name}", text=s.description,
-        fields=[ReplyField(label=label, value=value) for label, value in r.fields],
-        tables=[Table(columns=["override", "takes"], rows=[[k, v] for k, v in r.overrides],
+        fields=[ReplyField(label=f.label, value=f.value) for f in r.fields],
+        tables=[Table(columns=["override", "takes"], rows=[[o.key, o.takes] for o in r.overrides],
                       caption="Overrides at boot: /gpu boot " + s.name + " key=value")],
-        actions=[Action(label=f"Boot {s.name}", command=f"/gpu boot {s.name}", style="primary")])
+        actions=[phrase(a) for a in r.actions])
 
 
 def instance_fields(v: InstanceView) -> list[ReplyField]:
-    fields = [ReplyField(label="state", value=v.state), ReplyField(label="owner", value=who(v.owner)),
+    fields = [ReplyField(label="state", value=v.state.value), ReplyField(label="owner", value=who(v.owner)),
               ReplyField(label="template", value=v.template),
               ReplyField(label="machine", value=f"{v.gpu_name} x{v.num_gpus} on {v.provider}"),
               ReplyField(label="rate", value=rate(v.current_dph)), ReplyField(label="accrued", value=usd(v.accrued))]
@@ -185,7 +228,7 @@ def instance_fields(v: InstanceView) -> list[ReplyField]:
         fields.append(ReplyField(label="next guard action", value=f"{v.next_action} at {when(v.next_action_at)}"))
     if v.guards:
         fields.append(ReplyField(label="guards", inline=False, value=" · ".join(
-            f"{name} {'armed' if armed else 'off'} ({detail})" for name, armed, detail in v.guards)))
+            f"{g.name} {'armed' if g.armed else 'off'} ({g.detail})" for g in v.guards)))
     if v.activity:
         fields.append(ReplyField(label="activity", value=f"{v.activity}: {v.activity_detail or ''}".strip(": "),
                                  inline=False))
@@ -199,14 +242,8 @@ def instance_fields(v: InstanceView) -> list[ReplyField]:
 
 
 def instance_actions(v: InstanceView) -> list[Action]:
-    if v.state in ("running", "loading", "provisioning", "starting"):
-        return [Action(label="Keep 1 h", command=f"/gpu keep {v.id} 1h"),
-                Action(label="Stop", command=f"/gpu stop {v.id}", style="primary"),
-                Action(label="Destroy", command=f"/gpu destroy {v.id}", style="danger")]
-    if v.state == "stopped":
-        return [Action(label="Start", command=f"/gpu start {v.id}", style="primary"),
-                Action(label="Destroy", command=f"/gpu destroy {v.id}", style="danger")]
-    return []
+    """What core offers the asker on this instance (a viewer gets none)."""
+    return [phrase(a) for a in v.actions]
 
 
 def boot_reply(r: BootResult) -> Reply:
@@ -214,7 +251,7 @@ def boot_reply(r: BootResult) -> Reply:
     if r.replayed:
         title, text = f"{v.id} was already booted with this request", "Same request, same machine: nothing new was started."
     else:
-        status = "is up and healthy" if r.ready else f"is {v.state}"
+        status = "is up and healthy" if r.ready else f"is {v.state.value}; its health check follows"
         title, text = f"Booted {v.id} ({v.template})", f"{v.id} {status}; billing {rate(v.dph)} from now."
     reply = Reply(title=title, text=text, level="success", fields=instance_fields(v), actions=instance_actions(v))
     if r.overrides:
@@ -226,36 +263,47 @@ def boot_reply(r: BootResult) -> Reply:
 
 
 def confirmation_reply(c: Confirmation) -> Reply:
-    action = Action(label="Boot anyway" if c.action == "boot" else c.action.capitalize(), command=c.command,
-                    style="danger" if c.action == "destroy" else "primary",
-                    confirm=Confirm(title=c.title, text=c.prompt, yes="Yes", no="Cancel"))
+    yes_words = "Boot anyway" if c.operation == "boot" else c.operation.capitalize()
+    actions = []
+    for a in c.actions:
+        phrased = phrase(a, label=yes_words if a.op is Op.CONFIRM else None)
+        if a.op is Op.CONFIRM:
+            phrased = phrased.model_copy(update={"confirm": Confirm(title=c.title, text=c.prompt, yes="Yes",
+                                                                     no="Cancel")})
+        actions.append(phrased)
+    yes = next(a for a in actions if a.command.startswith("/gpu confirm"))
     fields = []
-    if c.cost_per_hour is not None:
-        fields = [ReplyField(label="per hour", value=usd(c.cost_per_hour, 3)),
-                  ReplyField(label="per day", value=usd(c.cost_per_day or Decimal(0))),
-                  ReplyField(label="per month", value=usd(c.cost_per_month or Decimal(0)))]
-    return _simulated(Reply(title=c.title, text=c.prompt, level="warning", fields=fields, actions=[action],
-                            confirmation=action, ephemeral=True), c.simulated)
+    if c.cost is not None:
+        fields = [ReplyField(label="per hour", value=usd(c.cost.per_hour, 3)),
+                  ReplyField(label="per day", value=usd(c.cost.per_day)),
+                  ReplyField(label="per month", value=usd(c.cost.per_month))]
+    return _simulated(Reply(title=c.title, text=c.prompt, level="warning", fields=fields, actions=actions,
+                            confirmation=yes, ephemeral=True), c.simulated)
+
+
+def cancelled_reply(r: Cancelled) -> Reply:
+    return _simulated(Reply(title="Not done", text="The question is closed; nothing was changed.", ephemeral=True),
+                      r.simulated)
 
 
 def start_reply(r: StartResult) -> Reply:
     v = r.instance
     text = (f"{v.id} is running and healthy after {duration(r.waited_s)}; billing {rate(v.dph)}." if r.ready
-            else f"{v.id} is {v.state}; billing {rate(v.dph)}. /gpu status {v.id} to follow it.")
+            else f"{v.id} is {v.state.value}; billing {rate(v.dph)}. /gpu status {v.id} to follow it.")
     return _simulated(Reply(title=f"Started {v.id}", text=text, level="success" if r.ready else "warning",
                             fields=instance_fields(v), actions=instance_actions(v)), r.simulated)
 
 
 def stop_reply(r: StopResult) -> Reply:
     v = r.instance
-    storage = (f" Its disk is kept and billed at {rate(r.storage_dph)} ({usd(r.storage_dph * 24)}/day) "
-               f"until you destroy it." if r.storage_dph > 0 else " Nothing is billed while stopped.")
+    storage = (f" Its disk is kept and billed at {rate(r.storage.per_hour)} ({usd(r.storage.per_day)}/day) "
+               f"until you destroy it." if r.storage.per_hour > 0 else " Nothing is billed while stopped.")
     return _simulated(Reply(
         title=f"Stopped {v.id}", level="success",
         text=f"Session: {duration(r.session_s)} for {usd(r.session_cost)}.{storage}",
         fields=[ReplyField(label="session cost", value=usd(r.session_cost)),
                 ReplyField(label="total so far", value=usd(v.accrued)),
-                ReplyField(label="while stopped", value=rate(r.storage_dph))],
+                ReplyField(label="while stopped", value=rate(r.storage.per_hour))],
         actions=instance_actions(v)), r.simulated)
 
 
@@ -278,10 +326,10 @@ def status_reply(r: StatusResult, single: bool = False) -> Reply:
         v = r.instances[0]
         return _simulated(Reply(title=f"{v.id} · {v.template}", fields=instance_fields(v),
                                 actions=instance_actions(v)), v.simulated)
-    rows = [[v.id, who(v.owner), v.template, v.state, f"{v.gpu_name} x{v.num_gpus}", rate(v.current_dph),
+    rows = [[v.id, who(v.owner), v.template, v.state.value, f"{v.gpu_name} x{v.num_gpus}", rate(v.current_dph),
              usd(v.accrued), duration(v.uptime_s), duration(v.idle_for_s), _next(v)] for v in r.instances]
     reply = Reply(
-        title=f"{len(r.instances)} instance{'s' if len(r.instances) != 1 else ''} · spending {rate(r.run_rate)}",
+        title=f"{r.total} instance{'s' if r.total != 1 else ''} · spending {rate(r.run_rate.per_hour)}",
         text="" if rows else "Nothing is running. /gpu search to find a machine, /gpu boot budget to start one.",
         tables=[Table(columns=["id", "owner", "template", "state", "gpu", "$/h", "accrued", "uptime", "idle", "next"],
                       rows=rows, align=["left", "left", "left", "left", "left", "right", "right", "right", "right",
@@ -290,8 +338,10 @@ def status_reply(r: StatusResult, single: bool = False) -> Reply:
     for v in r.instances:
         if v.guard_error:
             reply = reply.with_note(f"⚠ {v.id}: {v.guard_error}")
-    for message in r.stale.values():
-        reply = reply.with_note(f"⚠ states may be out of date: {message}")
+    if r.next_cursor:
+        reply = reply.with_note(f"Showing the newest {len(r.instances)} of {r.total}.")
+    for failure in r.stale:
+        reply = reply.with_note(f"⚠ states may be out of date: {failure.message}")
     return _simulated(reply, r.simulated)
 
 
@@ -313,7 +363,7 @@ def guards_reply(r: GuardOverview) -> Reply:
               ReplyField(label="budgets checked", value=when(r.budgets_checked_at))]
     if r.last_error:
         fields.append(ReplyField(label="⚠ last error", value=r.last_error, inline=False))
-    rows = [[v.id, who(v.owner), v.state, v.next_action or "", when(v.next_action_at)] for v in r.upcoming]
+    rows = [[v.id, who(v.owner), v.state.value, v.next_action or "", when(v.next_action_at)] for v in r.upcoming]
     reply = Reply(title="Guards", fields=fields,
                   tables=[Table(columns=["id", "owner", "state", "next action", "at"], rows=rows,
                                 caption="Coming up")] if rows else [])
@@ -324,34 +374,35 @@ def guards_reply(r: GuardOverview) -> Reply:
 
 def budget_line(b: BudgetUse) -> ReplyField:
     cap = " · hard cap" if b.hard_cap else ""
-    return ReplyField(label=f"{b.scope} {who(b.name)}",
+    return ReplyField(label=f"{b.scope.value} {who(b.name)}",
                       value=f"{bar(b.fraction)}  {usd(b.spent)} of {usd(b.limit)}{cap}", inline=False)
 
 
 def costs_reply(r: CostReport) -> Reply:
-    rows = [[who(k) if r.group_by == "user" else k, usd(v)] for k, v in r.groups]
-    tables = [Table(columns=[r.group_by, "spend"], rows=rows, align=["left", "right"])] if rows else []
+    rows = [[who(g.key) if r.group_by.value == "user" else g.key, usd(g.amount)] for g in r.groups]
+    tables = [Table(columns=[r.group_by.value, "spend"], rows=rows, align=["left", "right"])] if rows else []
     if r.running:
         tables.append(Table(columns=["running", "owner", "state", "$/h", "accrued"],
-                            rows=[[v.id, who(v.owner), v.state, rate(v.current_dph), usd(v.accrued)] for v in r.running],
+                            rows=[[v.id, who(v.owner), v.state.value, rate(v.current_dph), usd(v.accrued)]
+                                  for v in r.running],
                             align=["left", "left", "left", "right", "right"], caption="Billing now"))
     fields = [ReplyField(label="spend", value=usd(r.total)),
-              ReplyField(label="run-rate", value=f"{rate(r.run_rate)} · {usd(r.run_rate * 24)}/day"),
+              ReplyField(label="run-rate", value=f"{rate(r.run_rate.per_hour)} · {usd(r.run_rate.per_day)}/day"),
               ReplyField(label="month to date", value=usd(r.month_to_date)),
               ReplyField(label="month-end projection", value=usd(r.projected_month_end))]
     fields += [budget_line(b) for b in r.budgets]
-    return _simulated(Reply(title=f"Costs · {r.period} · by {r.group_by}", fields=fields, tables=tables,
+    return _simulated(Reply(title=f"Costs · {r.period} · by {r.group_by.value}", fields=fields, tables=tables,
                             text="" if rows else "Nothing billed in this period."), r.simulated)
 
 
 def instance_cost_reply(r: InstanceCost) -> Reply:
     v = r.instance
     return _simulated(Reply(title=f"Cost of {v.id} · {v.template}", fields=[
-        ReplyField(label="rate now", value=rate(r.hourly)), ReplyField(label="total", value=usd(r.total)),
+        ReplyField(label="rate now", value=rate(r.hourly.per_hour)), ReplyField(label="total", value=usd(r.total)),
         ReplyField(label="compute", value=usd(r.compute)), ReplyField(label="storage", value=usd(r.storage)),
         ReplyField(label="running time", value=duration(r.uptime_s)),
-        ReplyField(label="per day at this rate", value=usd(r.projected_day)),
-        ReplyField(label="per month at this rate", value=usd(r.projected_month))]), r.simulated)
+        ReplyField(label="per day at this rate", value=usd(r.hourly.per_day)),
+        ReplyField(label="per month at this rate", value=usd(r.hourly.per_month))]), r.simulated)
 
 
 def audit_reply(r: AuditResult) -> Reply:
@@ -367,7 +418,7 @@ def audit_reply(r: AuditResult) -> Reply:
 
 def budget_reply(r: BudgetResult) -> Reply:
     if r.changed:
-        title = f"Budget for {r.changed.scope} {who(r.changed.name)} set to {usd(r.changed.limit)}/month"
+        title = f"Budget for {r.changed.scope.value} {who(r.changed.name)} set to {usd(r.changed.limit)}/month"
     else:
         title = f"Budgets · {r.period}"
     return Reply(title=title, level="success" if r.changed else "info",
@@ -378,7 +429,7 @@ def budget_reply(r: BudgetResult) -> Reply:
 def attach_reply(r: AttachResult) -> Reply:
     v = r.instance
     reply = Reply(title=f"Attached {v.provider}:{v.provider_id} as {v.id}", level="success",
-                  text=f"gpuherd now guards and bills {v.id} ({v.state}, {rate(v.current_dph)}).",
+                  text=f"gpuherd now guards and bills {v.id} ({v.state.value}, {rate(v.current_dph)}).",
                   fields=instance_fields(v), actions=instance_actions(v))
     return _simulated(reply, r.simulated)
 
@@ -395,11 +446,10 @@ def reconcile_reply(r: ReconcileResult) -> Reply:
                 for label, ids in (("adopted", r.adopted), ("gone at the provider (billing closed)", r.lost),
                                    ("interrupted boots marked failed", r.failed_intents)) if ids],
         tables=[Table(columns=["machine", "gpu", "n", "state", "$/h", "label", ""], rows=rows)] if rows else [],
-        actions=[Action(label=f"Attach {u.provider}:{u.provider_id}", command=f"/gpu attach {u.provider}:{u.provider_id}")
-                 for u in r.unmanaged[:3]])
+        actions=[phrase(a) for u in r.unmanaged[:3] for a in u.actions[:1]])
     if r.unmanaged:
         reply = reply.with_note("Not managed by gpuherd: stop them at the provider if nobody needs them, "
                                 "or /gpu attach <provider>:<id> to guard them.")
-    for provider, message in r.failed.items():
-        reply = reply.with_note(f"⚠ {provider} could not be listed: {message}")
+    for failure in r.failed:
+        reply = reply.with_note(f"⚠ {failure.provider} could not be listed: {failure.message}")
     return _simulated(reply, r.simulated)

@@ -1,6 +1,8 @@
 """`gpuherd shell`: /gpu commands from the terminal (prompt and history) or from stdin when piped,
 with the same grammar and replies as chat. Where chat shows a confirm dialog the shell asks y/N;
-`--yes` accepts in scripts."""
+`--yes` accepts in scripts. Boots and starts wait for the health check and show its progress
+(`--no-wait` returns as soon as the provider accepted). Notices reach the shell as one of the
+outbox's destinations (core decides who hears what); they are printed above the prompt."""
 
 from __future__ import annotations
 
@@ -12,48 +14,55 @@ from typing import TextIO
 
 from rich.console import Console
 from rich.markup import escape
-from gpuherd.core.models import Role
-from gpuherd.core.notify import Notice
+
+from gpuherd.core.outbox import DeliveredNotice
+from gpuherd.core.results import ProgressEvent
+from gpuherd.core.runtime import Runtime
 from gpuherd.core.service import GpuService
 
 from . import grammar
 from .render_text import make_console, render
-from .replies import Reply
+from .replies import Reply, phrase
 
 PROMPT = "gpu> "
 
 
 class Shell:
     def __init__(self, service: GpuService, *, yes: bool = False, console: Console | None = None,
-                 stdin: TextIO | None = None, interactive: bool | None = None) -> None:
+                 stdin: TextIO | None = None, interactive: bool | None = None, wait: bool = True,
+                 runtime: Runtime | None = None) -> None:
         self.service = service
         self.yes = yes
+        self.wait = wait
         self.console = console or make_console()
         self.stdin = stdin or sys.stdin
         self.interactive = self.stdin.isatty() if interactive is None else interactive
         self.actor = service.local_actor("shell")
         self.errors = 0
-        service.hub.subscribe(self._notice)
+        if runtime is not None:
+            runtime.deliver_to_person("shell", self.actor, self.show_notice)
 
-    def _notice(self, notice: Notice) -> None:
-        if notice.actor == self.actor.principal:
-            return  # the reply to the user's own command says it already
-        if notice.to_admins and not self.actor.at_least(Role.ADMIN):
-            return  # machines gpuherd does not manage are the admins' business
+    async def show_notice(self, notice: DeliveredNotice) -> None:
+        """A notice core addressed to this user: printed on its own line(s) above the prompt."""
         colour = {"warning": "yellow", "error": "red"}.get(notice.level, "cyan")
-        self.console.print(f"[{colour}]» {escape(notice.text)}[/{colour}]")
+        lines = [f"[{colour}]» {escape(notice.text)}[/{colour}]"]
         for action in notice.actions:
-            self.console.print(f"  [dim]\\[{escape(action.label)}] {escape(action.command)}[/dim]")
+            phrased = phrase(action, notice=True)
+            lines.append(f"  [dim]\\[{escape(phrased.label)}] {escape(phrased.command)}[/dim]")
+        # a prompt may be waiting for input: start on a fresh line, then show the prompt again
+        self.console.print(("\n" if self.interactive else "") + "\n".join(lines))
+        if self.interactive:
+            self.console.print(PROMPT, end="")
 
-    def _progress(self, text: str) -> None:
-        self.console.print(f"[dim]… {escape(text)}[/dim]")
+    def _progress(self, event: ProgressEvent) -> None:
+        self.console.print(f"[dim]… {escape(event.text)}[/dim]")
 
     async def run_line(self, line: str) -> Reply | None:
         line = line.strip()
         if not line or line.startswith("#"):
             return None
         ctx = grammar.Context(service=self.service, actor=self.actor, delivery_id=None,
-                              progress=self._progress)
+                              progress=self._progress, wait=self.wait)
         if not self.interactive:
             self.console.print(f"[bold]{PROMPT}[/bold]{escape(line)}")
         reply = await grammar.dispatch(ctx, line)
@@ -63,6 +72,9 @@ class Shell:
         if reply.confirmation is not None:
             if await self._confirm(reply):
                 return await self.run_line(reply.confirmation.command)
+            no = next((a for a in reply.actions if a.command.startswith("/gpu cancel ")), None)
+            if no is not None and (self.interactive or self.yes):
+                await grammar.dispatch(ctx, no.command)   # a clear no closes the question
             self.console.print("[dim]Not done.[/dim]\n")
         return reply
 

@@ -664,7 +664,7 @@ class _Parser:
             raise self.error(f"Unexpected '{clip(tok)}'", tok, start)
         candidates = [*_ALL_KEYS, *GPU_MODELS]
         raise self.error(f"Unknown word '{clip(word)}'{_did_you_mean(word, candidates)}", word, start,
-                         hint="see /gpu help search for fields and shorthands")
+                         hint="The search help lists the fields and shorthands.")
 
     def clause_text(self, start: int, after: int) -> str:
         """Best-effort text of a `field op value` clause for messages."""

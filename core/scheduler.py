@@ -16,6 +16,7 @@ import socket
 from datetime import UTC, datetime, timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlmodel import Session
 
 from .clock import as_utc
 from .guards import Guards, PassReport
@@ -92,7 +93,7 @@ class GuardScheduler:
             self.last_report = report
             wake = self._next_wake(report)
             try:
-                self._record(now, report, wake, error)
+                await self.service.db.run(lambda s: self._record(s, now, report, wake, error))
             except Exception:  # the record is for people; the next pass must happen regardless
                 log.exception("guards: could not record the scheduler state")
             finally:
@@ -111,17 +112,18 @@ class GuardScheduler:
         except Exception as exc:  # never kill the scheduler
             log.exception("reconcile failed")
             error = f"reconcile failed: {type(exc).__name__}: {exc}"[:500]
+        def record(s: Session) -> None:
+            row = s.get(SchedulerState, RECONCILE_ID) or SchedulerState(name=RECONCILE_ID)
+            row.leader = self.identity
+            row.last_run_at = now
+            row.last_checked = sum(result.checked.values()) if result else 0
+            row.last_acted = len(result.adopted) + len(result.lost) if result else 0
+            problems = [f"{f.provider}: {f.message}" for f in result.failed] if result else []
+            row.last_error = error or ("; ".join(problems)[:500] or None)
+            s.add(row)
+            s.commit()
         try:
-            with self.service.db.session() as s:
-                row = s.get(SchedulerState, RECONCILE_ID) or SchedulerState(name=RECONCILE_ID)
-                row.leader = self.identity
-                row.last_run_at = now
-                row.last_checked = sum(result.checked.values()) if result else 0
-                row.last_acted = len(result.adopted) + len(result.lost) if result else 0
-                problems = [f"{k}: {v}" for k, v in result.failed.items()] if result else []
-                row.last_error = error or ("; ".join(problems)[:500] or None)
-                s.add(row)
-                s.commit()
+            await self.service.db.run(record)
         except Exception:
             log.exception("reconcile: could not record its state")
 
@@ -141,18 +143,18 @@ class GuardScheduler:
         delay = (as_utc(report.next_wake) - self.service.clock.now()).total_seconds()
         return min(latest, real_now + timedelta(seconds=max(0.05, delay)))
 
-    def _record(self, now: datetime, report: PassReport | None, wake: datetime, error: str | None) -> None:
-        with self.service.db.session() as s:
-            row = s.get(SchedulerState, JOB_ID) or SchedulerState(name=JOB_ID)
-            row.leader = self.identity
-            row.last_run_at = now
-            row.next_wake_at = wake
-            if report is not None:
-                row.last_pass_ms = round(report.elapsed_ms, 1)
-                row.last_checked = report.checked
-                row.last_acted = report.acted
-                row.last_error = "; ".join(report.errors)[:500] or None
-            if error:
-                row.last_error = error
-            s.add(row)
-            s.commit()
+    def _record(self, s: Session, now: datetime, report: PassReport | None, wake: datetime,
+                error: str | None) -> None:
+        row = s.get(SchedulerState, JOB_ID) or SchedulerState(name=JOB_ID)
+        row.leader = self.identity
+        row.last_run_at = now
+        row.next_wake_at = wake
+        if report is not None:
+            row.last_pass_ms = round(report.elapsed_ms, 1)
+            row.last_checked = report.checked
+            row.last_acted = report.acted
+            row.last_error = "; ".join(report.errors)[:500] or None
+        if error:
+            row.last_error = error
+        s.add(row)
+        s.commit()

@@ -110,7 +110,7 @@ def admin(service):
 
 
 @pytest.fixture
-def member(service, admin):
+async def member(service, admin):
     """A chat user in team ml who may act only on their own instances."""
-    service.set_user(admin, "slack:U2", role="member", team="ml")
+    await service.set_user(admin, "slack:U2", role="member", team="ml")
     return service.actor("slack:U2", source="slack")

@@ -30,8 +30,8 @@ def admin(service: GpuService) -> Actor:
     return service.local_actor()           # local:alice, admin (conftest settings)
 
 
-def member(service: GpuService, principal: str = "slack:U2") -> Actor:
-    service.set_user(admin(service), principal, role="member")
+async def member(service: GpuService, principal: str = "slack:U2") -> Actor:
+    await service.set_user(admin(service), principal, role="member")
     return service.actor(principal, source="slack")
 
 
@@ -156,6 +156,12 @@ async def test_every_command_parses_and_answers_with_the_right_reply(service: Gp
 
     r = await ok(f"/gpu destroy {iid}", title=f"Destroy {iid}?", level="warning")
     assert r.confirmation is not None and instance_state(service, iid) == "running"
+    no = next(a for a in r.actions if a.command.startswith("/gpu cancel "))
+    await ok(no.command, title="Not done")
+    closed = await run(service, r.confirmation.command)
+    assert closed.level == "error" and "declined" in closed.text and instance_state(service, iid) == "running"
+    r = await ok(f"/gpu destroy {iid}", title=f"Destroy {iid}?", level="warning")
+    assert r.confirmation is not None
     r = await ok(r.confirmation.command, title=f"Destroyed {iid}", level="success")
     assert instance_state(service, iid) == "destroyed"
     assert await sandbox.list() == []
@@ -223,10 +229,10 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("admin", "/gpu boot budget offer=nonsense", ("offer='nonsense' should look like <provider>:<id>",)),
     ("admin", "/gpu boot budget offer=sandbox:sb-9999", ("sandbox:sb-9999 is not available",)),
     ("admin", "/gpu boot budget provider=aws", ("Provider 'aws' is not configured",)),
-    ("admin", f"/gpu stop {NO_SUCH}", (f"No instance '{NO_SUCH}'",)),
-    ("admin", "/gpu start g-nothing", ("No instance 'g-nothing'",)),
-    ("admin", f"/gpu costs {NO_SUCH}", (f"No instance '{NO_SUCH}'",)),
-    ("member", "/gpu stop {run}", ("belongs to local:alice", "members may only stop their own")),
+    ("admin", f"/gpu stop {NO_SUCH}", (f"no instance '{NO_SUCH}'",)),
+    ("admin", "/gpu start g-nothing", ("no instance 'g-nothing'",)),
+    ("admin", f"/gpu costs {NO_SUCH}", (f"no instance '{NO_SUCH}'",)),
+    ("member", "/gpu stop {run}", ("belongs to local:alice", "members may only change their own")),
     ("member", "/gpu destroy {run} confirm=yes", ("belongs to local:alice",)),
     ("member", "/gpu keep {run} 1h", ("belongs to local:alice",)),
     ("admin", "/gpu stop {stopped}", ("is already stopped",)),
@@ -248,7 +254,7 @@ BAD: list[tuple[str, str, tuple[str, ...]]] = [
     ("admin", "/gpu keep {run} forever", ("'forever' is not a duration",)),
     ("admin", "/gpu keep {run} 30d", ("at most",)),
     ("admin", "/gpu costs fortnight", ("fortnight",)),
-    ("admin", "/gpu costs by=colour", ("Cannot group costs by 'colour'",)),
+    ("admin", "/gpu costs by=colour", ("cannot be grouped by 'colour'",)),
     ("admin", "/gpu audit many", ("'many' is neither a count nor an instance id",)),
     ("admin", "/gpu audit 100000", ("between 1 and 500",)),
     ("admin", "/gpu status all=maybe", ("all= takes yes or no",)),
@@ -262,10 +268,10 @@ async def world(service: GpuService) -> dict[str, Any]:
     stopped = await boot_one(service)
     r = await run(service, f"/gpu stop {stopped}")
     assert r.level == "success"
-    actors = {"admin": admin(service), "member": member(service)}
-    service.set_user(admin(service), "discord:V", role="viewer")
+    actors = {"admin": admin(service), "member": await member(service)}
+    await service.set_user(admin(service), "discord:V", role="viewer")
     actors["viewer"] = service.actor("discord:V", source="discord")
-    service.set_budget(admin(service), "team", "default", "300")
+    await service.set_budget(admin(service), "team", "default", "300")
     return {"run": run_id, "stopped": stopped, "actors": actors}
 
 
@@ -305,7 +311,7 @@ async def test_boot_twice_with_the_same_key_boots_once(service: GpuService, sand
     assert again.level == "success"
     assert again.title == f"{iid} was already booted with this request"
     assert len(await sandbox.list()) == 1
-    assert service.instance_count() == 1
+    assert await service.instance_count() == 1
     assert snapshot(service)["audit_count"] == audits
     assert SIMULATED_NOTE in again.notes
 
@@ -327,22 +333,19 @@ async def test_price_guard_asks_then_the_confirmation_command_boots(service: Gpu
     assert r.title == "Price above limit" and "above the $0.010/h limit of 'budget'" in r.text
     assert {f.label for f in r.fields} == {"per hour", "per day", "per month"}
     command = r.confirmation.command
-    assert command.startswith("/gpu boot budget offer=sandbox:") and "max_dph=0.01" in command
-    assert "confirm=yes" in command.split() and " key=" in command
+    # the yes carries an opaque token only: no override, no key, short enough for any button
+    assert command.startswith("/gpu confirm c_") and len(r.confirmation.ref) <= 100
+    assert "max_dph" not in command and "key=" not in command and "max_dph" not in r.confirmation.ref
     assert SIMULATED_NOTE in r.notes
     assert snapshot(service) == before and await sandbox.list() == []     # nothing booted yet
 
     done = await run(service, command)
     assert done.level == "success" and done.title.startswith("Booted g-"), text_of(done)
     assert any("Above the $0.010/h limit; confirmed by" in n for n in done.notes)
-    offer_ref = command.split("offer=")[1].split()[0]
     assert len(await sandbox.list()) == 1
-    # the confirm button pressed twice: same key, still one machine
+    # the confirm button pressed twice: the first yes's result, still one machine
     twice = await run(service, command)
-    assert "already booted" in twice.title and len(await sandbox.list()) == 1
-    with service.db.session() as s:
-        inst = s.get(Instance, done.title.split()[1])
-        assert inst is not None and f"{inst.provider}:{inst.offer_id}" == offer_ref
+    assert twice.title == done.title and len(await sandbox.list()) == 1
 
 
 async def test_naming_an_offer_above_the_template_limit_asks_first(service: GpuService,
@@ -352,7 +355,7 @@ async def test_naming_an_offer_above_the_template_limit_asks_first(service: GpuS
     ref = found.tables[0].rows[0][0]
     r = await run(service, f"/gpu boot budget offer={ref}")
     assert r.level == "warning" and r.confirmation is not None
-    assert f"offer={ref}" in r.confirmation.command and "confirm=yes" in r.confirmation.command
+    assert r.confirmation.command.startswith("/gpu confirm c_") and "The offer you picked" in r.text
     assert await sandbox.list() == []
     done = await run(service, r.confirmation.command)
     assert done.title.startswith("Booted g-") and len(await sandbox.list()) == 1
@@ -363,7 +366,7 @@ async def test_destroy_asks_for_confirmation_first(service: GpuService, sandbox:
     before = snapshot(service)
     r = await run(service, f"/gpu destroy {iid}")
     assert r.level == "warning" and r.confirmation is not None
-    assert r.confirmation.command == f"/gpu destroy {iid} confirm=yes"
+    assert r.confirmation.command.startswith("/gpu confirm c_")
     assert r.confirmation.style == "danger" and r.confirmation.confirm is not None
     assert SIMULATED_NOTE in r.notes
     assert snapshot(service) == before
@@ -371,13 +374,15 @@ async def test_destroy_asks_for_confirmation_first(service: GpuService, sandbox:
     done = await run(service, r.confirmation.command)
     assert done.title == f"Destroyed {iid}" and "no further charges" in done.text
     assert instance_state(service, iid) == InstanceState.DESTROYED.value
-    again = await run(service, r.confirmation.command)
-    assert again.level == "error" and "already destroyed" in again.text
+    again = await run(service, r.confirmation.command)      # the same yes again: the first answer
+    assert again.title == f"Destroyed {iid}" and len(await sandbox.list()) == 0
+    refused = await run(service, f"/gpu destroy {iid} confirm=yes")
+    assert refused.level == "error" and "already destroyed" in refused.text
 
 
 async def test_member_acts_on_own_instance_but_sees_everyone_in_status(service: GpuService) -> None:
     mine = await boot_one(service)
-    bob = member(service)
+    bob = await member(service)
     r = await run(service, "/gpu boot budget", bob)
     assert r.level == "success", text_of(r)
     bobs = r.title.split()[1]

@@ -68,7 +68,8 @@ async def test_idle_instance_is_warned_then_stopped_with_its_cost(service, admin
     [warning] = notices
     assert warning.kind == "guard.warn_idle" and warning.owner == admin.principal
     assert f"{iid} idle for 25 min — stops in 5 min" == warning.text
-    assert [a.command for a in warning.actions] == [f"/gpu keep {iid} 1h", f"/gpu stop {iid}"]
+    assert [(a.op.value, a.instance_id, a.args) for a in warning.actions] == [
+        ("keep", iid, {"duration": "1h"}), ("stop", iid, {})]
     await _run_until(guards, clock, 2)
     assert len(notices) == 1                    # warned once, however many passes
     await _run_until(guards, clock, 3)
@@ -86,7 +87,7 @@ async def test_stop_happens_within_seconds_of_the_deadline(service, admin, guard
     passes = 0
     # wake only when the database says a step is due, as the scheduler does
     while _inst(service, iid).state == "running":
-        clock.set(max(guards.next_wake(), clock.now()))
+        clock.set(max(await guards.next_wake(), clock.now()))
         await guards.run_pass()
         passes += 1
         assert passes < 20, "the guard kept waking without acting"
@@ -100,7 +101,7 @@ async def test_stop_happens_within_seconds_of_the_deadline(service, admin, guard
 async def test_activity_pushes_the_deadline(service, admin, guards, clock, notices, sandbox):
     iid = await _boot(service, admin)
     await _run_until(guards, clock, 20)
-    service.record_activity(admin, iid, "heartbeat", "notebook")
+    await service.record_activity(admin, iid, "heartbeat", "notebook")
     await _run_until(guards, clock, 20)          # 40 min after boot, 20 after the heartbeat
     assert _inst(service, iid).state == "running" and not notices
     # GPU busy counts too (the sandbox reports utilisation)
@@ -177,7 +178,7 @@ async def test_provider_down_is_loud_and_nothing_is_stopped(service, admin, guar
     assert _inst(service, iid).state == "running"
     blind = [n for n in notices if n.kind == "guard.blind"]
     assert len(blind) == 1 and blind[0].level == "error" and "sandbox did not answer" in blind[0].text
-    assert "did not answer" in service.guard_overview(admin).blind[0].guard_error
+    assert "did not answer" in (await service.guard_overview(admin)).blind[0].guard_error
     sandbox.clear_faults()
     await _run_until(guards, clock, 2)
     assert _inst(service, iid).state == "stopped"   # 47 min idle: acted on once it could check
@@ -265,15 +266,15 @@ async def test_stopped_instance_gets_one_storage_reminder(service, admin, guards
 
 
 async def test_budget_thresholds_warn_once_each_and_block_boots(service, admin, member, guards, clock, notices):
-    service.set_budget(admin, "team", "ml", "1")
+    await service.set_budget(admin, "team", "ml", "1")
     iid = await _boot(service, member)              # the cheapest fitting offer, well under $1/h
     dph = _inst(service, iid).dph_micros / 1e6
-    service.record_activity(member, iid)
+    await service.record_activity(member, iid)
     # keep it busy so the idle guard stays out of the way
     hours_to_spend_it = 1 / dph
     for _ in range(int(hours_to_spend_it * 2) + 4):
         clock.advance(timedelta(minutes=30))
-        service.record_activity(member, iid)
+        await service.record_activity(member, iid)
         await guards.run_pass()
         if _inst(service, iid).state != "running":
             break
@@ -290,20 +291,24 @@ async def test_budget_thresholds_warn_once_each_and_block_boots(service, admin, 
         await service.boot(member, "budget")
     asked = await service.boot(admin, "budget")     # admins may boot past it, after a yes
     assert not isinstance(asked, Confirmation)      # the admin's own team has no budget
-    service.set_user(admin, admin.principal, team="ml")
+    await service.set_user(admin, admin.principal, team="ml")
     admin_in_ml = service.local_actor()
     asked = await service.boot(admin_in_ml, "budget")
-    assert isinstance(asked, Confirmation) and "confirm=yes" in asked.command
+    assert isinstance(asked, Confirmation) and asked.reason.value == "budget"
+    with pytest.raises(PermissionDenied):        # the yes is the admin's own: nobody else may give it
+        await service.confirm(member, asked.token)
+    booted = await service.confirm(admin_in_ml, asked.token)
+    assert isinstance(booted, BootResult) and booted.instance.owner == admin_in_ml.principal
 
 
 async def test_hard_cap_stops_the_teams_running_instances(service, admin, member, guards, clock, notices):
-    service.set_budget(admin, "team", "ml", "0.5", hard_cap=True)
+    await service.set_budget(admin, "team", "ml", "0.5", hard_cap=True)
     iid = await _boot(service, member)
     other = await _boot(service, admin)             # team default: not capped
     for _ in range(200):
         clock.advance(timedelta(minutes=10))
-        service.record_activity(member, iid)
-        service.record_activity(admin, other)
+        await service.record_activity(member, iid)
+        await service.record_activity(admin, other)
         await guards.run_pass()
         if _inst(service, iid).state == "stopped":
             break
@@ -334,7 +339,7 @@ async def test_status_shows_next_action_and_armed_guards(service, admin, clock):
     view = (await service.status(admin, iid)).instances[0]
     assert view.next_action == "warn (stop in 5 min)"
     assert view.next_action_at == view.created_at + timedelta(minutes=25)
-    guards = {name: armed for name, armed, _ in view.guards}
+    guards = {g.name: g.armed for g in view.guards}
     assert guards == {"idle": True, "lifetime": True}
     with service.db.session() as s:
         n = s.exec(select(func.count()).select_from(Instance).where(Instance.next_guard_at.is_not(None))).one()[0]

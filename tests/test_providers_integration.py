@@ -28,6 +28,7 @@ from gpuherd.core.ids import label_for
 from gpuherd.core.models import AuditEvent, BillingSegment, Instance
 from gpuherd.core.providers.registry import build_registry
 from gpuherd.core.reconcile import BOOT_GRACE
+from gpuherd.core.results import Confirmation
 from gpuherd.core.service import GpuService
 from tests.fakes.runpod_fake import FakeRunPod
 from tests.fakes.surf_fake import FakeSurf
@@ -123,11 +124,11 @@ def test_gpuherd_prefixed_and_config_file_credentials_work(tmp_path, monkeypatch
 
 async def test_search_asks_every_provider_and_sorts_them_together(service, vast, runpod):
     result = await service.search(service.local_actor(), "gpu_ram>=24 limit=200")
-    providers = {o.provider for o in result.offers}
+    providers = {v.offer.provider for v in result.offers}
     assert providers == {"vast", "runpod"}, "SURF has no offers; both marketplaces answered"
-    prices = [o.dph for o in result.offers]
+    prices = [v.offer.dph for v in result.offers]
     assert prices == sorted(prices), "one ranking across providers"
-    assert set(result.provider_ages) == {"vast", "runpod"} and result.failures == {}
+    assert set(result.provider_ages) == {"vast", "runpod"} and result.failures == []
     text = await run(service, "/gpu search gpu_ram>=24 limit=5")
     assert "Prices asked: vast" in text and "runpod" in text and "includes a 50 GB disk" in text
 
@@ -135,8 +136,8 @@ async def test_search_asks_every_provider_and_sorts_them_together(service, vast,
 async def test_one_failing_provider_leaves_the_others_and_is_named(service, vast, runpod):
     runpod.fault("search", "server_error", times=10)
     result = await service.search(service.local_actor(), "limit=50")
-    assert result.offers and {o.provider for o in result.offers} == {"vast"}
-    assert list(result.failures) == ["runpod"] and "RunPod" in result.failures["runpod"]
+    assert result.offers and {v.offer.provider for v in result.offers} == {"vast"}
+    assert [f.provider for f in result.failures] == ["runpod"] and "RunPod" in result.failures[0].message
     text = await run(service, "/gpu search provider=runpod")
     assert "RunPod" in text and "500" in text and "Traceback" not in text
 
@@ -148,8 +149,8 @@ async def test_a_slow_provider_is_cut_at_its_time_limit(service, vast, runpod):
     result = await service.search(service.local_actor(), "limit=5")
     elapsed = time.monotonic() - started
     assert elapsed < 1.5, f"waited {elapsed:.2f}s for a provider past its limit"
-    assert {o.provider for o in result.offers} == {"vast"}
-    assert "no answer within 0.5s" in result.failures["runpod"]
+    assert {v.offer.provider for v in result.offers} == {"vast"}
+    assert "no answer within 0.5s" in {f.provider: f.message for f in result.failures}["runpod"]
 
 
 async def test_offers_are_cached_briefly_and_concurrent_searches_share_a_request(service, vast):
@@ -167,20 +168,25 @@ async def test_offers_are_cached_briefly_and_concurrent_searches_share_a_request
 
 # --------------------------------------------------------------------------------------- boot
 
+async def _yes(service, actor, result):
+    """Say yes when the boot asked (an offer above the template's limit)."""
+    return await service.confirm(actor, result.token) if isinstance(result, Confirmation) else result
+
+
 async def test_boot_takes_the_cheapest_offer_anywhere_or_the_named_provider(service, vast, runpod):
     actor = service.local_actor()
     budget = service.templates.get("budget")
-    everything = await service._choose_offers(budget, offer=None, provider=None)
+    everything = await service.booting.choose_offers(budget, offer=None, provider=None)
     assert {o.provider for o in everything} == {"vast", "runpod"}
     cheapest = everything[0]
-    on_runpod = (await service._choose_offers(budget, offer=None, provider="runpod"))[0]
+    on_runpod = (await service.booting.choose_offers(budget, offer=None, provider="runpod"))[0]
     assert on_runpod.provider == "runpod" and on_runpod.dph >= cheapest.dph
 
-    r = await service.boot(actor, "budget", provider="runpod", confirm=True)
+    r = await _yes(service, actor, await service.boot(actor, "budget", provider="runpod"))
     assert r.instance.provider == "runpod" and r.offer.ref == on_runpod.ref
     [pod] = [p for p in runpod.pods.values()]
     assert pod["name"].startswith("gh-"), "the pod carries our label"
-    r2 = await service.boot(actor, "budget", confirm=True)
+    r2 = await _yes(service, actor, await service.boot(actor, "budget"))
     assert r2.offer.provider == cheapest.provider and r2.offer.dph == cheapest.dph
     with pytest.raises(NoMatchingOffer) as err:
         await service.boot(actor, "budget", provider="surf")
@@ -191,11 +197,11 @@ async def test_keys_appear_in_no_reply_log_or_audit_record(service, vast, runpod
     caplog.set_level(logging.DEBUG)
     vast.fault("search", "auth", times=10)
     runpod.fault("search", "auth", times=10)
-    texts = [await run(service, "/gpu search"), await run(service, "/gpu boot budget confirm=yes")]
+    texts = [await run(service, "/gpu search"), await run(service, "/gpu boot budget")]
     assert "refused" in texts[0] and "vast.ai" in texts[0] and "RunPod" in texts[0]
     vast.clear_faults()
     runpod.clear_faults()
-    texts.append(await run(service, "/gpu boot budget confirm=yes env.HF_TOKEN=hf_abcdefghijklmnop"))
+    texts.append(await run(service, "/gpu boot budget env.HF_TOKEN=hf_abcdefghijklmnop"))
     texts += [await run(service, "/gpu status"), await run(service, "/gpu reconcile"), await run(service, "/gpu audit 50")]
     with service.db.session() as s:
         audit = " ".join(e.details for e in s.exec(select(AuditEvent)).scalars())
@@ -221,7 +227,7 @@ def test_a_boot_killed_after_the_provider_created_the_machine_leaves_nothing_unt
 
     vast.after["create"] = kill_now
     log = (cloud_env.parent / "boot.out").open("w")
-    victim["proc"] = subprocess.Popen([sys.executable, "-m", "gpuherd.bot.cli", "boot", "budget", "confirm=yes"],
+    victim["proc"] = subprocess.Popen([sys.executable, "-m", "gpuherd.bot.cli", "--yes", "boot", "budget"],
                                       env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     assert victim["proc"].wait(timeout=60) == -signal.SIGKILL
     [machine] = vast.instances.values()
@@ -296,4 +302,4 @@ async def test_running_is_not_healthy_until_the_model_server_answers():
 
 async def test_searching_only_a_provider_without_offers_says_so(service):
     text = await run(service, "/gpu search provider=surf")
-    assert "SURF Research Cloud has no offers" in text and "/gpu attach surf:" in text
+    assert "SURF Research Cloud has no offers" in text and "attaches existing machines" in text

@@ -68,7 +68,8 @@ async def test_unlabelled_machine_is_reported_to_admins_once(service, admin, san
     assert [(u.provider_id, u.new) for u in first.unmanaged] == [(stranger.provider_id, True)]
     [notice] = [n for n in notices if n.kind == "instance.unmanaged"]
     assert notice.to_admins and notice.owner is None and stranger.provider_id in notice.text
-    assert f"/gpu attach sandbox:{stranger.provider_id}" in notice.text
+    assert [(a.op.value, a.args) for a in notice.actions] == [("attach", {"ref": f"sandbox:{stranger.provider_id}"})]
+    assert "/gpu" not in notice.text, "core speaks sentences; each surface phrases the action"
     second = await service.reconcile(admin)
     assert [(u.provider_id, u.new) for u in second.unmanaged] == [(stranger.provider_id, False)]
     assert len([n for n in notices if n.kind == "instance.unmanaged"]) == 1, "told once, not every pass"
@@ -121,8 +122,10 @@ async def test_late_boot_and_reconcile_record_the_machine_once(service, admin, s
     from gpuherd.core.offers import Offer
     offer = Offer(provider="sandbox", offer_id=row.offer_id, gpu_name=row.gpu_name, num_gpus=1, gpu_ram=24,
                   dph=from_micros(row.dph_micros))
-    view = service._record_created(admin, row.id, offer, machine, service.templates.get("budget"))
-    assert view.id == row.id
+    with service.db.session() as s:
+        inst, recorded = service.lifecycle.record_created(s, admin, row.id, offer, machine,
+                                                          service.templates.get("budget"), clock.now())
+    assert inst.id == row.id and not recorded, "reconcile recorded it first"
     assert len(_segments(service, row.id)) == 1
 
 
@@ -158,7 +161,7 @@ async def test_a_provider_that_cannot_list_changes_nothing(service, admin, sandb
     booted = await service.boot(admin, "budget", wait=False)
     sandbox.inject("unavailable", count=10, on="list")
     result = await service.reconcile(admin)
-    assert "sandbox" in result.failed and result.lost == [] and result.adopted == []
+    assert "sandbox" in [f.provider for f in result.failed] and result.lost == [] and result.adopted == []
     [row] = _rows(service)
     assert row.id == booted.instance.id and row.state not in ("lost", "destroyed")
 
@@ -196,7 +199,7 @@ async def test_attach_puts_a_machine_under_guards_and_ledger(service, admin, san
     assert [s.kind for s in _segments(service, v.id)] == [COMPUTE]
     assert _rows(service, UnmanagedInstance) == [], "no longer reported as unmanaged"
     assert any(n.kind == "instance.attached" for n in notices)
-    audit = service.audit(admin, 5, v.id)
+    audit = await service.audit(admin, 5, v.id)
     assert audit.events[0].event == "attach" and audit.events[0].details["provider_id"] == machine.provider_id
     with pytest.raises(Conflict) as err:
         await service.attach(admin, f"sandbox:{machine.provider_id}")
@@ -241,7 +244,9 @@ async def test_attach_from_configuration_once_and_typos_only_logged(service, san
 async def test_a_recorded_machine_is_never_marked_failed(service, admin, sandbox):
     booted = await service.boot(admin, "budget", wait=False)
     from gpuherd.core.errors import GpuherdError
-    service._mark_failed(admin, booted.instance.id, GpuherdError("late give-up"))
+    with service.db.session() as s:
+        assert not service.lifecycle.mark_failed(s, admin, booted.instance.id, GpuherdError("late give-up"),
+                                                 service.clock.now())
     [row] = _rows(service)
     assert row.state != "failed" and row.provider_id == booted.instance.provider_id
 
@@ -252,7 +257,8 @@ async def test_a_labelled_machine_whose_old_intent_failed_long_ago_is_adopted_in
     exists after all. Reconcile finds it by the label, however long ago that was."""
     row = await _crashed_boot(service, admin, sandbox, monkeypatch, "slow-create")
     from gpuherd.core.errors import GpuherdError
-    service._mark_failed(admin, row.id, GpuherdError("create timed out"))
+    with service.db.session() as s:
+        assert service.lifecycle.mark_failed(s, admin, row.id, GpuherdError("create timed out"), clock.now())
     clock.advance(timedelta(days=30))
     result = await service.reconcile(admin)
     assert result.adopted == [row.id] and len(_rows(service)) == 1

@@ -88,7 +88,7 @@ async def test_scheduler_stops_within_seconds_of_the_deadline(tmp_path):
         state = s.get(SchedulerState, "guards")
         assert state.leader == scheduler.identity and state.last_acted >= 1
         assert s.get(Instance, iid).state == "stopped"
-    overview = service.guard_overview(actor)
+    overview = await service.guard_overview(actor)
     assert overview.leader == scheduler.identity and overview.last_run_at is not None
     await service.aclose()
 

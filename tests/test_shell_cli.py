@@ -69,7 +69,7 @@ async def test_a_bad_line_makes_the_script_fail_but_the_rest_still_runs(service:
 async def test_exit_stops_reading(service: GpuService) -> None:
     shell, console = make_shell(service, "/gpu status\nexit\n/gpu boot budget\n", yes=True)
     assert await shell.run() == 0
-    assert service.instance_count() == 0
+    assert await service.instance_count() == 0
     assert "Booted" not in console.export_text()
 
 
@@ -78,9 +78,9 @@ async def test_piped_without_yes_does_not_confirm_and_says_how(service: GpuServi
     assert await shell.run() == 0
     out = console.export_text()
     assert "Price above limit" in out
-    assert "Needs a yes" in out and "confirm=yes" in out and "--yes" in out
+    assert "Needs a yes" in out and "/gpu confirm c_" in out and "--yes" in out
     assert "Not done." in out
-    assert service.instance_count() == 0
+    assert await service.instance_count() == 0
 
 
 async def test_piped_with_yes_confirms(service: GpuService) -> None:
@@ -90,7 +90,7 @@ async def test_piped_with_yes_confirms(service: GpuService) -> None:
     assert "(--yes: confirmed)" in out
     match = ID.search(out)
     assert match and state_of(service, match.group(1)) == "running"
-    assert service.instance_count() == 1
+    assert await service.instance_count() == 1
 
 
 async def test_destroy_in_a_script_needs_yes(service: GpuService) -> None:
@@ -102,7 +102,7 @@ async def test_destroy_in_a_script_needs_yes(service: GpuService) -> None:
     shell, console = make_shell(service, f"/gpu destroy {iid}\n")
     assert await shell.run() == 0
     assert state_of(service, iid) == "running"
-    assert f"/gpu destroy {iid} confirm=yes" in console.export_text()
+    assert "Needs a yes: run `/gpu confirm c_" in console.export_text()
     shell, console = make_shell(service, f"/gpu destroy {iid}\n", yes=True)
     assert await shell.run() == 0
     assert state_of(service, iid) == "destroyed"
@@ -123,7 +123,7 @@ async def test_interactive_confirmation_asks(service: GpuService, monkeypatch: p
     shell = Shell(service, console=console, stdin=io.StringIO(""), interactive=True)
     await shell.run_line("/gpu boot budget max_dph=0.01")
     assert asked == ["Confirm? [y/N] "]
-    assert service.instance_count() == (1 if booted else 0)
+    assert await service.instance_count() == (1 if booted else 0)
     assert ("Not done." in console.export_text()) is not booted
 
 
@@ -138,14 +138,23 @@ async def test_square_brackets_in_lines_are_shown_not_read_as_markup(service: Gp
 
 
 async def test_other_peoples_actions_are_announced_own_are_not(service: GpuService) -> None:
-    shell, console = make_shell(service, "/gpu boot budget\n")
-    assert await shell.run() == 0
-    assert "»" not in console.export_text()                      # own boot: the reply says it
-    service.set_user(service.local_actor(), "slack:U2", role="member")
-    bob = service.actor("slack:U2", source="slack")
-    result = await service.boot(bob, "budget")
-    out = console.export_text()
-    assert f"» slack:U2 booted {result.instance.id}" in out  # type: ignore[union-attr]
+    from gpuherd.core.runtime import Runtime
+
+    runtime = Runtime(service, guards=False, close_service=False)
+    console = Console(record=True, width=160)
+    shell = Shell(service, console=console, stdin=io.StringIO("/gpu boot budget\n"), interactive=False,
+                  runtime=runtime)
+    async with runtime:
+        assert await shell.run() == 0
+        await runtime.deliver_now()
+        assert "»" not in console.export_text()                  # own boot: the reply says it
+        await service.set_user(service.local_actor(), "slack:U2", role="member")
+        bob = service.actor("slack:U2", source="slack")
+        result = await service.boot(bob, "budget")
+        await runtime.deliver_now()
+        out = console.export_text()
+        assert f"» slack:U2 booted {result.instance.id}" in out  # type: ignore[union-attr]
+        assert out.count("» slack:U2 booted") == 1, "delivered once"
 
 
 # --- the real CLI -------------------------------------------------------------------------------

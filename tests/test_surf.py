@@ -261,7 +261,7 @@ async def test_create_and_destroy_are_refused_without_a_request(fake: FakeSurf, 
     assert await surf.search() == []
     with pytest.raises(ProviderError) as created:
         await surf.create(CreateRequest(offer_id="x", label="gh-1", image="vllm/vllm-openai:v0.6.3"))
-    assert "portal" in created.value.message and "gpuherd attach surf:<id>" in created.value.message
+    assert "portal" in created.value.message and "attach it to gpuherd" in created.value.message
     with pytest.raises(ProviderError) as destroyed:
         await surf.destroy("ws-1")
     assert "portal" in destroyed.value.message and "pause" in destroyed.value.message

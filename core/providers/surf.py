@@ -166,8 +166,7 @@ class SurfProvider(Provider):
 
     async def create(self, request: CreateRequest) -> ProviderInstance:
         raise ProviderError(DISPLAY, "gpuherd does not create SURF workspaces. Create the workspace in "
-                                     "the SURF Research Cloud portal, then attach it with "
-                                     "`gpuherd attach surf:<id>`.")
+                                     "the SURF Research Cloud portal, then attach it to gpuherd by its id.")
 
     async def destroy(self, provider_id: str) -> None:
         raise ProviderError(DISPLAY, f"gpuherd does not delete SURF workspaces; delete {provider_id} in the "

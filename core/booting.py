@@ -1,0 +1,355 @@
+"""Booting: from a template and a request to an accepted machine, with the checks that guard the
+money in front of the provider call.
+
+1. The template's overrides are validated (a bad key or value is refused with the field named).
+2. The idempotency key: one key belongs to one actor, one operation and one request. The same
+   key with the same request returns the first boot; another user's key is refused revealing
+   nothing; the same key with another template, offer or overrides is refused, saying what it
+   was used for.
+3. Budget: at 100 % a member's boot is refused; an admin's asks (a stored confirmation).
+4. The offer: the cheapest that fits (or the one named), priced at the template's disk.
+5. Price: above the template's max $/h the boot asks, stating $/h, $/day and $/month. The yes
+   is bound to that price: accepted later, the offer is priced again and a higher price asks
+   again with the new figures instead of booting.
+6. Intent row, provider create (never repeated blindly: on a timeout we look for our label),
+   record, ledger, audit, the operation and its first notice — then the call returns. Readiness
+   follows as the operation's events (core.operations).
+
+Secret overrides (env values of secret-looking names) never enter a result, an action, a
+token, an audit event or a plain-text database column: shown and stored masked; a
+confirmation keeps their values sealed until the yes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Session
+
+from .actions import Op, Style, act
+from .auth import Actor
+from .clock import Clock
+from .confirmations import ConfirmationStore
+from .config import Settings
+from .costs import Costs
+from .db import Database
+from .errors import CapacityError, Conflict, GpuherdError, InvalidInput, NoMatchingOffer, NotFound, \
+    PermissionDenied, ProviderError
+from .ids import label_for
+from .lifecycle import Lifecycle, request_hash
+from .models import ActionRecord, Instance, InstanceState, Role
+from .money import HOURS_PER_DAY, HOURS_PER_MONTH, rate, usd
+from .notify import NotifierHub
+from .offers import Offer
+from .operations import Operations
+from .outbox import NoticeDraft
+from .providers.base import CreateRequest, Provider, ProviderInstance
+from .providers.registry import ProviderRegistry
+from .results import BootResult, Confirmation, ConfirmReason, InstanceView, Money
+from .retry import provider_call
+from .search import OfferSearch
+from .sync import InstanceSync
+from .templates import MASK, Template, TemplateCatalog, is_secret_env, validate_overrides
+from .text import clip
+from .views import build_views
+
+BOOT_CANDIDATES = 3                    # offers tried in turn when one is taken (capacity error)
+MAX_KEY = 200
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """What a stored yes already agreed to."""
+
+    dph: Decimal | None = None         # the price said yes to (None: no price question was asked)
+    past_budget: bool = False          # an admin said yes to booting past a used-up budget
+
+
+def split_secrets(overrides: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(overrides with secret values masked, the secret values by key)."""
+    masked: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    for key, value in overrides.items():
+        name = key[4:] if key.lower().startswith("env.") else None
+        if name is not None and value and is_secret_env(name):
+            masked[key] = MASK
+            secrets[key] = value
+        else:
+            masked[key] = value
+    return masked, secrets
+
+
+class Booting:
+    def __init__(self, settings: Settings, db: Database, clock: Clock, providers: ProviderRegistry,
+                 templates: TemplateCatalog, search: OfferSearch, lifecycle: Lifecycle, operations: Operations,
+                 costs: Costs, confirmations: ConfirmationStore, sync: InstanceSync, hub: NotifierHub,
+                 sleep: Callable[[float], Awaitable[None]]) -> None:
+        self.settings = settings
+        self.db = db
+        self.clock = clock
+        self.providers = providers
+        self.templates = templates
+        self.search = search
+        self.lifecycle = lifecycle
+        self.operations = operations
+        self.costs = costs
+        self.confirmations = confirmations
+        self.sync = sync
+        self.hub = hub
+        self._sleep = sleep
+
+    def _caps(self) -> dict:  # noqa: ANN401 - provider name -> Capabilities
+        return {n: self.providers.get(n).capabilities for n in self.providers.names()}
+
+    def _views(self, s: Session, rows: list[Instance], actor: Actor | None) -> list[InstanceView]:
+        return build_views(s, rows, self.clock.now(), actor, self._caps())
+
+    async def boot(self, actor: Actor, template_name: str, *, offer: str | None = None,
+                   provider: str | None = None, overrides: dict[str, str] | None = None,
+                   idempotency_key: str | None = None, accepted: Accepted | None = None) -> BootResult | Confirmation:
+        actor.require(Role.MEMBER, "booting an instance")
+        template = self.templates.get(template_name)
+        raw = {str(k): str(v) for k, v in (overrides or {}).items()}
+        checked = validate_overrides(template, raw)
+        template = checked.template
+        cleaned = checked.as_json()           # secrets masked: this is what is stored and shown
+        masked_raw, secrets = split_secrets(raw)
+        key = idempotency_key or f"gh-{uuid.uuid4().hex}"
+        if len(key) > MAX_KEY:
+            raise InvalidInput(f"The idempotency key is too long ({len(key)} characters; at most {MAX_KEY}).")
+        fingerprint = request_hash(op="boot", template=template.name, offer=offer, provider=provider,
+                                   overrides=masked_raw)
+
+        def check(s: Session) -> tuple[BootResult | None, list]:  # noqa: ANN401
+            replay = self._replay(s, actor, key, fingerprint)
+            if replay is not None:
+                return replay, []
+            spent = [] if accepted and accepted.past_budget else self.costs.spent_budgets(s, actor)
+            return None, spent
+        replay, spent = await self.db.run(check)
+        if replay is not None:
+            return replay
+        args = {"template": template.name, "offer": offer or "", "provider": provider or "", "key": key,
+                "overrides": json.dumps(masked_raw, sort_keys=True)}
+        if spent:
+            over = "; ".join(f"{b.scope.value} {b.name} has spent {usd(b.spent)} of {usd(b.limit)}" for b in spent)
+            if not actor.at_least(Role.ADMIN):
+                raise PermissionDenied(f"Budget used up ({over}). New boots need an admin's "
+                                       "confirmation or a higher budget.")
+            return await self._ask(actor, ConfirmReason.BUDGET, args, secrets, None, "Budget used up",
+                                   f"This month's budget is used up: {over}. Boot anyway?", None, False)
+
+        candidates = await self.choose_offers(template, offer=offer, provider=provider)
+        chosen = candidates[0]
+        max_dph = template.max_dph
+        agreed = accepted.dph if accepted else None
+        if agreed is not None and chosen.dph > agreed:
+            return await self._ask(
+                actor, ConfirmReason.PRICE, args, secrets, chosen.dph, "Price went up",
+                f"The price rose since you said yes: {machine_words(chosen)} now costs "
+                f"{rate(chosen.dph)}, not {rate(agreed)}. That is {usd(chosen.dph * HOURS_PER_DAY)} a day, "
+                f"{usd(chosen.dph * HOURS_PER_MONTH)} a month if left running. Boot at the new price?",
+                chosen.dph, chosen.simulated)
+        if agreed is None and max_dph is not None and chosen.dph > max_dph:
+            return await self._ask(
+                actor, ConfirmReason.PRICE, args, secrets, chosen.dph, "Price above limit",
+                f"{'The offer you picked' if offer else 'The cheapest matching offer'} is {machine_words(chosen)} "
+                f"at {rate(chosen.dph)}, above the {rate(max_dph)} limit "
+                f"of '{template.name}'. That is {usd(chosen.dph * HOURS_PER_DAY)} a day, "
+                f"{usd(chosen.dph * HOURS_PER_MONTH)} a month if left running. Boot anyway?",
+                chosen.dph, chosen.simulated)
+        ceiling = agreed if agreed is not None else max(max_dph, chosen.dph) if max_dph is not None else None
+        if ceiling is not None:
+            # never silently fall through to a pricier offer than the one accepted
+            candidates = [c for c in candidates if c.dph <= ceiling]
+        return await self._create(actor, template, candidates, key, cleaned, fingerprint, named=bool(offer),
+                                  confirmed_above=max_dph if (max_dph is not None and chosen.dph > max_dph) else None)
+
+    def _replay(self, s: Session, actor: Actor, key: str, fingerprint: str) -> BootResult | None:
+        existing = s.execute(select(Instance).where(Instance.idempotency_key == key)).scalars().first()
+        if existing is None:
+            used = s.get(ActionRecord, key)
+            if used is not None:
+                if used.actor != actor.principal:
+                    raise PermissionDenied("This idempotency key was used by someone else; use a new key.")
+                raise Conflict(f"This idempotency key was already used to {used.action} {used.instance_id}; "
+                               "use a new key for a new request.")
+            return None
+        if existing.owner != actor.principal:
+            raise PermissionDenied("This idempotency key was used by someone else; use a new key.")
+        if existing.request_hash and existing.request_hash != fingerprint:
+            raise Conflict(f"This idempotency key was already used to boot {existing.id} ({existing.template}) "
+                           "with other settings; use a new key for a new request.")
+        view = self._views(s, [existing], actor)[0]
+        return BootResult(instance=view, offer=None, replayed=True, ready=view.ready, simulated=existing.simulated,
+                          cost=Money.of(view.dph))
+
+    async def _ask(self, actor: Actor, reason: ConfirmReason, args: dict[str, str], secrets: dict[str, str],
+                   dph: Decimal | None, title: str, prompt: str, price: Decimal | None,
+                   simulated: bool) -> Confirmation:
+        def store(s: Session) -> Confirmation:
+            issued = self.confirmations.create(s, actor, operation="boot", reason=reason.value, args=args,
+                                               secrets=secrets or None, accepted_dph=dph, instance_id=None)
+            s.commit()
+            return confirmation(issued.token, issued.expires_at, "boot", reason, title, prompt, None,
+                                Money.of(price) if price is not None else None, simulated)
+        return await self.db.run(store)
+
+    async def choose_offers(self, template: Template, *, offer: str | None, provider: str | None) -> list[Offer]:
+        """Offers that fit the template, cheapest first, each re-quoted with `dph` = what it
+        costs while running at the template's disk (the price limit is applied by the caller)."""
+        if offer:
+            if ":" not in offer:
+                raise InvalidInput(f"offer='{clip(offer, 40)}' should look like <provider>:<id>, e.g. sandbox:sb-0042.")
+            pname, oid = offer.split(":", 1)
+            chosen = self.providers.get(pname)
+            if not chosen.capabilities.can_create:
+                raise InvalidInput(f"{chosen.display_name} has no offers to boot: gpuherd only attaches its machines.")
+            found = await provider_call(chosen, lambda: chosen.get_offer(oid), sleep=self._sleep,
+                                        what=f"{pname} offer {oid}")
+            if found is None:
+                raise NotFound(f"Offer {clip(offer, 60)} is not available any more; search again for current offers.")
+            problem = template.offer_rejection(found)
+            if problem:
+                raise InvalidInput(f"Offer {clip(offer, 60)} does not fit template '{template.name}': {problem}.")
+            return [_priced_for(found, template)]
+        allowed = set(template.providers) if template.providers else None
+        if provider:
+            self.providers.get(provider)
+            if allowed is not None and provider not in allowed:
+                raise InvalidInput(f"Template '{template.name}' may only boot on {', '.join(sorted(allowed))}.")
+            allowed = {provider}
+        names = self.search.provider_names(allowed) if allowed else self.providers.names()
+        names = [n for n in names if self.providers.get(n).capabilities.can_create]
+        real = [n for n in names if not self.providers.get(n).capabilities.simulated]
+        if real and not provider:
+            names = real  # the simulated sandbox is never picked for you beside a real cloud
+        if not names:
+            raise NoMatchingOffer(f"No configured provider can boot '{template.name}' "
+                                  f"(allowed: {', '.join(sorted(allowed or [])) or 'none configured'}).")
+        got = await self.search.gather(names, template.offer_query())
+        fitting = [_priced_for(o, template) for o in got.offers
+                   if not o.interruptible and template.offer_rejection(o) is None]
+        fitting.sort(key=lambda o: (o.dph, -o.reliability, o.ref))
+        if not fitting:
+            failed = f" ({'; '.join(got.failures.values())})" if got.failures else ""
+            raise NoMatchingOffer(f"No offer fits '{template.name}' right now: it needs "
+                                  f"{template.constraint_text()}{failed}.")
+        return fitting
+
+    async def _create(self, actor: Actor, template: Template, candidates: list[Offer], key: str,
+                      cleaned: dict, fingerprint: str, *, named: bool,  # noqa: ANN401
+                      confirmed_above: Decimal | None) -> BootResult:
+        first = candidates[0]
+        now = self.clock.now()
+        try:
+            instance = await self.db.run(lambda s: self.lifecycle.write_intent(
+                s, actor, template, first, key, cleaned, fingerprint, now))
+        except IntegrityError:
+            # the same key at the same moment (a double click): the first boot answers both
+            return await self._wait_for_first(actor, key, fingerprint)
+        last_error: GpuherdError | None = None
+        for candidate in candidates[:BOOT_CANDIDATES]:
+            try:
+                pinst = await self._create_at_provider(template, candidate, key)
+            except CapacityError as exc:
+                last_error = exc
+                if named:  # the user named this offer: do not swap it silently
+                    break
+                continue
+            except GpuherdError as exc:
+                last_error = exc
+                break
+            return await self._record(actor, instance.id, candidate, pinst, template, cleaned, confirmed_above)
+        err = last_error or ProviderError(first.provider, "create failed")
+        await self.db.run(lambda s: self.lifecycle.mark_failed(s, actor, instance.id, err, self.clock.now()))
+        raise err
+
+    async def _wait_for_first(self, actor: Actor, key: str, fingerprint: str) -> BootResult:
+        for _ in range(100):
+            replay = await self.db.run(lambda s: self._replay(s, actor, key, fingerprint))
+            if replay is not None and replay.instance.state is not InstanceState.PENDING:
+                return replay
+            await asyncio.sleep(0.05)
+        if replay is not None:
+            return replay
+        raise Conflict("A boot with this idempotency key is still in progress; look at the instance list.")
+
+    async def _create_at_provider(self, template: Template, offer: Offer, key: str) -> ProviderInstance:
+        provider = self.providers.get(offer.provider)
+        request = CreateRequest(offer_id=offer.offer_id, label=label_for(key), **template.to_create_fields())
+        try:
+            # a create is not safely repeatable: on a timeout the machine may exist, so look for
+            # our label instead of calling create again
+            return await provider.create(request)
+        except ProviderError as exc:
+            if not exc.retryable:
+                raise
+            found = await self._find_by_label(provider, label_for(key))
+            if found is not None:
+                return found
+            raise
+
+    async def _find_by_label(self, provider: Provider, label: str) -> ProviderInstance | None:
+        try:
+            listed = await self.sync.listing(provider, fresh=True)
+        except ProviderError:
+            return None
+        return next((p for p in listed if p.label == label), None)
+
+    async def _record(self, actor: Actor, instance_id: str, offer: Offer, pinst: ProviderInstance,
+                      template: Template, cleaned: dict, confirmed_above: Decimal | None) -> BootResult:  # noqa: ANN401
+        now = self.clock.now()
+        self.sync.forget_listings()
+
+        def work(s: Session) -> tuple[BootResult, NoticeDraft | None]:
+            inst, mine = self.lifecycle.record_created(s, actor, instance_id, offer, pinst, template, now)
+            draft = None
+            op_id = None
+            if mine:
+                op = self.operations.open(s, "boot", inst, actor.principal, now)
+                op_id = op.id
+                draft = NoticeDraft(kind="instance.booting", level="info", owner=inst.owner, team=inst.team,
+                                    actor=actor.principal, instance_id=inst.id, simulated=inst.simulated,
+                                    text=f"{actor.name} booted {inst.id} ({template.name}) on {inst.provider}, "
+                                         f"{rate(offer.dph)}",
+                                    actions=[act(Op.STATUS, inst.id)])
+                self.lifecycle.notify(s, now, draft)
+                s.commit()
+            view = self._views(s, [inst], actor)[0]
+            note = (f"Above the {rate(confirmed_above)} limit; confirmed by {actor.name}"
+                    if confirmed_above is not None else None)
+            return BootResult(instance=view, offer=offer, operation_id=op_id, ready=view.ready, price_note=note,
+                              overrides={k: str(v) for k, v in cleaned.items()}, cost=Money.of(view.dph),
+                              simulated=view.simulated), draft
+        result, draft = await self.db.run(work)
+        if draft is not None:
+            self.operations.changed()
+            await self.hub.publish_draft(draft, now)
+        return result
+
+
+def _priced_for(offer: Offer, template: Template) -> Offer:
+    """The offer as this template would pay for it: its disk, not the search's standard one."""
+    return offer.model_copy(update={"dph": offer.dph_for(template.disk_gb)})
+
+
+def machine_words(offer: Offer) -> str:
+    return f"{offer.gpu_name} x{offer.num_gpus} on {offer.provider}"
+
+
+def confirmation(token: str, expires_at: datetime, operation: str, reason: ConfirmReason, title: str, prompt: str,
+                 instance_id: str | None, cost: Money | None, simulated: bool) -> Confirmation:
+    return Confirmation(
+        operation=operation, reason=reason, title=title, prompt=prompt, token=token, expires_at=expires_at,
+        instance_id=instance_id, cost=cost, simulated=simulated,
+        actions=[act(Op.CONFIRM, instance_id, style=Style.DANGER if operation == "destroy" else Style.PRIMARY,
+                     token=token),
+                 act(Op.CANCEL, instance_id, token=token)])

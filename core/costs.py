@@ -1,0 +1,187 @@
+"""Costs and budgets (SPEC §6, §7): reports for any period grouped by user, team, template or
+provider; per-instance cost analysis; monthly budgets per team and per user. Every figure a
+reply shows (run-rate per day, projection, budget use) is computed here, once, in one scan of
+the month where a report needs several groupings. All database work runs off the loop."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlmodel import Session
+
+from . import audit as audit_log
+from .auth import Actor
+from .clock import Clock
+from .db import Database
+from .errors import InvalidInput, NotFound
+from .ledger import COMPUTE, STORAGE, Ledger, month_of, parse_period
+from .lifecycle import BILLED_AS_COMPUTE, get_instance
+from .models import Budget, Instance, InstanceState, Role
+from .money import from_micros, to_decimal, to_micros, usd
+from .providers.base import Capabilities
+from .results import BudgetResult, BudgetScope, BudgetUse, CostGroup, CostReport, GroupBy, InstanceCost, Money
+from .text import clip
+from .views import build_views
+
+MAX_BUDGET = Decimal("10000000")       # USD/month; anything above is a typo, not a budget
+
+
+def budget_uses(s: Session, budgets: list[Budget], now: datetime) -> list[BudgetUse]:
+    """This month's spend against each budget, in one scan of the ledger."""
+    if not budgets:
+        return []
+    month = month_of(now)
+    keys = list(dict.fromkeys(b.scope for b in budgets))
+    rows = Ledger.grouped_by(s, month.start, month.end, now, keys)
+    return _uses(budgets, {k: dict(Ledger.rollup(rows, i)) for i, k in enumerate(keys)})
+
+
+def _uses(budgets: list[Budget], spend: dict[str, dict[str, Decimal]]) -> list[BudgetUse]:
+    """`spend[scope][name]` is this month's spend of that team or user."""
+    return [BudgetUse(scope=BudgetScope(b.scope), name=b.name, limit=from_micros(b.monthly_micros),
+                      spent=spend.get(b.scope, {}).get(b.name, Decimal(0)), hard_cap=b.hard_cap)
+            for b in budgets]
+
+
+def _own_budgets(s: Session, actor: Actor) -> list[Budget]:
+    return list(s.execute(select(Budget).where(
+        ((Budget.scope == "team") & (Budget.name == actor.team))
+        | ((Budget.scope == "user") & (Budget.name == actor.principal)))).scalars())
+
+
+def _visible_budgets(s: Session, actor: Actor) -> list[Budget]:
+    """Admins see every budget; others their team's and their own."""
+    if not actor.at_least(Role.ADMIN):
+        return _own_budgets(s, actor)
+    return list(s.execute(select(Budget).order_by(Budget.scope, Budget.name)).scalars())  # type: ignore[arg-type]
+
+
+class Costs:
+    def __init__(self, db: Database, clock: Clock, caps: Callable[[], dict[str, Capabilities]]) -> None:
+        self.db = db
+        self.clock = clock
+        self._caps = caps
+
+    def spent_budgets(self, s: Session, actor: Actor) -> list[BudgetUse]:
+        """The actor's team and user budgets that are used up this month (sync: boot runs it in
+        the same unit of work as its other checks)."""
+        now = self.clock.now()
+        return [u for u in budget_uses(s, _own_budgets(s, actor), now) if u.spent >= u.limit]
+
+    def all_budget_uses(self, s: Session) -> list[BudgetUse]:
+        return budget_uses(s, list(s.execute(select(Budget)).scalars()), self.clock.now())
+
+    async def report(self, actor: Actor, period: str | None = None, by: str | None = None) -> CostReport:
+        actor.require(Role.VIEWER, "viewing costs")
+        try:
+            group_by = GroupBy((by or "user").lower())
+        except ValueError:
+            raise InvalidInput(f"Costs cannot be grouped by '{clip(by or '', 20)}': use user, team, template "
+                               "or provider.") from None
+        now = self.clock.now()
+        span = parse_period(period, now)
+        month = month_of(now)
+        caps = self._caps()
+
+        def work(s: Session) -> CostReport:
+            budgets = _visible_budgets(s, actor)
+            # one scan of the month, grouped by everything the report needs
+            keys = list(dict.fromkeys([group_by.value, *(b.scope for b in budgets)]))
+            month_rows = Ledger.grouped_by(s, month.start, month.end, now, keys)
+            groups = (Ledger.rollup(month_rows, 0) if (span.start, span.end) == (month.start, month.end)
+                      else Ledger.grouped(s, span.start, span.end, now, group_by.value))  # type: ignore[arg-type]
+            mtd = sum((amount for _, amount in month_rows), Decimal(0))
+            running_rows = list(s.execute(select(Instance).where(
+                Instance.state.in_([st.value for st in BILLED_AS_COMPUTE | {InstanceState.STOPPED}]))).scalars())  # type: ignore[attr-defined]
+            running = [v for v in build_views(s, running_rows, now, actor, caps) if v.current_dph > 0]
+            running.sort(key=lambda v: -v.current_dph)
+            run_rate = Ledger.run_rate(s)
+            uses = _uses(budgets, {k: dict(Ledger.rollup(month_rows, i)) for i, k in enumerate(keys)})
+            return CostReport(period=span.label, start=span.start, end=span.end, group_by=group_by,
+                              total=sum((amount for _, amount in groups), Decimal(0)),
+                              groups=[CostGroup(key=k, amount=v) for k, v in groups],
+                              running=running, run_rate=Money.of(run_rate), month_to_date=mtd,
+                              projected_month_end=Ledger.projection(mtd, run_rate, now), budgets=uses,
+                              simulated=any(v.simulated for v in running))
+        return await self.db.run(work)
+
+    async def instance_cost(self, actor: Actor, instance_id: str) -> InstanceCost:
+        actor.require(Role.VIEWER, "viewing costs")
+        now = self.clock.now()
+        caps = self._caps()
+
+        def work(s: Session) -> InstanceCost:
+            inst = get_instance(s, instance_id)
+            view = build_views(s, [inst], now, actor, caps)[0]
+            compute = Ledger.instance_cost(s, inst.id, now, kind=COMPUTE)
+            storage = Ledger.instance_cost(s, inst.id, now, kind=STORAGE)
+            seconds = sum(((seg.end_ts or int(now.timestamp())) - seg.start_ts)
+                          for seg in Ledger.segments(s, inst.id) if seg.kind == COMPUTE)
+            return InstanceCost(instance=view, hourly=Money.of(view.current_dph), total=compute + storage,
+                                compute=compute, storage=storage, uptime_s=max(0, seconds),
+                                simulated=inst.simulated)
+        return await self.db.run(work)
+
+    async def budgets(self, actor: Actor, changed: tuple[str, str] | None = None) -> BudgetResult:
+        actor.require(Role.VIEWER, "viewing budgets")
+
+        def work(s: Session) -> BudgetResult:
+            uses = budget_uses(s, _visible_budgets(s, actor), self.clock.now())
+            hit = next((u for u in uses if changed and (u.scope.value, u.name) == changed), None)
+            return BudgetResult(budgets=uses, period=month_of(self.clock.now()).label, changed=hit)
+        return await self.db.run(work)
+
+    async def set_budget(self, actor: Actor, scope: str, name: str, amount: str | Decimal,
+                         hard_cap: bool | None = None) -> BudgetResult:
+        actor.require(Role.ADMIN, "setting budgets")
+        try:
+            kind = BudgetScope(scope)
+        except ValueError:
+            raise InvalidInput(f"Budgets are per team or per user, not '{clip(scope, 20)}'.") from None
+        if not name or len(name) > 128:
+            raise InvalidInput("Name the team or user the budget is for (at most 128 characters).")
+        try:
+            value = to_decimal(amount)
+        except ValueError:
+            raise InvalidInput(f"'{clip(str(amount), 20)}' is not an amount in USD (e.g. 500 or 1250.50).") from None
+        if value <= 0:
+            raise InvalidInput(f"A budget must be more than $0; got {clip(str(amount), 20)}. "
+                               "Clearing the budget removes it.")
+        if value > MAX_BUDGET:
+            raise InvalidInput(f"{usd(value)} a month is not a plausible budget (limit {usd(MAX_BUDGET)}); "
+                               "check the amount.")
+        if value.as_tuple().exponent < -2:  # type: ignore[operator]
+            raise InvalidInput(f"Budgets are in whole cents; got {clip(str(amount), 20)}.")
+        now = self.clock.now()
+
+        def work(s: Session) -> None:
+            b = s.execute(select(Budget).where(Budget.scope == kind.value, Budget.name == name)).scalars().first()
+            old = from_micros(b.monthly_micros) if b else None
+            b = b or Budget(scope=kind.value, name=name, monthly_micros=0, updated_by=actor.principal, updated_at=now)
+            b.monthly_micros = to_micros(value)
+            if hard_cap is not None:
+                b.hard_cap = hard_cap
+            b.updated_by = actor.principal
+            b.updated_at = now
+            s.add(b)
+            audit_log.record(s, actor, "budget.set", now=now, scope=kind.value, name=name, amount=str(value),
+                             previous=str(old) if old is not None else None, hard_cap=b.hard_cap)
+            s.commit()
+        await self.db.run(work)
+        return await self.budgets(actor, changed=(kind.value, name))
+
+    async def clear_budget(self, actor: Actor, scope: str, name: str) -> BudgetResult:
+        actor.require(Role.ADMIN, "removing budgets")
+
+        def work(s: Session) -> None:
+            b = s.execute(select(Budget).where(Budget.scope == scope, Budget.name == name)).scalars().first()
+            if b is None:
+                raise NotFound(f"There is no {clip(scope, 10)} budget for '{clip(name, 40)}'.")
+            s.delete(b)
+            audit_log.record(s, actor, "budget.clear", now=self.clock.now(), scope=scope, name=name)
+            s.commit()
+        await self.db.run(work)
+        return await self.budgets(actor)

@@ -1,0 +1,119 @@
+"""One async context manager that starts and stops everything a gpuherd process needs around
+the service, in order, so no surface copies the start-up sequence:
+
+1. pending-boot recovery (intents a crash left: adopted or failed) and configured attachments;
+2. the guard scheduler, which takes the guard lock when it can (PostgreSQL advisory lock, or a
+   file lock with SQLite), and the readiness watcher, which works only while this process holds
+   that lock (one process probes health and announces `instance.ready`);
+3. one notice deliverer per surface this process serves (registered with `deliver` before the
+   runtime is entered), each woken at once by notices written in this process and polling the
+   outbox for those written by others.
+
+Leaving it stops the deliverers, the watcher and the scheduler (releasing the lock, so a standby
+takes over at once) and closes the service. The shell, `gpuherd guards --run` and every later
+surface (`gpuherd serve`, Slack, Discord, the notebook) enter it."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from .auth import Actor
+from .outbox import DeliveredNotice, Deliverer, audience
+from .service import GpuService
+
+log = logging.getLogger(__name__)
+Send = Callable[[DeliveredNotice], Awaitable[None]]
+
+
+@dataclass
+class _Surface:
+    surface: str
+    send: Send
+    targets: set[str]
+    recipient: str | None
+    collapse: bool
+    deliverer: Deliverer | None = None
+
+
+@dataclass
+class Runtime:
+    service: GpuService
+    guards: bool = True                        # run the guard scheduler (and readiness watcher) here
+    close_service: bool = True
+    identity: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    adopted: list[str] = field(default_factory=list)
+    attached: list[str] = field(default_factory=list)
+    _surfaces: list[_Surface] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _unsubscribe: list[Callable[[], None]] = field(default_factory=list)
+    scheduler: object | None = None
+
+    def deliver(self, surface: str, send: Send, *, targets: set[str], recipient: str | None = None,
+                collapse: bool = False) -> None:
+        """Deliver the notices addressed to `targets` on `surface` through `send` while the
+        runtime runs (register before entering it)."""
+        self._surfaces.append(_Surface(surface, send, targets, recipient, collapse))
+
+    def deliver_to_person(self, surface: str, actor: Actor, send: Send) -> None:
+        """A surface that is one person's (the shell, a notebook): what core addresses to them."""
+        self.deliver(surface, send, targets=audience(actor), recipient=actor.principal, collapse=True)
+
+    @property
+    def is_leader(self) -> bool:
+        return bool(getattr(self.scheduler, "is_leader", False))
+
+    async def __aenter__(self) -> Runtime:
+        svc = self.service
+        try:
+            self.adopted = await svc.resolve_pending()
+        except Exception:  # recovery must not keep the product from starting; reconcile retries
+            log.exception("pending boots could not be resolved at start")
+        try:
+            self.attached = await svc.attach_configured()
+        except Exception:
+            log.exception("configured attachments failed")
+        if self.guards:
+            from .scheduler import GuardScheduler
+
+            scheduler = GuardScheduler(svc)
+            self.scheduler = scheduler
+            await scheduler.start()
+            self._tasks.append(asyncio.create_task(svc.operations.run(self._stop, lambda: scheduler.is_leader),
+                                                   name="gpuherd-readiness"))
+        for spec in self._surfaces:
+            d = Deliverer(svc.db, svc.clock, surface=spec.surface, targets=spec.targets, send=spec.send,
+                          identity=f"{self.identity}:{spec.surface}", recipient=spec.recipient,
+                          collapse=spec.collapse)
+            spec.deliverer = d
+            self._unsubscribe.append(svc.outbox.wake_on_commit(d.nudge))
+            self._tasks.append(asyncio.create_task(d.run(self._stop), name=f"gpuherd-deliver-{spec.surface}"))
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        self._stop.set()
+        for unsubscribe in self._unsubscribe:
+            unsubscribe()
+        if self._tasks:
+            done, pending = await asyncio.wait(self._tasks, timeout=10)
+            for task in pending:
+                task.cancel()
+        if self.scheduler is not None:
+            await self.scheduler.stop()  # type: ignore[attr-defined]
+        if self.close_service:
+            await self.service.aclose()
+
+    async def deliver_now(self) -> int:
+        """Deliver what is due on every surface once (tests, and the end of a one-shot command)."""
+        sent = 0
+        for spec in self._surfaces:
+            if spec.deliverer is not None:
+                sent += await spec.deliverer.deliver_once()
+        return sent
