@@ -402,6 +402,8 @@ class GpuService:
             if state.is_final:
                 raise Conflict(f"{inst.id} is {state.value}; there is nothing to stop.")
             if state in (InstanceState.PENDING, InstanceState.STOPPING, InstanceState.DESTROYING):
+                if idempotency_key and state is InstanceState.STOPPING:
+                    raise _Changed(inst.id)   # the same request in flight (a double click): its answer
                 raise Conflict(f"{inst.id} is {state.value}; try again in a moment.")
             previous = inst.state
             if not self.lifecycle.claim(s, inst, InstanceState.STOPPING, now):
@@ -464,6 +466,8 @@ class GpuService:
             state = inst.state_enum
             if state in (InstanceState.RUNNING, InstanceState.STARTING, InstanceState.LOADING,
                          InstanceState.PROVISIONING):
+                if idempotency_key and state is InstanceState.STARTING:
+                    raise _Changed(inst.id)
                 raise Conflict(f"{inst.id} is already {state.value}.")
             if state is not InstanceState.STOPPED:
                 raise Conflict(f"{inst.id} is {state.value}; only a stopped instance can be started.")
@@ -516,6 +520,8 @@ class GpuService:
             if state.is_final:
                 raise Conflict(f"{inst.id} is already {state.value}.")
             if state is InstanceState.DESTROYING:
+                if idempotency_key:
+                    raise _Changed(inst.id)
                 raise Conflict(f"{inst.id} is being destroyed already.")
             if not confirmed:
                 issued = self.confirmations.create(s, actor, operation="destroy", reason=ConfirmReason.DESTROY.value,
