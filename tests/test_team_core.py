@@ -275,3 +275,65 @@ async def test_a_button_ref_round_trips_and_grants_nothing_by_itself(service, ad
     for bad in ("", "nope", "stop|" + "x" * 200, "frobnicate|g-1234"):
         with pytest.raises(InvalidInput):
             Action.from_ref(bad)
+
+
+# --- operations ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def slow_market(service, clock, tmp_path) -> SandboxProvider:
+    """A sandbox with real-length boots (about a minute to a healthy model server)."""
+    slow = SandboxProvider(tmp_path / "slow.json", seed=7, time_scale=1, clock=clock)
+    service.providers = ProviderRegistry({"sandbox": slow})
+    return slow
+
+
+async def _step(service: GpuService, clock, operation_id: str, seconds: float) -> None:
+    clock.advance(timedelta(seconds=seconds))
+    await service.operations.check(operation_id)
+
+
+async def test_a_boot_returns_when_accepted_and_readiness_is_announced(service, admin, member, clock, slow_market):
+    seen = []
+    service.hub.subscribe(seen.append)
+    service.settings.boot_timeout_s = 900
+    booted = await service.boot(member, "budget")
+    assert isinstance(booted, BootResult) and booted.operation_id and not booted.ready
+    assert booted.instance.state.value in ("provisioning", "loading") and booted.instance.operation_id
+    for _ in range(20):
+        await _step(service, clock, booted.operation_id, 10)
+    events = await service.operations.events(booted.operation_id)
+    phases = [e.phase.value for e in events]
+    assert phases[0] == "accepted" and phases[-1] == "healthy" and "loading" in phases
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert all(e.instance_id == booted.instance.id for e in events)
+    assert events[-1].elapsed_s > events[0].elapsed_s
+    view = await service.view(member, booted.instance.id)
+    assert view.ready and view.operation_id is None
+    [ready] = [n for n in seen if n.kind == "instance.ready"]
+    assert ready.owner == member.principal and ready.actor == member.principal   # the booter follows it itself
+    assert booted.instance.id in ready.text and "healthy" in ready.text
+    # following a finished operation replays its events and ends
+    replay = [e async for e in service.follow(member, booted.operation_id)]
+    assert [e.seq for e in replay] == [e.seq for e in events]
+    await service.set_user(admin, "slack:U9", role="member")
+    with pytest.raises(PermissionDenied):            # someone else's boot is not theirs to follow
+        [e async for e in service.follow(service.actor("slack:U9", source="slack"), booted.operation_id)]
+
+
+async def test_a_machine_that_never_gets_healthy_is_stopped_and_its_owner_told(service, admin, clock, slow_market):
+    seen = []
+    service.hub.subscribe(seen.append)
+    booted = await service.boot(admin, "budget")            # boot_timeout_s is 30 s in these tests
+    assert isinstance(booted, BootResult) and booted.operation_id
+    await _step(service, clock, booted.operation_id, 10)
+    assert (await service.view(admin, booted.instance.id)).state.value != "stopped"
+    await _step(service, clock, booted.operation_id, 25)     # past the deadline, still loading
+    events = await service.operations.events(booted.operation_id)
+    assert events[-1].phase.value == "failed" and "did not pass its health check" in events[-1].text
+    view = await service.view(admin, booted.instance.id)
+    assert view.state.value == "stopped", "a server that never came up must not bill compute"
+    [failed] = [n for n in seen if n.kind == "boot.failed"]
+    assert failed.owner == admin.principal and failed.actor is None, "the owner is told, even if they booted it"
+    assert "stopped" in failed.text and [a.op for a in failed.actions] == [Op.START, Op.DESTROY]
+    assert await service.operations.check(booted.operation_id), "an ended operation stays ended"
+    assert len([n for n in seen if n.kind == "boot.failed"]) == 1
