@@ -1,4 +1,4 @@
-"""The `gpuherd` command: the shell, database and user administration, and every /gpu command
+r"""The `gpuherd` command: the shell, database and user administration, and every /gpu command
 as a one-shot (`gpuherd status`, `gpuherd search 4090 "<\$0.5"`)."""
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ def plain_table(t: Table_) -> str:
     right = [bool(t.align and i < len(t.align) and t.align[i] == "right") for i in range(len(widths))]
 
     def line(cells: list[str]) -> str:
-        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right)).rstrip()
+        return "  ".join(c.rjust(w) if r else c.ljust(w) for c, w, r in zip(cells, widths, right, strict=False)).rstrip()
 
     out = [line(t.columns), "─" * (sum(widths) + 2 * (len(widths) - 1))]
     out += [line(row) for row in t.rows]

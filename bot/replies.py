@@ -16,7 +16,6 @@ from gpuherd.core.money import rate, usd
 from gpuherd.core.providers.sandbox import SIMULATED_NOTE
 from gpuherd.core.results import (
     AttachResult,
-    ReconcileResult,
     AuditResult,
     BootResult,
     BudgetResult,
@@ -29,6 +28,7 @@ from gpuherd.core.results import (
     InstanceCost,
     InstanceView,
     KeepResult,
+    ReconcileResult,
     SearchResult,
     StartResult,
     StatusResult,

@@ -36,12 +36,20 @@ from sqlmodel import Session
 from .actions import Op, Style, act
 from .auth import Actor
 from .clock import Clock
-from .confirmations import ConfirmationStore
 from .config import Settings
+from .confirmations import ConfirmationStore
 from .costs import Costs
 from .db import Database
-from .errors import CapacityError, Conflict, GpuherdError, InvalidInput, NoMatchingOffer, NotFound, \
-    PermissionDenied, ProviderError
+from .errors import (
+    CapacityError,
+    Conflict,
+    GpuherdError,
+    InvalidInput,
+    NoMatchingOffer,
+    NotFound,
+    PermissionDenied,
+    ProviderError,
+)
 from .ids import label_for
 from .lifecycle import Lifecycle, request_hash
 from .models import ActionRecord, Instance, InstanceState, Role
@@ -105,7 +113,7 @@ class Booting:
         self.hub = hub
         self._sleep = sleep
 
-    def _caps(self) -> dict:  # noqa: ANN401 - provider name -> Capabilities
+    def _caps(self) -> dict:
         return {n: self.providers.get(n).capabilities for n in self.providers.names()}
 
     def _views(self, s: Session, rows: list[Instance], actor: Actor | None) -> list[InstanceView]:
@@ -127,7 +135,7 @@ class Booting:
         fingerprint = request_hash(op="boot", template=template.name, offer=offer, provider=provider,
                                    overrides=masked_raw)
 
-        def check(s: Session) -> tuple[BootResult | None, list]:  # noqa: ANN401
+        def check(s: Session) -> tuple[BootResult | None, list]:
             replay = self._replay(s, actor, key, fingerprint)
             if replay is not None:
                 return replay, []
@@ -245,7 +253,7 @@ class Booting:
         return fitting
 
     async def _create(self, actor: Actor, template: Template, candidates: list[Offer], key: str,
-                      cleaned: dict, fingerprint: str, *, named: bool,  # noqa: ANN401
+                      cleaned: dict, fingerprint: str, *, named: bool,
                       confirmed_above: Decimal | None) -> BootResult:
         first = candidates[0]
         now = self.clock.now()
@@ -305,7 +313,7 @@ class Booting:
         return next((p for p in listed if p.label == label), None)
 
     async def _record(self, actor: Actor, instance_id: str, offer: Offer, pinst: ProviderInstance,
-                      template: Template, cleaned: dict, confirmed_above: Decimal | None) -> BootResult:  # noqa: ANN401
+                      template: Template, cleaned: dict, confirmed_above: Decimal | None) -> BootResult:
         now = self.clock.now()
         self.sync.forget_listings()
 

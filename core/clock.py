@@ -3,8 +3,8 @@ can run a virtual month in seconds."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 import time
+from datetime import UTC, datetime, timedelta
 
 
 def utcnow() -> datetime:

@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     sandbox_time_scale: float = Field(default=0.2, ge=0, le=100,
                                       description="multiplies simulated boot/stop timings; 0 = instant")
     sandbox_faults: str = Field(default="", description="e.g. 'capacity=0.2,timeout=0.1,rate_limit=0.1'")
+    sandbox_latency_s: float = Field(default=0.0, ge=0, le=60,
+                                     description="seconds every simulated provider call takes (a slow cloud)")
 
     # real providers: each is configured when its credentials are set. The variable names are the
     # official tools' own (VAST_API_KEY, VAST_URL, RUNPOD_API_KEY, ...), so an existing setup works.

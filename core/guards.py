@@ -370,15 +370,16 @@ class Guards:
                                                                         at_least=now + RETRY_AFTER_FAILURE)))
             return 0
         except GpuherdError as exc:
-            report.errors.append(f"{inst.id}: {exc.message}")
+            message = exc.message
+            report.errors.append(f"{inst.id}: {message}")
             draft = _draft(inst, f"guard.{guard}.failed",
-                           f"⚠ {guard} guard could not {action} {inst.id}: {exc.message} Retrying in "
+                           f"⚠ {guard} guard could not {action} {inst.id}: {message} Retrying in "
                            f"{int(RETRY_AFTER_FAILURE.total_seconds())} s.", level="error",
                            actions=[act(Op.STOP, inst.id, style=Style.DANGER)])
 
             def failed(s: Session) -> None:
                 s.execute(update(Instance).where(Instance.id == inst.id).values(
-                    guard_error=f"{guard} {action} failed: {exc.message}"[:512]))
+                    guard_error=f"{guard} {action} failed: {message}"[:512]))
                 self._save_plan(s, inst.id, now, at_least=now + RETRY_AFTER_FAILURE)
                 self.service.lifecycle.notify(s, now, draft)
                 s.commit()

@@ -405,7 +405,7 @@ class Deliverer:
             try:
                 async with asyncio.timeout(self.send_timeout_s):
                     await self._send(notice)
-            except Exception as exc:  # noqa: BLE001 - whatever a surface raises is one failed attempt
+            except Exception as exc:
                 await self.db.run(partial(self._failed, rows, batch.until, describe_error(exc), notice))
                 continue
             await self.db.run(partial(self._delivered, [r.id for r in rows], batch.until))

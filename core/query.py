@@ -363,7 +363,7 @@ def _sort_getter(field: str) -> Callable[[Offer], Any]:
     if spec.type is float:
         def num(o: Offer) -> float:
             v = getter(o)
-            return math.inf if v is None or v != v else v   # noqa: PLR0124 (NaN would make the order undefined)
+            return math.inf if v is None or v != v else v
         return num
     return getter
 

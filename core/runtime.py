@@ -102,7 +102,7 @@ class Runtime:
         for unsubscribe in self._unsubscribe:
             unsubscribe()
         if self._tasks:
-            done, pending = await asyncio.wait(self._tasks, timeout=10)
+            _done, pending = await asyncio.wait(self._tasks, timeout=10)
             for task in pending:
                 task.cancel()
         if self.scheduler is not None:

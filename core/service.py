@@ -36,9 +36,18 @@ from .db import Database
 from .errors import Conflict, GpuherdError, InvalidInput, NotFound, PermissionDenied, ProviderError
 from .guard_plan import replan
 from .lifecycle import FINAL_STATES, Lifecycle, get_instance
-from .models import ActionRecord, Activity, AuditEvent, Instance, InstanceState, OperationRecord, Role, \
-    SchedulerState, User
-from .money import from_micros, rate, usd
+from .models import (
+    ActionRecord,
+    Activity,
+    AuditEvent,
+    Instance,
+    InstanceState,
+    OperationRecord,
+    Role,
+    SchedulerState,
+    User,
+)
+from .money import from_micros, usd
 from .notify import NotifierHub
 from .operations import Operations
 from .outbox import NoticeDraft, Outbox, SurfaceRoute
@@ -51,8 +60,8 @@ from .results import (
     AuditEntry,
     AuditResult,
     BootResult,
-    Cancelled,
     BudgetResult,
+    Cancelled,
     Confirmation,
     ConfirmReason,
     CostReport,
@@ -295,7 +304,7 @@ class GpuService:
 
     async def _waited(self, actor: Actor, result: R) -> R:
         op_id = getattr(result, "operation_id", None)
-        instance = getattr(result, "instance")
+        instance = result.instance
         if op_id:
             async for _ in self.operations.follow(op_id):
                 pass
@@ -377,9 +386,10 @@ class GpuService:
         except GpuherdError as exc:
             if done_anyway is not None and await done_anyway():
                 return
-            await self.db.run(lambda s: self.lifecycle.revert(s, actor, inst.id, action, revert_to, exc.message,
+            message = exc.message
+            await self.db.run(lambda s: self.lifecycle.revert(s, actor, inst.id, action, revert_to, message,
                                                               self.clock.now()))
-            raise ProviderError(inst.provider, f"{action} of {inst.id} failed: {exc.message}. {still}") from None
+            raise ProviderError(inst.provider, f"{action} of {inst.id} failed: {message}. {still}") from None
         finally:
             self.sync.forget_listings()
 

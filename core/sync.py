@@ -134,7 +134,7 @@ class InstanceSync:
             return fresh
         out.rows.update(await self.db.run(work))
 
-    async def confirm_gone(self, provider: Provider, inst: Instance) -> ProviderInstance | None | bool:
+    async def confirm_gone(self, provider: Provider, inst: Instance) -> ProviderInstance | bool | None:
         """The machine as `get` sees it; None when gone; False when the provider cannot say."""
         try:
             return await provider_call(provider, lambda: provider.get(inst.provider_id or ""),

@@ -359,7 +359,7 @@ class AwsProvider(Provider):
             status = int(meta.get("HTTPStatusCode") or 0)
             if code in _NOT_FOUND:
                 return _NotFoundError(DISPLAY, f"{what}: {code}")
-            if code in _AUTH or status in (401, 403) and code not in _CAPACITY | _STATE:
+            if code in _AUTH or (status in (401, 403) and code not in _CAPACITY | _STATE):
                 if code == "UnauthorizedOperation":
                     message = message.split(" Encoded authorization failure message")[0]
                 return AuthError(DISPLAY, f"the credentials were refused ({code}) for {what}: "
@@ -578,7 +578,7 @@ class AwsProvider(Provider):
     @_typed("get_offer")
     async def get_offer(self, offer_id: str) -> Offer | None:
         try:
-            itype, region, spot = parse_offer_id(offer_id)
+            _itype, region, spot = parse_offer_id(offer_id)
         except ProviderError:
             return None
         if region not in self._ec2:
@@ -961,6 +961,20 @@ def _is_ours_or_gpu(instance: Mapping[str, Any]) -> bool:
     return family[:1] in ("g", "p")
 
 
-__all__ = ["AwsProvider", "PriceTable", "gpu_memory_gb", "gpu_name_for", "parse_price_list",
-           "parse_offer_id", "offer_id_for", "user_data", "wants_spot", "GpuType", "gpu_type_from",
-           "region_place", "parse_instance_id", "client_token", "parse_ami_setting"]
+__all__ = [
+    "AwsProvider",
+    "GpuType",
+    "PriceTable",
+    "client_token",
+    "gpu_memory_gb",
+    "gpu_name_for",
+    "gpu_type_from",
+    "offer_id_for",
+    "parse_ami_setting",
+    "parse_instance_id",
+    "parse_offer_id",
+    "parse_price_list",
+    "region_place",
+    "user_data",
+    "wants_spot",
+]

@@ -7,11 +7,10 @@ import abc
 import enum
 from datetime import datetime
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
-
-from typing import TYPE_CHECKING
 
 from ..offers import Offer
 

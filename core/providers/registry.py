@@ -70,7 +70,8 @@ def build_registry(settings: Settings) -> ProviderRegistry:
         if wanted is None or "sandbox" in wanted:
             providers["sandbox"] = SandboxProvider(
                 settings.home / "sandbox.json", seed=settings.sandbox_seed,
-                time_scale=settings.sandbox_time_scale, clock=Clock(), faults=settings.sandbox_faults)
+                time_scale=settings.sandbox_time_scale, clock=Clock(), faults=settings.sandbox_faults,
+                latency_s=settings.sandbox_latency_s)
     return ProviderRegistry(providers)
 
 

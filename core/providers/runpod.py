@@ -409,7 +409,7 @@ class RunPodProvider(Provider):
             "gpuCount": key.count,
             "name": request.label,
             "imageName": request.image,
-            "volumeInGb": int(math.ceil(request.disk_gb)),
+            "volumeInGb": math.ceil(request.disk_gb),
             "containerDiskInGb": CONTAINER_DISK_GB,
             "volumeMountPath": VOLUME_MOUNT_PATH,
             "ports": ",".join(_port_specs(request)),

@@ -193,7 +193,7 @@ def _pick_builder() -> Callable[[dict[str, Any]], Offer]:
                 and copied.dph == Decimal("0.4") and fast.dph == Decimal("0.3") \
                 and fast.model_fields_set == checked.model_fields_set:
             return _offer_fast
-    except Exception:  # noqa: BLE001 - any surprise means: validate instead
+    except Exception:
         pass
     return _offer_checked
 
@@ -419,7 +419,7 @@ def _percent(value: Any) -> float | None:
         x = float(value)
     except (TypeError, ValueError):
         return None
-    if x != x or x < 0:
+    if math.isnan(x) or x < 0:
         return None
     return min(x, 100.0)
 

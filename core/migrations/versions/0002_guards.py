@@ -7,10 +7,9 @@ Create Date: 2026-11-23
 Per-instance guard settings and deadlines, budget alerts (each threshold once per month),
 and the scheduler's state. Existing instances get the template defaults (30 min idle, stop).
 """
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-
+from alembic import op
 
 revision = '0002'
 down_revision = '0001'

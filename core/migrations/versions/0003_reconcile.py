@@ -6,10 +6,9 @@ Create Date: 2026-11-23
 
 Machines the providers list that gpuherd does not manage, so reconcile reports each once.
 """
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-
+from alembic import op
 
 revision = '0003'
 down_revision = '0002'

@@ -9,10 +9,9 @@ and destination), stored confirmations (token hash, sealed secrets, accepted pri
 operations with their progress events, the request an idempotency key was used for, and when
 a machine last passed its health check.
 """
-from alembic import op
 import sqlalchemy as sa
 import sqlmodel
-
+from alembic import op
 
 revision = '0004'
 down_revision = '0003'
