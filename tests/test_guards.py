@@ -379,3 +379,30 @@ async def test_warnings_are_audited_as_the_guard_that_gave_them(service, admin, 
     await _run_until(guards, clock, 90)
     actors = {e.event: e.actor for e in _events(service, "guard.warn_idle") + _events(service, "guard.warn_lifetime")}
     assert actors == {"guard.warn_idle": "system:idle", "guard.warn_lifetime": "system:lifetime"}
+
+
+async def test_a_warning_that_reached_nobody_does_not_postpone_the_stop(service, admin, guards, clock, notices):
+    """One machine's warning is delivered (a shell is open), the other's reaches no surface: both
+    are stopped at their deadline, and only the second stop notice says nobody was warned."""
+    from gpuherd.core.outbox import Deliverer, audience
+
+    heard = await _boot(service, admin)
+    unheard = await _boot(service, admin)
+    shown: list[str] = []
+
+    async def show(notice) -> None:
+        if notice.instance_id == heard:
+            shown.append(notice.text)
+        else:
+            raise RuntimeError("this terminal is gone")        # the platform fails every time
+
+    shell = Deliverer(service.db, clock, surface="shell", targets=audience(admin), send=show,
+                      identity="test-shell", recipient=admin.principal, max_attempts=1)
+    await _run_until(guards, clock, 26)                        # both warned at 25 min
+    await shell.deliver_once()
+    assert any("idle for" in text for text in shown)
+    await _run_until(guards, clock, 6)                         # the deadline, 30 min
+    assert _inst(service, heard).state == "stopped" and _inst(service, unheard).state == "stopped"
+    stops = {n.instance_id: n.text for n in notices if n.kind == "guard.idle"}
+    assert "reached nobody" not in stops[heard]
+    assert "the warning before it reached nobody" in stops[unheard]
