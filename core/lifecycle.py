@@ -24,12 +24,13 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
-from sqlmodel import Session
+from sqlalchemy import update
+from sqlmodel import Session, col
 
 from . import audit as audit_log
 from .auth import Actor, system_actor
 from .clock import as_utc
+from .db import rowcount
 from .errors import GpuherdError, NotFound
 from .guard_plan import replan
 from .ids import ID_RE, new_instance_id, normalise_instance_id
@@ -72,6 +73,17 @@ def get_instance(s: Session, instance_id: str) -> Instance:
     return inst
 
 
+def fresh_id(s: Session) -> str:
+    """A short id no row has: candidates are looked up one by one (ids are random, so the first
+    is almost always free), never by reading every id in the table."""
+    tried: set[str] = set()
+    while True:
+        candidate = new_instance_id(tried)
+        if s.get(Instance, candidate) is None:
+            return candidate
+        tried.add(candidate)
+
+
 def _seconds(td: timedelta | None) -> int | None:
     return int(td.total_seconds()) if td is not None else None
 
@@ -90,8 +102,7 @@ class Lifecycle:
     def write_intent(self, s: Session, actor: Actor, template: Template, offer: Offer, key: str,
                      cleaned: dict[str, Any], req_hash: str, now: datetime) -> Instance:
         """The intent row, committed before the provider is called."""
-        taken = set(s.execute(select(Instance.id)).scalars())
-        inst = Instance(id=new_instance_id(taken), idempotency_key=key, provider=offer.provider,
+        inst = Instance(id=fresh_id(s), idempotency_key=key, provider=offer.provider,
                         offer_id=offer.offer_id, owner=actor.principal, team=actor.team,
                         template=template.name, state=InstanceState.PENDING.value,
                         gpu_name=offer.gpu_name, num_gpus=offer.num_gpus, dph_micros=to_micros(offer.dph),
@@ -113,12 +124,12 @@ class Lifecycle:
         recorded it). Exactly once (see the module docstring). Does not commit: the caller adds
         the operation and commits."""
         claimed = s.execute(update(Instance).where(
-            Instance.id == instance_id, Instance.provider_id.is_(None))  # type: ignore[union-attr]
+            col(Instance.id) == instance_id, col(Instance.provider_id).is_(None))
             .values(provider_id=pinst.provider_id))
         inst = s.get(Instance, instance_id)
         if inst is None:
             raise NotFound(f"The boot record {instance_id} vanished.")
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        if rowcount(claimed) != 1:
             s.rollback()
             s.refresh(inst)
             return inst, False
@@ -160,10 +171,10 @@ class Lifecycle:
         recorded meanwhile (a slow create that came back while reconcile gave up on it)."""
         message = (error.message if error else "create failed")[:500]
         failed = s.execute(update(Instance).where(
-            Instance.id == instance_id, Instance.provider_id.is_(None))  # type: ignore[union-attr]
+            col(Instance.id) == instance_id, col(Instance.provider_id).is_(None))
             .values(state=InstanceState.FAILED.value, status_message=message, updated_at=now,
-                    next_guard_at=None, version=Instance.version + 1))
-        if failed.rowcount != 1:  # type: ignore[attr-defined]
+                    next_guard_at=None, version=col(Instance.version) + 1))
+        if rowcount(failed) != 1:
             s.rollback()
             return False
         inst = s.get(Instance, instance_id)
@@ -176,10 +187,10 @@ class Lifecycle:
     @staticmethod
     def claim(s: Session, inst: Instance, to_state: InstanceState, now: datetime) -> bool:
         """Move to a transitional state only if nobody changed the row since we read it."""
-        result = s.execute(update(Instance).where(Instance.id == inst.id, Instance.version == inst.version)
+        result = s.execute(update(Instance).where(col(Instance.id) == inst.id, col(Instance.version) == inst.version)
                            .values(state=to_state.value, version=inst.version + 1, updated_at=now))
         s.commit()
-        if result.rowcount == 1:  # type: ignore[attr-defined]
+        if rowcount(result) == 1:
             inst.state = to_state.value
             inst.version += 1
             return True
@@ -318,9 +329,8 @@ class Lifecycle:
         """A machine made elsewhere, tracked and billed from now on (attach, or reconcile adopting
         a labelled machine it had no row for). Does not commit."""
         state = STATE_MAP.get(machine.state) or InstanceState.RUNNING
-        taken = set(s.execute(select(Instance.id)).scalars())
         inst = Instance(
-            id=new_instance_id(taken), idempotency_key=key[:200], provider=provider,
+            id=fresh_id(s), idempotency_key=key[:200], provider=provider,
             provider_id=machine.provider_id, offer_id=machine.offer_id, owner=owner, team=team,
             template=template, state=state.value, gpu_name=machine.gpu_name[:64], num_gpus=machine.num_gpus,
             dph_micros=to_micros(machine.dph), storage_dph_micros=to_micros(machine.storage_dph),
