@@ -48,8 +48,14 @@ class Shell:
         for action in notice.actions:
             phrased = phrase(action, notice=True)
             lines.append(f"  [dim]\\[{escape(phrased.label)}] {escape(phrased.command)}[/dim]")
-        # a prompt may be waiting for input: start on a fresh line, then show the prompt again
-        self.console.print(("\n" if self.interactive else "") + "\n".join(lines))
+        # a prompt may be waiting for input: start on a fresh line, then show the prompt again.
+        # Written from a thread: a terminal that blocks (a full pipe, a paused tty) must not
+        # stall the event loop the guards run on.
+        text = ("\n" if self.interactive else "") + "\n".join(lines)
+        await asyncio.to_thread(self._write_notice, text)
+
+    def _write_notice(self, text: str) -> None:
+        self.console.print(text)
         if self.interactive:
             self.console.print(PROMPT, end="")
 
