@@ -22,10 +22,14 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from .auth import Actor
 from .outbox import DeliveredNotice, Deliverer, audience
 from .service import GpuService
+
+if TYPE_CHECKING:
+    from .scheduler import GuardScheduler
 
 log = logging.getLogger(__name__)
 Send = Callable[[DeliveredNotice], Awaitable[None]]
@@ -38,6 +42,7 @@ class _Surface:
     targets: set[str]
     recipient: str | None
     collapse: bool
+    lease_s: float = 30.0
     deliverer: Deliverer | None = None
 
 
@@ -53,17 +58,21 @@ class Runtime:
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _unsubscribe: list[Callable[[], None]] = field(default_factory=list)
-    scheduler: object | None = None
+    scheduler: GuardScheduler | None = None
 
     def deliver(self, surface: str, send: Send, *, targets: set[str], recipient: str | None = None,
-                collapse: bool = False) -> None:
+                collapse: bool = False, lease_s: float = 30.0) -> None:
         """Deliver the notices addressed to `targets` on `surface` through `send` while the
-        runtime runs (register before entering it)."""
-        self._surfaces.append(_Surface(surface, send, targets, recipient, collapse))
+        runtime runs (register before entering it). `lease_s` is how long a claimed delivery is
+        this process's: after a crash, what it had claimed waits that long to be sent again."""
+        self._surfaces.append(_Surface(surface, send, targets, recipient, collapse, lease_s))
 
     def deliver_to_person(self, surface: str, actor: Actor, send: Send) -> None:
-        """A surface that is one person's (the shell, a notebook): what core addresses to them."""
-        self.deliver(surface, send, targets=audience(actor), recipient=actor.principal, collapse=True)
+        """A surface that is one person's (the shell, a notebook): what core addresses to them.
+        Writing to a terminal takes milliseconds, so a short lease: a shell killed mid-burst and
+        opened again shows the rest within seconds."""
+        self.deliver(surface, send, targets=audience(actor), recipient=actor.principal, collapse=True,
+                     lease_s=6.0)
 
     @property
     def is_leader(self) -> bool:
@@ -90,7 +99,7 @@ class Runtime:
         for spec in self._surfaces:
             d = Deliverer(svc.db, svc.clock, surface=spec.surface, targets=spec.targets, send=spec.send,
                           identity=f"{self.identity}:{spec.surface}", recipient=spec.recipient,
-                          collapse=spec.collapse)
+                          collapse=spec.collapse, lease_s=spec.lease_s)
             spec.deliverer = d
             self._unsubscribe.append(svc.outbox.wake_on_commit(d.nudge))
             self._tasks.append(asyncio.create_task(d.run(self._stop), name=f"gpuherd-deliver-{spec.surface}"))
@@ -106,7 +115,7 @@ class Runtime:
             for task in pending:
                 task.cancel()
         if self.scheduler is not None:
-            await self.scheduler.stop()  # type: ignore[attr-defined]
+            await self.scheduler.stop()
         if self.close_service:
             await self.service.aclose()
 

@@ -6,8 +6,8 @@ none is printed twice except the one in flight at the kill (sent, not yet marked
 
 The warnings come in two waves: the first, more than one deliverer batch, is written before the
 shell starts (the killed shell leaves most of it claimed under its lease, so the restarted shell
-sends those only when the lease has run out, Deliverer's default 30 s); the second comes due
-while no shell runs. The test's duration is mostly that lease."""
+sends those only when the lease has run out, the shell's 6 s); the second comes due while no
+shell runs."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ pytestmark = pytest.mark.postgres
 FIRST = 60            # due when the guards start: more than one deliverer batch (50)
 LATER = 12            # come due while no shell runs
 KILL_AFTER = 5        # warnings the first shell prints before it is killed
-LEASE_S = 30          # Deliverer's default lease; no setting shortens it for a process
+LEASE_S = 6           # a personal surface's lease (Runtime.deliver_to_person)
 PIPE_BYTES = 4096     # the first shell's stdout pipe: a warning is ~110 bytes, so however late the
                       # reader's kill, the shell blocks after ~KILL_AFTER + 37 warnings, fewer than FIRST
 WARNING = re.compile(r"^» (g-[0-9a-z]+) idle for .+ — stops in ")
