@@ -10,7 +10,7 @@ from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from .auth import Actor
 from .models import AuditEvent
@@ -50,7 +50,7 @@ def record(session: Session, actor: Actor, event: str, *, now: datetime, instanc
 
 
 def recent(session: Session, limit: int, instance_id: str | None = None) -> list[AuditEvent]:
-    stmt = select(AuditEvent).order_by(AuditEvent.ts.desc(), AuditEvent.id.desc()).limit(limit)  # type: ignore[union-attr]
+    stmt = select(AuditEvent).order_by(col(AuditEvent.ts).desc(), col(AuditEvent.id).desc()).limit(limit)
     if instance_id:
-        stmt = stmt.where(AuditEvent.instance_id == instance_id)
-    return list(session.exec(stmt).scalars())  # type: ignore[call-overload]
+        stmt = stmt.where(col(AuditEvent.instance_id) == instance_id)
+    return list(session.execute(stmt).scalars())

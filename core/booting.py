@@ -31,7 +31,7 @@ from decimal import Decimal
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from .actions import Op, Style, act
 from .auth import Actor
@@ -181,7 +181,7 @@ class Booting:
                                   confirmed_above=max_dph if (max_dph is not None and chosen.dph > max_dph) else None)
 
     def _replay(self, s: Session, actor: Actor, key: str, fingerprint: str) -> BootResult | None:
-        existing = s.execute(select(Instance).where(Instance.idempotency_key == key)).scalars().first()
+        existing = s.execute(select(Instance).where(col(Instance.idempotency_key) == key)).scalars().first()
         if existing is None:
             used = s.get(ActionRecord, key)
             if used is not None:

@@ -10,7 +10,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from . import audit as audit_log
 from .auth import Actor
@@ -48,15 +48,15 @@ def _uses(budgets: list[Budget], spend: dict[str, dict[str, Decimal]]) -> list[B
 
 def _own_budgets(s: Session, actor: Actor) -> list[Budget]:
     return list(s.execute(select(Budget).where(
-        ((Budget.scope == "team") & (Budget.name == actor.team))
-        | ((Budget.scope == "user") & (Budget.name == actor.principal)))).scalars())
+        ((col(Budget.scope) == "team") & (col(Budget.name) == actor.team))
+        | ((col(Budget.scope) == "user") & (col(Budget.name) == actor.principal)))).scalars())
 
 
 def _visible_budgets(s: Session, actor: Actor) -> list[Budget]:
     """Admins see every budget; others their team's and their own."""
     if not actor.at_least(Role.ADMIN):
         return _own_budgets(s, actor)
-    return list(s.execute(select(Budget).order_by(Budget.scope, Budget.name)).scalars())  # type: ignore[arg-type]
+    return list(s.execute(select(Budget).order_by(col(Budget.scope), col(Budget.name))).scalars())
 
 
 class Costs:
@@ -92,10 +92,10 @@ class Costs:
             keys = list(dict.fromkeys([group_by.value, *(b.scope for b in budgets)]))
             month_rows = Ledger.grouped_by(s, month.start, month.end, now, keys)
             groups = (Ledger.rollup(month_rows, 0) if (span.start, span.end) == (month.start, month.end)
-                      else Ledger.grouped(s, span.start, span.end, now, group_by.value))  # type: ignore[arg-type]
+                      else Ledger.grouped(s, span.start, span.end, now, group_by.value))
             mtd = sum((amount for _, amount in month_rows), Decimal(0))
             running_rows = list(s.execute(select(Instance).where(
-                Instance.state.in_([st.value for st in BILLED_AS_COMPUTE | {InstanceState.STOPPED}]))).scalars())  # type: ignore[attr-defined]
+                col(Instance.state).in_([st.value for st in BILLED_AS_COMPUTE | {InstanceState.STOPPED}]))).scalars())
             running = [v for v in build_views(s, running_rows, now, actor, caps) if v.current_dph > 0]
             running.sort(key=lambda v: -v.current_dph)
             run_rate = Ledger.run_rate(s)
@@ -153,12 +153,13 @@ class Costs:
         if value > MAX_BUDGET:
             raise InvalidInput(f"{usd(value)} a month is not a plausible budget (limit {usd(MAX_BUDGET)}); "
                                "check the amount.")
-        if value.as_tuple().exponent < -2:  # type: ignore[operator]
+        exponent = value.as_tuple().exponent  # 'n'/'N'/'F' only for NaN or infinity
+        if isinstance(exponent, int) and exponent < -2:
             raise InvalidInput(f"Budgets are in whole cents; got {clip(str(amount), 20)}.")
         now = self.clock.now()
 
         def work(s: Session) -> None:
-            b = s.execute(select(Budget).where(Budget.scope == kind.value, Budget.name == name)).scalars().first()
+            b = s.execute(select(Budget).where(col(Budget.scope) == kind.value, col(Budget.name) == name)).scalars().first()
             old = from_micros(b.monthly_micros) if b else None
             b = b or Budget(scope=kind.value, name=name, monthly_micros=0, updated_by=actor.principal, updated_at=now)
             b.monthly_micros = to_micros(value)
@@ -177,7 +178,7 @@ class Costs:
         actor.require(Role.ADMIN, "removing budgets")
 
         def work(s: Session) -> None:
-            b = s.execute(select(Budget).where(Budget.scope == scope, Budget.name == name)).scalars().first()
+            b = s.execute(select(Budget).where(col(Budget.scope) == scope, col(Budget.name) == name)).scalars().first()
             if b is None:
                 raise NotFound(f"There is no {clip(scope, 10)} budget for '{clip(name, 40)}'.")
             s.delete(b)

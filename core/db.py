@@ -16,13 +16,13 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import CursorResult, Engine, Result, create_engine, event
 from sqlmodel import Session
 
 from .errors import ConfigError
@@ -53,6 +53,13 @@ def make_engine(url: str) -> Engine:
         return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
     except Exception as exc:  # missing driver, malformed URL
         raise ConfigError(f"GPUHERD_DATABASE_URL cannot be used: {exc}") from None
+
+
+def rowcount(result: Result[*tuple[Any, ...]]) -> int:
+    """Rows an UPDATE or DELETE matched. SQLModel's Session.execute is typed as returning a plain
+    Result; for a DML statement it is always a CursorResult, which has the count."""
+    assert isinstance(result, CursorResult)
+    return result.rowcount
 
 
 def alembic_config(engine: Engine) -> Config:

@@ -27,13 +27,14 @@ from decimal import Decimal
 from typing import Any
 
 import httpx
-from sqlalchemy import func, or_, select, update
-from sqlmodel import Session
+from sqlalchemy import Insert, func, or_, select, update
+from sqlmodel import Session, col
 
 from . import audit as audit_log
 from .actions import Action, Op, Style, act
 from .auth import system_actor
 from .clock import Clock, as_utc
+from .db import rowcount
 from .errors import Conflict, GpuherdError, NotFound
 from .guard_plan import PROBE_INTERVAL, Step, idle_deadline, plan
 from .ledger import month_of
@@ -131,8 +132,8 @@ class Guards:
     @staticmethod
     def _due(s: Session, now: datetime) -> list[Instance]:
         stmt = (select(Instance)
-                .where(Instance.next_guard_at <= now, Instance.state.not_in(FINAL_STATES))  # type: ignore[operator,attr-defined]
-                .order_by(Instance.next_guard_at).limit(PASS_BATCH))
+                .where(col(Instance.next_guard_at) <= now, col(Instance.state).not_in(FINAL_STATES))
+                .order_by(col(Instance.next_guard_at)).limit(PASS_BATCH))
         return list(s.execute(stmt).scalars())
 
     def plan_unplanned(self) -> int:
@@ -140,7 +141,7 @@ class Guards:
         a process that died mid-change). Run once when a scheduler starts (in a thread)."""
         with self.db.session() as s:
             rows = list(s.execute(select(Instance).where(
-                Instance.next_guard_at.is_(None), Instance.state.not_in(FINAL_STATES))).scalars())  # type: ignore[union-attr,attr-defined]
+                col(Instance.next_guard_at).is_(None), col(Instance.state).not_in(FINAL_STATES))).scalars())
             for row in rows:
                 row.next_guard_at = plan(row, probe_interval=self.probe_interval).next_at
                 s.add(row)
@@ -148,8 +149,8 @@ class Guards:
         return len(rows)
 
     async def next_wake(self) -> datetime | None:
-        value = await self.db.run(lambda s: s.execute(select(func.min(Instance.next_guard_at)).where(
-            Instance.state.not_in(FINAL_STATES))).scalar_one())  # type: ignore[attr-defined]
+        value = await self.db.run(lambda s: s.execute(select(func.min(col(Instance.next_guard_at))).where(
+            col(Instance.state).not_in(FINAL_STATES))).scalar_one())
         return as_utc(value) if value else None
 
     # --- one instance --------------------------------------------------------------------
@@ -232,7 +233,7 @@ class Guards:
                     s.add(Activity(instance_id=c.activity.instance_id, ts=c.activity.ts, source=c.activity.source,
                                    detail=c.activity.detail))
                 if values:
-                    s.execute(update(Instance).where(Instance.id == c.inst.id).values(**values))
+                    s.execute(update(Instance).where(col(Instance.id) == c.inst.id).values(**values))
             s.commit()
         if checked:
             await self.db.run(work)
@@ -251,9 +252,9 @@ class Guards:
         if inst is None:
             return
         s.refresh(inst)
-        s.execute(update(Instance).where(Instance.id == instance_id).values(
+        s.execute(update(Instance).where(col(Instance.id) == instance_id).values(
             next_guard_at=self._next_at(inst, now, at_least),
-            guard_checked_at=func.coalesce(Instance.guard_checked_at, now)))
+            guard_checked_at=func.coalesce(col(Instance.guard_checked_at), now)))
 
     async def _cannot_check(self, inst: Instance, why: str, now: datetime) -> None:
         """Loud, once per outage: the owner hears that the guard is blind, not silence."""
@@ -262,9 +263,9 @@ class Guards:
                                             "answers; check it yourself.", level="error")
 
         def work(s: Session) -> bool:
-            first = s.execute(update(Instance).where(
-                Instance.id == inst.id, or_(Instance.guard_error.is_(None), Instance.guard_error != message))  # type: ignore[union-attr]
-                .values(guard_error=message, next_guard_at=now + RETRY_AFTER_FAILURE)).rowcount  # type: ignore[attr-defined]
+            first = rowcount(s.execute(update(Instance).where(
+                col(Instance.id) == inst.id, or_(col(Instance.guard_error).is_(None), col(Instance.guard_error) != message))
+                .values(guard_error=message, next_guard_at=now + RETRY_AFTER_FAILURE)))
             if first:
                 self.service.lifecycle.notify(s, now, draft)
             s.commit()
@@ -284,8 +285,8 @@ class Guards:
             drafts = []
             for c, step in warnings:
                 column = getattr(Instance, WARN_KINDS[step.kind])
-                claimed = s.execute(update(Instance).where(Instance.id == c.inst.id, column.is_(None))
-                                    .values({column: now})).rowcount  # type: ignore[attr-defined]
+                claimed = rowcount(s.execute(update(Instance).where(col(Instance.id) == c.inst.id, column.is_(None))
+                                             .values({column: now})))
                 if not claimed:
                     continue  # someone (another process, an earlier pass) already warned
                 setattr(c.inst, WARN_KINDS[step.kind], now)
@@ -366,8 +367,11 @@ class Guards:
                 await self.service.stop(actor, inst.id, idempotency_key=key, tell=tell)
         except (Conflict, NotFound) as exc:
             log.info("guard %s on %s skipped: %s", guard, inst.id, exc.message)
-            await self.db.run(lambda s: _committed(s, self._save_plan(s, inst.id, now,
-                                                                        at_least=now + RETRY_AFTER_FAILURE)))
+
+            def retry_later(s: Session) -> None:
+                self._save_plan(s, inst.id, now, at_least=now + RETRY_AFTER_FAILURE)
+                s.commit()
+            await self.db.run(retry_later)
             return 0
         except GpuherdError as exc:
             message = exc.message
@@ -378,7 +382,7 @@ class Guards:
                            actions=[act(Op.STOP, inst.id, style=Style.DANGER)])
 
             def failed(s: Session) -> None:
-                s.execute(update(Instance).where(Instance.id == inst.id).values(
+                s.execute(update(Instance).where(col(Instance.id) == inst.id).values(
                     guard_error=f"{guard} {action} failed: {message}"[:512]))
                 self._save_plan(s, inst.id, now, at_least=now + RETRY_AFTER_FAILURE)
                 self.service.lifecycle.notify(s, now, draft)
@@ -413,8 +417,10 @@ class Guards:
             pct = spent * 100 / limit if limit else Decimal(0)
             reached = [t for t in THRESHOLDS if pct >= t]
             if reached:
-                draft = await self.db.run(lambda s, b=b, reached=reached, pct=pct: self._alert(
-                    s, b, month.label, reached, pct, now))
+                def alert(s: Session, b: BudgetUse = b, reached: list[int] = reached,
+                          pct: Decimal = pct) -> NoticeDraft | None:
+                    return self._alert(s, b, month.label, reached, pct, now)
+                draft = await self.db.run(alert)
                 if draft is not None:
                     sent.append(draft.text)
                     await self.service.hub.publish_draft(draft, now)
@@ -448,10 +454,10 @@ class Guards:
         return draft
 
     async def _enforce_cap(self, b: BudgetUse, period: str, now: datetime, report: PassReport | None) -> None:
-        column = Instance.team if b.scope.value == "team" else Instance.owner
+        column = col(Instance.team) if b.scope.value == "team" else col(Instance.owner)
         running = await self.db.run(lambda s: list(s.execute(select(Instance).where(
-            column == b.name, Instance.state.in_([InstanceState.RUNNING.value, InstanceState.LOADING.value,  # type: ignore[attr-defined]
-                                                  InstanceState.PROVISIONING.value]))).scalars()))
+            column == b.name, col(Instance.state).in_([InstanceState.RUNNING.value, InstanceState.LOADING.value,
+                                                       InstanceState.PROVISIONING.value]))).scalars()))
         actor = system_actor("budget")
 
         def tell(s: Session, row: Instance, result: Any) -> NoticeDraft:
@@ -473,12 +479,12 @@ def _insert_ignore(s: Session, values: dict[str, Any]) -> bool:
     """INSERT … ON CONFLICT DO NOTHING: whether this call added the row."""
     if s.get_bind().dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as pg_insert
-        stmt: Any = pg_insert(BudgetAlert).values(**values).on_conflict_do_nothing()
+        stmt: Insert = pg_insert(BudgetAlert).values(**values).on_conflict_do_nothing()
     else:
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
         stmt = sqlite_insert(BudgetAlert).values(**values).on_conflict_do_nothing()
     # RETURNING, not rowcount: an ORM-enabled INSERT reports a row count of 1 either way
-    return s.execute(stmt.returning(BudgetAlert.id)).first() is not None
+    return s.execute(stmt.returning(col(BudgetAlert.id))).first() is not None
 
 
 def _is_warning(step: Step) -> bool:
@@ -489,10 +495,6 @@ def _draft(inst: Instance, kind: str, text: str, *, actions: list[Action] | None
            level: str = "info") -> NoticeDraft:
     return NoticeDraft(kind=kind, text=text, owner=inst.owner, team=inst.team, instance_id=inst.id,
                        simulated=inst.simulated, actor=None, level=level, actions=actions or [])
-
-
-def _committed(s: Session, _: Any) -> None:
-    s.commit()
 
 
 def _until(td: timedelta) -> str:

@@ -10,10 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
-from sqlalchemy import and_, case, func, literal, or_, select
-from sqlmodel import Session
+from sqlalchemy import ColumnElement, Select, and_, case, func, literal, or_, select
+from sqlmodel import Session, col
 
 from .clock import as_utc, epoch, from_epoch
 from .errors import InvalidInput
@@ -22,12 +22,12 @@ from .money import MICRO
 
 GroupBy = Literal["user", "team", "template", "provider", "instance", "kind"]
 GROUP_COLUMNS = {
-    "user": BillingSegment.owner,
-    "team": BillingSegment.team,
-    "template": BillingSegment.template,
-    "provider": BillingSegment.provider,
-    "instance": BillingSegment.instance_id,
-    "kind": BillingSegment.kind,
+    "user": col(BillingSegment.owner),
+    "team": col(BillingSegment.team),
+    "template": col(BillingSegment.template),
+    "provider": col(BillingSegment.provider),
+    "instance": col(BillingSegment.instance_id),
+    "kind": col(BillingSegment.kind),
 }
 
 COMPUTE = "compute"
@@ -71,12 +71,12 @@ def parse_period(text: str | None, now: datetime) -> Period:
     raise InvalidInput(f"Unknown period '{text}': use today, week, month or a month like 2026-11.")
 
 
-def _clipped_micros_expr(start_ts: int, end_ts: int, now_ts: int):
+def _clipped_micros_expr(start_ts: int, end_ts: int, now_ts: int) -> ColumnElement[int]:
     """SQL for rate x seconds-inside-[start, end) of one segment, open segments running to now."""
-    seg_end = func.coalesce(BillingSegment.end_ts, literal(now_ts))
-    lo = case((BillingSegment.start_ts > start_ts, BillingSegment.start_ts), else_=literal(start_ts))
+    seg_end = func.coalesce(col(BillingSegment.end_ts), literal(now_ts))
+    lo = case((col(BillingSegment.start_ts) > start_ts, col(BillingSegment.start_ts)), else_=literal(start_ts))
     hi = case((seg_end < end_ts, seg_end), else_=literal(end_ts))
-    return BillingSegment.rate_micros * (hi - lo)
+    return col(BillingSegment.rate_micros) * (hi - lo)
 
 
 def month_start_ts(ts: int) -> int:
@@ -96,25 +96,25 @@ def split_at_months(start_ts: int, end_ts: int) -> list[tuple[int, int]]:
         lo = boundary
 
 
-def _candidates(start_ts: int, end_ts: int, now_ts: int):
+def _candidates(start_ts: int, end_ts: int, now_ts: int) -> ColumnElement[bool]:
     """Segments overlapping [start, end) at `now`, in a form both databases answer from indexes:
     closed segments never cross a month boundary, so they start at or after the period's month
     start; open segments are few and found through the end_ts index."""
     lo = month_start_ts(start_ts)
     hi = min(end_ts, now_ts)
     return (
-        or_(and_(BillingSegment.start_ts >= lo, BillingSegment.start_ts < hi),
-            and_(BillingSegment.end_ts.is_(None), BillingSegment.start_ts < lo))
-        & (func.coalesce(BillingSegment.end_ts, literal(now_ts)) > start_ts)
+        or_(and_(col(BillingSegment.start_ts) >= lo, col(BillingSegment.start_ts) < hi),
+            and_(col(BillingSegment.end_ts).is_(None), col(BillingSegment.start_ts) < lo))
+        & (func.coalesce(col(BillingSegment.end_ts), literal(now_ts)) > start_ts)
     )
 
 
-def _overlaps(start_ts: int, end_ts: int, now_ts: int):
+def _overlaps(start_ts: int, end_ts: int, now_ts: int) -> ColumnElement[bool]:
     """Plain overlap test, for queries already narrowed by instance id."""
     return (
-        (BillingSegment.start_ts < end_ts)
-        & (BillingSegment.start_ts < now_ts)
-        & (func.coalesce(BillingSegment.end_ts, literal(now_ts)) > start_ts)
+        (col(BillingSegment.start_ts) < end_ts)
+        & (col(BillingSegment.start_ts) < now_ts)
+        & (func.coalesce(col(BillingSegment.end_ts), literal(now_ts)) > start_ts)
     )
 
 
@@ -141,11 +141,11 @@ class Ledger:
         A closed segment never spans a month boundary: it is split into one piece per month, so a
         period's costs are found by an index range from the start of its month (see _candidates)."""
         ts = epoch(at)
-        stmt = select(BillingSegment).where(BillingSegment.instance_id == instance_id,
-                                            BillingSegment.end_ts.is_(None))
+        stmt = select(BillingSegment).where(col(BillingSegment.instance_id) == instance_id,
+                                            col(BillingSegment.end_ts).is_(None))
         if kind:
-            stmt = stmt.where(BillingSegment.kind == kind)
-        segs = list(session.exec(stmt).scalars())  # type: ignore[call-overload]
+            stmt = stmt.where(col(BillingSegment.kind) == kind)
+        segs = list(session.execute(stmt).scalars())
         for seg in segs:
             end = max(ts, seg.start_ts)  # never before it started, even if the clock stepped back
             pieces = split_at_months(seg.start_ts, end)
@@ -165,7 +165,7 @@ class Ledger:
         s, e, n = epoch(start), epoch(end), epoch(now)
         stmt = select(func.sum(_clipped_micros_expr(s, e, n))).where(_candidates(s, e, n))
         stmt = _filter(stmt, where)
-        return _to_usd(session.exec(stmt).one()[0])  # type: ignore[call-overload]
+        return _to_usd(session.execute(stmt).scalar_one())
 
     @staticmethod
     def grouped(session: Session, start: datetime, end: datetime, now: datetime, by: GroupBy,
@@ -178,12 +178,12 @@ class Ledger:
                    **where: str | Sequence[str]) -> list[tuple[tuple[str, ...], Decimal]]:
         """[((k1, k2, ...), USD)] largest first: one indexed scan however many keys, so a report
         that needs spend by template and by team (for a budget) reads the ledger once."""
-        cols = [GROUP_COLUMNS[k] for k in by]  # type: ignore[index]
+        cols = [GROUP_COLUMNS[k] for k in by]
         s, e, n = epoch(start), epoch(end), epoch(now)
         stmt = (select(*cols, func.sum(_clipped_micros_expr(s, e, n))).where(_candidates(s, e, n))
                 .group_by(*cols))
         stmt = _filter(stmt, where)
-        rows = [(tuple(str(k) for k in row[:-1]), _to_usd(row[-1])) for row in session.exec(stmt).all()]  # type: ignore[call-overload]
+        rows = [(tuple(str(k) for k in row[:-1]), _to_usd(row[-1])) for row in session.execute(stmt).all()]
         rows.sort(key=lambda r: (-r[1], r[0]))
         return rows
 
@@ -193,10 +193,10 @@ class Ledger:
         n = epoch(now)
         s = epoch(since) if since else 0
         stmt = select(func.sum(_clipped_micros_expr(s, n + 1, n))).where(
-            BillingSegment.instance_id == instance_id, _overlaps(s, n + 1, n))
+            col(BillingSegment.instance_id) == instance_id, _overlaps(s, n + 1, n))
         if kind:
-            stmt = stmt.where(BillingSegment.kind == kind)
-        return _to_usd(session.exec(stmt).one()[0])  # type: ignore[call-overload]
+            stmt = stmt.where(col(BillingSegment.kind) == kind)
+        return _to_usd(session.execute(stmt).scalar_one())
 
     @staticmethod
     def costs_by_instance(session: Session, instance_ids: Sequence[str], now: datetime) -> dict[str, Decimal]:
@@ -204,29 +204,29 @@ class Ledger:
         if not instance_ids:
             return {}
         n = epoch(now)
-        stmt = (select(BillingSegment.instance_id, func.sum(_clipped_micros_expr(0, n + 1, n)))
-                .where(BillingSegment.instance_id.in_(list(instance_ids)), _overlaps(0, n + 1, n))
-                .group_by(BillingSegment.instance_id))
-        return {iid: _to_usd(v) for iid, v in session.exec(stmt).all()}  # type: ignore[call-overload]
+        stmt = (select(col(BillingSegment.instance_id), func.sum(_clipped_micros_expr(0, n + 1, n)))
+                .where(col(BillingSegment.instance_id).in_(list(instance_ids)), _overlaps(0, n + 1, n))
+                .group_by(col(BillingSegment.instance_id)))
+        return {iid: _to_usd(v) for iid, v in session.execute(stmt).all()}
 
     @staticmethod
     def run_rate(session: Session, **where: str | Sequence[str]) -> Decimal:
         """USD/hour being charged right now: the sum of open segments' rates."""
-        stmt = select(func.sum(BillingSegment.rate_micros)).where(BillingSegment.end_ts.is_(None))
+        stmt = select(func.sum(col(BillingSegment.rate_micros))).where(col(BillingSegment.end_ts).is_(None))
         stmt = _filter(stmt, where)
-        return Decimal(int(session.exec(stmt).one()[0] or 0)) / MICRO  # type: ignore[call-overload]
+        return Decimal(int(session.execute(stmt).scalar_one() or 0)) / MICRO
 
     @staticmethod
     def open_segments(session: Session, instance_id: str) -> list[BillingSegment]:
-        stmt = select(BillingSegment).where(BillingSegment.instance_id == instance_id,
-                                            BillingSegment.end_ts.is_(None))
-        return list(session.exec(stmt).scalars())  # type: ignore[call-overload]
+        stmt = select(BillingSegment).where(col(BillingSegment.instance_id) == instance_id,
+                                            col(BillingSegment.end_ts).is_(None))
+        return list(session.execute(stmt).scalars())
 
     @staticmethod
     def segments(session: Session, instance_id: str) -> list[BillingSegment]:
-        stmt = (select(BillingSegment).where(BillingSegment.instance_id == instance_id)
-                .order_by(BillingSegment.start_ts, BillingSegment.id))
-        return list(session.exec(stmt).scalars())  # type: ignore[call-overload]
+        stmt = (select(BillingSegment).where(col(BillingSegment.instance_id) == instance_id)
+                .order_by(col(BillingSegment.start_ts), col(BillingSegment.id)))
+        return list(session.execute(stmt).scalars())
 
     @staticmethod
     def rollup(rows: Sequence[tuple[tuple[str, ...], Decimal]], index: int) -> list[tuple[str, Decimal]]:
@@ -244,10 +244,13 @@ class Ledger:
         return spent_so_far + run_rate * remaining
 
 
-def _filter(stmt, where: dict[str, str | Sequence[str]]):
+_S = TypeVar("_S", bound="Select[*tuple[Any, ...]]")
+
+
+def _filter(stmt: _S, where: dict[str, str | Sequence[str]]) -> _S:
     for key, value in where.items():
-        col = GROUP_COLUMNS[key]  # type: ignore[index]
-        stmt = stmt.where(col.in_(list(value)) if isinstance(value, (list, tuple, set)) else col == value)
+        column = GROUP_COLUMNS[key]
+        stmt = stmt.where(column.in_(list(value)) if isinstance(value, (list, tuple, set)) else column == value)
     return stmt
 
 

@@ -25,12 +25,12 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from .actions import Op, Style, act
 from .clock import Clock, as_utc
 from .config import Settings
-from .db import Database
+from .db import Database, rowcount
 from .errors import GpuherdError
 from .lifecycle import Lifecycle, get_instance
 from .models import Instance, InstanceState, OperationEvent, OperationRecord
@@ -104,8 +104,8 @@ class Operations:
             if op is None:
                 return []
             rows = s.execute(select(OperationEvent).where(
-                OperationEvent.operation_id == operation_id, OperationEvent.seq > after)
-                .order_by(OperationEvent.seq)).scalars()  # type: ignore[arg-type]
+                col(OperationEvent.operation_id) == operation_id, col(OperationEvent.seq) > after)
+                .order_by(col(OperationEvent.seq))).scalars()
             return [_event_model(op, ev) for ev in rows]
         return await self.db.run(read)
 
@@ -233,10 +233,10 @@ class Operations:
 
         def claim(s: Session) -> bool:
             done = s.execute(update(OperationRecord).where(
-                OperationRecord.id == operation_id, OperationRecord.state == "running")
+                col(OperationRecord.id) == operation_id, col(OperationRecord.state) == "running")
                 .values(state=state, finished_at=now, updated_at=now))
             s.commit()
-            return bool(done.rowcount)  # type: ignore[attr-defined]
+            return bool(rowcount(done))
         return await self.db.run(claim)
 
     async def _end(self, operation_id: str, *, ok: bool, text: str, provider_state: str | None) -> bool:
@@ -290,8 +290,8 @@ class Operations:
     # --- the watcher ---------------------------------------------------------------------------
     async def watch_once(self) -> int:
         """Check every running operation (bounded concurrency). Returns how many ended."""
-        ids = await self.db.run(lambda s: list(s.execute(select(OperationRecord.id).where(
-            OperationRecord.state == "running").order_by(OperationRecord.created_at)).scalars()))  # type: ignore[arg-type]
+        ids = await self.db.run(lambda s: list(s.execute(select(col(OperationRecord.id)).where(
+            col(OperationRecord.state) == "running").order_by(col(OperationRecord.created_at))).scalars()))
         if not ids:
             return 0
         gate = asyncio.Semaphore(WATCH_CONCURRENCY)

@@ -17,13 +17,14 @@ the create and the database write, the machine can be found again:
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from . import audit as audit_log
 from .actions import Op, act
@@ -81,7 +82,7 @@ class Reconciler:
             actor.require(Role.ADMIN, "reconciling providers")
         names = [n for n in self.providers.names() if self.providers.get(n).capabilities.can_list]
         live = await self.db.run(lambda s: list(s.execute(select(Instance).where(
-            Instance.state.not_in(FINAL_STATES))).scalars()))  # type: ignore[attr-defined]
+            col(Instance.state).not_in(FINAL_STATES))).scalars()))
         synced = await self.sync.refresh(live, list_providers=names, fresh=True)
         result = ReconcileResult(providers=names,
                                  failed=[ProviderFailure(provider=p, message=m) for p, m in synced.failed.items()],
@@ -115,17 +116,17 @@ class Reconciler:
                          for k in (m.label or "", (m.label or "").removeprefix(LABEL_PREFIX))}
 
         def read(s: Session) -> tuple[set[str], dict[str, Instance], list[Instance]]:
-            known = set(s.execute(select(Instance.provider_id).where(
-                Instance.provider == name, Instance.provider_id.in_([m.provider_id for m in alive]))).scalars())  # type: ignore[union-attr]
+            known = set(s.execute(select(col(Instance.provider_id)).where(
+                col(Instance.provider) == name, col(Instance.provider_id).in_([m.provider_id for m in alive]))).scalars())
             intents: dict[str, Instance] = {}
             if labelled_keys:
                 # the keys these labels could stand for: the label itself, or a surface's key we marked
                 for row in s.execute(select(Instance).where(
-                        Instance.idempotency_key.in_(sorted(labelled_keys)),  # type: ignore[attr-defined]
-                        Instance.provider_id.is_(None))).scalars():  # type: ignore[union-attr]
+                        col(Instance.idempotency_key).in_(sorted(labelled_keys)),
+                        col(Instance.provider_id).is_(None))).scalars():
                     intents[label_for(row.idempotency_key)] = row
             stale = list(s.execute(select(Instance).where(
-                Instance.provider == name, Instance.state == InstanceState.PENDING.value)).scalars())
+                col(Instance.provider) == name, col(Instance.state) == InstanceState.PENDING.value)).scalars())
             return {k for k in known if k}, intents, stale
         known, intents, stale = await self.db.run(read)
         unknown = [m for m in alive if m.provider_id not in known]
@@ -149,9 +150,11 @@ class Reconciler:
         for intent in stale:
             if (now - as_utc(intent.created_at) >= BOOT_GRACE
                     and label_for(intent.idempotency_key) not in labels):
-                failed = await self.db.run(lambda s, i=intent: self.lifecycle.mark_failed(
-                    s, system_actor("reconcile"), i.id,
-                    GpuherdError("boot interrupted before the provider created the machine"), self.clock.now()))
+                def fail(s: Session, i: Instance = intent) -> bool:
+                    return self.lifecycle.mark_failed(
+                        s, system_actor("reconcile"), i.id,
+                        GpuherdError("boot interrupted before the provider created the machine"), self.clock.now())
+                failed = await self.db.run(fail)
                 if failed:
                     result.failed_intents.append(intent.id)
 
@@ -197,7 +200,7 @@ class Reconciler:
 
         def work(s: Session) -> tuple[set[str], list[NoticeDraft]]:
             rows = {r.provider_id: r for r in s.execute(select(UnmanagedInstance).where(
-                UnmanagedInstance.provider == provider)).scalars()}
+                col(UnmanagedInstance.provider) == provider)).scalars()}
             seen = set()
             new: set[str] = set()
             drafts: list[NoticeDraft] = []
@@ -285,7 +288,7 @@ class Reconciler:
         done: list[str] = []
         for ref in self.settings.attach:
             name, _, pid = ref.partition(":")
-            if await self.db.run(lambda s, n=name, p=pid: _tracked(s, n.strip(), p.strip())) is not None:
+            if await self.db.run(functools.partial(_tracked, provider=name.strip(), provider_id=pid.strip())) is not None:
                 continue
             try:
                 result = await self.attach(system_actor("config"), ref, owner=owner)
@@ -309,8 +312,8 @@ class Reconciler:
                 warn=tmpl.warn_lead if tmpl else DEFAULT_WARN, simulated=simulated, event=event, now=now, tmpl=tmpl)
             if forget_unmanaged is not None:
                 for row in s.execute(select(UnmanagedInstance).where(
-                        UnmanagedInstance.provider == provider,
-                        UnmanagedInstance.provider_id == forget_unmanaged)).scalars():
+                        col(UnmanagedInstance.provider) == provider,
+                        col(UnmanagedInstance.provider_id) == forget_unmanaged)).scalars():
                     s.delete(row)
             draft = notice(inst.id)
             self.lifecycle.notify(s, now, draft)
@@ -323,5 +326,5 @@ class Reconciler:
 
 def _tracked(s: Session, provider: str, provider_id: str) -> Instance | None:
     return s.execute(select(Instance).where(
-        Instance.provider == provider, Instance.provider_id == provider_id,
-        Instance.state.not_in(FINAL_STATES))).scalars().first()  # type: ignore[attr-defined]
+        col(Instance.provider) == provider, col(Instance.provider_id) == provider_id,
+        col(Instance.state).not_in(FINAL_STATES))).scalars().first()

@@ -18,11 +18,12 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy import func, select, update
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from . import audit as audit_log
 from .actions import Op, Style, act
@@ -94,6 +95,8 @@ from .views import allowed, build_views
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
+Waited = TypeVar("Waited", BootResult, StartResult)
 
 DEFAULT_KEEP = timedelta(hours=1)
 MAX_KEEP = timedelta(days=7)
@@ -251,27 +254,27 @@ class GpuService:
     async def confirm(self, actor: Actor, token: str, *, wait: bool = False) -> BootResult | DestroyResult | Confirmation:
         """Say yes to a stored question. The price and the budget are checked again: a price
         that rose asks again with the new figures. The same yes twice does the work once."""
-        got = await self.db.run(lambda s: _committed(s, self.confirmations.take(s, actor, token)))
+        got = await self.db.run(_committing(lambda s: self.confirmations.take(s, actor, token)))
         if isinstance(got, Replayed):
             return _ANSWERS.validate_json(got.result_json)
         pending: Pending = got
         try:
             result = await self._carry_out(actor, pending)
         except BaseException:
-            await self.db.run(lambda s: _committed(s, self.confirmations.release(s, pending.token_hash)))
+            await self.db.run(_committing(lambda s: self.confirmations.release(s, pending.token_hash)))
             raise
         if isinstance(result, Confirmation):
-            await self.db.run(lambda s: _committed(s, self.confirmations.supersede(s, pending.token_hash)))
+            await self.db.run(_committing(lambda s: self.confirmations.supersede(s, pending.token_hash)))
             return result
-        await self.db.run(lambda s: _committed(s, self.confirmations.finish(s, pending.token_hash,
-                                                                           result.model_dump_json())))
+        await self.db.run(_committing(lambda s: self.confirmations.finish(s, pending.token_hash,
+                                                                          result.model_dump_json())))
         if wait and isinstance(result, BootResult) and result.operation_id:
             return await self._waited(actor, result)
         return result
 
     async def cancel(self, actor: Actor, token: str) -> Cancelled:
         """Say no: the question is closed and its sealed secrets are wiped."""
-        await self.db.run(lambda s: _committed(s, self.confirmations.cancel(s, actor, token)))
+        await self.db.run(_committing(lambda s: self.confirmations.cancel(s, actor, token)))
         return Cancelled(simulated=self.simulated)
 
     async def _carry_out(self, actor: Actor, p: Pending) -> BootResult | DestroyResult | Confirmation:
@@ -302,8 +305,8 @@ class GpuService:
         async for ev in self.operations.follow(operation_id, timeout_s=timeout_s, drive=drive):
             yield ev
 
-    async def _waited(self, actor: Actor, result: R) -> R:
-        op_id = getattr(result, "operation_id", None)
+    async def _waited(self, actor: Actor, result: Waited) -> Waited:
+        op_id = result.operation_id
         instance = result.instance
         if op_id:
             async for _ in self.operations.follow(op_id):
@@ -324,7 +327,8 @@ class GpuService:
         if caps.can_destroy:
             done = await self.destroy(actor, instance_id, confirmed=True,
                                       idempotency_key=f"boot-timeout:{instance_id}:{inst.version}")
-            return f"it was destroyed (total cost {usd(done.total_cost)})"  # type: ignore[union-attr]
+            assert isinstance(done, DestroyResult)  # confirmed: it never asks
+            return f"it was destroyed (total cost {usd(done.total_cost)})"
         return "it keeps running: its provider can neither stop nor destroy it from here"
 
     # --- start / stop / destroy ----------------------------------------------------------
@@ -342,7 +346,7 @@ class GpuService:
             return None
         rec = s.get(ActionRecord, key) or s.get(ActionRecord, f"{action}:{key}")
         if rec is None:
-            booted = s.execute(select(Instance).where(Instance.idempotency_key == key)).scalars().first()
+            booted = s.execute(select(Instance).where(col(Instance.idempotency_key) == key)).scalars().first()
             if booted is not None:
                 if booted.owner != actor.principal:
                     raise PermissionDenied("This idempotency key was used by someone else; use a new key.")
@@ -458,8 +462,8 @@ class GpuService:
 
     def _end_operations(self, s: Session, instance_id: str, now: datetime) -> None:
         """A stop or destroy ends any boot or start still waiting for readiness."""
-        s.execute(update(OperationRecord).where(OperationRecord.instance_id == instance_id,
-                                                OperationRecord.state == "running")
+        s.execute(update(OperationRecord).where(col(OperationRecord.instance_id) == instance_id,
+                                                col(OperationRecord.state) == "running")
                   .values(state="failed", finished_at=now, updated_at=now, message="stopped before it was ready"))
 
     async def start(self, actor: Actor, instance_id: str, *, idempotency_key: str | None = None,
@@ -653,13 +657,14 @@ class GpuService:
         def rows(s: Session) -> tuple[list[Instance], int]:
             if instance_id:
                 return [get_instance(s, instance_id)], 1
-            where = [] if include_ended else [Instance.state.not_in(FINAL_STATES)]  # type: ignore[attr-defined]
+            where = [] if include_ended else [col(Instance.state).not_in(FINAL_STATES)]
             total = int(s.execute(select(func.count()).select_from(Instance).where(*where)).scalar_one())
             stmt = select(Instance).where(*where)
             if after is not None:
                 at, iid = after
-                stmt = stmt.where((Instance.created_at < at) | ((Instance.created_at == at) & (Instance.id < iid)))
-            stmt = stmt.order_by(Instance.created_at.desc(), Instance.id.desc()).limit(limit + 1)  # type: ignore[union-attr,attr-defined]
+                stmt = stmt.where((col(Instance.created_at) < at)
+                                  | ((col(Instance.created_at) == at) & (col(Instance.id) < iid)))
+            stmt = stmt.order_by(col(Instance.created_at).desc(), col(Instance.id).desc()).limit(limit + 1)
             return list(s.execute(stmt).scalars()), total
         found, total = await self.db.run(rows)
         page, more = found[:limit], len(found) > limit
@@ -671,7 +676,7 @@ class GpuService:
             synced = Refresh(rows={r.id: r for r in page})
         now = self.clock.now()
 
-        def views(s: Session) -> tuple[list[InstanceView], Any]:
+        def views(s: Session) -> tuple[list[InstanceView], Decimal]:
             from .ledger import Ledger
             return (build_views(s, [synced.rows[r.id] for r in page], now, actor, self.capabilities()),
                     Ledger.run_rate(s))
@@ -720,11 +725,11 @@ class GpuService:
         before = int(cursor[1:]) if cursor else None
 
         def work(s: Session) -> AuditResult:
-            stmt = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(n + 1)  # type: ignore[union-attr]
+            stmt = select(AuditEvent).order_by(col(AuditEvent.id).desc()).limit(n + 1)
             if instance_id:
-                stmt = stmt.where(AuditEvent.instance_id == get_instance(s, instance_id).id)
+                stmt = stmt.where(col(AuditEvent.instance_id) == get_instance(s, instance_id).id)
             if before is not None:
-                stmt = stmt.where(AuditEvent.id < before)  # type: ignore[operator]
+                stmt = stmt.where(col(AuditEvent.id) < before)
             rows = list(s.execute(stmt).scalars())
             page = rows[:n]
             return AuditResult(events=[AuditEntry(
@@ -742,10 +747,10 @@ class GpuService:
         def work(s: Session) -> GuardOverview:
             state = s.get(SchedulerState, "guards")
             upcoming_rows = list(s.execute(select(Instance).where(
-                Instance.state.not_in(FINAL_STATES), Instance.next_guard_at.is_not(None))  # type: ignore[union-attr,attr-defined]
-                .order_by(Instance.next_guard_at).limit(limit * 4)).scalars())
+                col(Instance.state).not_in(FINAL_STATES), col(Instance.next_guard_at).is_not(None))
+                .order_by(col(Instance.next_guard_at)).limit(limit * 4)).scalars())
             blind_rows = list(s.execute(select(Instance).where(
-                Instance.state.not_in(FINAL_STATES), Instance.guard_error.is_not(None))  # type: ignore[union-attr,attr-defined]
+                col(Instance.state).not_in(FINAL_STATES), col(Instance.guard_error).is_not(None))
                 .limit(limit)).scalars())
             views = build_views(s, upcoming_rows, now, actor, self.capabilities())
             upcoming = sorted((v for v in views if v.next_action_at), key=lambda v: v.next_action_at or now)[:limit]
@@ -767,7 +772,7 @@ class GpuService:
         the intent's label and fails the intents whose machine never appeared. Skipped (no
         provider is asked) when no intent is pending. Returns the ids adopted."""
         pending = await self.db.run(lambda s: int(s.execute(select(func.count()).select_from(Instance).where(
-            Instance.state == InstanceState.PENDING.value)).scalar_one()))
+            col(Instance.state) == InstanceState.PENDING.value)).scalar_one()))
         if not pending:
             return []
         return (await self.reconcile()).adopted
@@ -798,9 +803,13 @@ class _Changed(GpuherdError):
         self.instance_id = instance_id
 
 
-def _committed(s: Session, value: Any) -> Any:
-    s.commit()
-    return value
+def _committing(fn: Callable[[Session], T]) -> Callable[[Session], T]:
+    """`fn`, then a commit (a failing `fn` commits nothing)."""
+    def work(s: Session) -> T:
+        value = fn(s)
+        s.commit()
+        return value
+    return work
 
 
 async def _gone(provider: Provider, provider_id: str) -> bool:

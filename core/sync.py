@@ -12,9 +12,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from .clock import Clock
 from .db import Database
@@ -97,7 +98,7 @@ class InstanceSync:
             confirmed = await asyncio.gather(*(self.confirm_gone(self.providers.get(n), i) for n, i in missing))
             for (_, inst), found in zip(missing, confirmed, strict=True):
                 if found is not False:
-                    out.views[inst.id] = found  # type: ignore[assignment]
+                    out.views[inst.id] = found
         await self._fold(out)
         return out
 
@@ -124,7 +125,7 @@ class InstanceSync:
 
         def work(s: Session) -> dict[str, Instance]:
             fresh = {i.id: i for i in s.execute(select(Instance).where(
-                Instance.id.in_(list(out.views)))).scalars()}  # type: ignore[attr-defined]
+                col(Instance.id).in_(list(out.views)))).scalars()}
             for iid, row in fresh.items():
                 before = row.state
                 self.lifecycle.apply_provider_state(s, row, out.views[iid], now)
@@ -134,7 +135,7 @@ class InstanceSync:
             return fresh
         out.rows.update(await self.db.run(work))
 
-    async def confirm_gone(self, provider: Provider, inst: Instance) -> ProviderInstance | bool | None:
+    async def confirm_gone(self, provider: Provider, inst: Instance) -> ProviderInstance | Literal[False] | None:
         """The machine as `get` sees it; None when gone; False when the provider cannot say."""
         try:
             return await provider_call(provider, lambda: provider.get(inst.provider_id or ""),

@@ -13,7 +13,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from sqlalchemy import select
-from sqlmodel import Session
+from sqlmodel import Session, col
 
 from .actions import Action, Op, Style, act
 from .auth import Actor
@@ -70,8 +70,8 @@ def build_views(s: Session, rows: Sequence[Instance], now: datetime, actor: Acto
     accrued = Ledger.costs_by_instance(s, ids, now)
     ops: dict[str, str] = {}
     if ids:
-        for op_id, iid in s.execute(select(OperationRecord.id, OperationRecord.instance_id).where(
-                OperationRecord.instance_id.in_(ids), OperationRecord.state == "running")):  # type: ignore[attr-defined]
+        for op_id, iid in s.execute(select(col(OperationRecord.id), col(OperationRecord.instance_id)).where(
+                col(OperationRecord.instance_id).in_(ids), col(OperationRecord.state) == "running")):
             ops[iid] = op_id
     default = Capabilities()
     return [_view(inst, now, accrued.get(inst.id, Decimal(0)), ops.get(inst.id), actor,
