@@ -41,4 +41,4 @@ def label_for(key: str) -> str:
 
 
 def is_gpuherd_label(label: str | None) -> bool:
-    return bool(label) and label.startswith(LABEL_PREFIX)  # type: ignore[union-attr]
+    return bool(label and label.startswith(LABEL_PREFIX))

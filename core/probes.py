@@ -345,8 +345,8 @@ def _judge(sample: MetricsSample, previous: MetricsSample | None) -> ProbeResult
     for label, now_value in sample.counters().items():
         if now_value is None:
             continue
-        before = before_counters[label]
-        base = 0.0 if before is None else before
+        earlier = before_counters[label]
+        base = 0.0 if earlier is None else earlier
         if now_value > base:
             return ProbeResult(status=ActivityStatus.ACTIVE, sample=sample,
                                detail=f"{label} {_fmt(base)}→{_fmt(now_value)}")

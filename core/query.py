@@ -249,14 +249,15 @@ class OfferQuery(BaseModel):
         items = list(offers)
         keys = self.sort_keys()
         parts = [_sort_part(k.field, k.desc) for k in keys]
-        if all(p is not None for p in parts):
+        funcs = [p for p in parts if p is not None]
+        if len(funcs) == len(parts):
             # One pass with a composite key (descending numbers negated): about twice as fast
             # as one stable pass per key.
-            if len(parts) == 2:
-                p0, p1 = parts
+            if len(funcs) == 2:
+                p0, p1 = funcs
                 key: Callable[[Offer], tuple] = lambda o: (p0(o), p1(o), o.provider, o.offer_id)
             else:
-                key = lambda o: (*[p(o) for p in parts], o.provider, o.offer_id)
+                key = lambda o: (*[p(o) for p in funcs], o.provider, o.offer_id)
             if limit is not None and limit * 8 < len(items):
                 return heapq.nsmallest(limit, items, key=key)   # same result as sorted()[:limit]
             items.sort(key=key)
@@ -637,7 +638,7 @@ class _Parser:
                 raise self.error(f"Field missing before '{clip(chunk)}'", chunk, start,
                                  hint="write field<op>value, e.g. dph<0.5, or <$0.5 for a price")
             if c in '"[':
-                raw, end = self.scan_value(start, start)
+                raw, _ = self.scan_value(start, start)
                 raise self.error(f"Value without a field: '{clip(raw)}'", raw, start)
             raise self.error(f"Unbalanced bracket in '{clip(chunk)}'", chunk, start)
         word, after = m.group(), m.end()
@@ -773,6 +774,7 @@ class _Parser:
                                  hint="operators: = == != > >= < <= in notin")
             op_end = op_match.end()
         else:
+            assert word_op is not None  # neither operator form: answered above
             op_text = word_op.group()
             op = _WORD_OPS[" ".join(op_text.lower().split())]
             op_end = word_op.end()

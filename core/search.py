@@ -108,8 +108,8 @@ class OfferSearch:
         query = parse_query(text)
         names = self.provider_names(query.providers)
         if names and not any(self.providers.get(n).capabilities.can_search for n in names):
-            shown = ", ".join(self.providers.get(n).display_name for n in names)
-            raise InvalidInput(f"{shown} has no offers to search: gpuherd attaches existing machines there instead.")
+            listed = ", ".join(self.providers.get(n).display_name for n in names)
+            raise InvalidInput(f"{listed} has no offers to search: gpuherd attaches existing machines there instead.")
         page = limit or query.limit or 10
         if not 1 <= page <= MAX_PAGE:
             raise InvalidInput(f"Show between 1 and {MAX_PAGE} offers a page, not {page}.")

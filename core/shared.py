@@ -6,6 +6,7 @@ window), instance sync for provider listings (a window of a few seconds), so a h
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Hashable
 from typing import Any, Generic, TypeVar
 
@@ -33,7 +34,7 @@ class SharedCalls(Generic[T]):
         if flight is None:
             flight = asyncio.ensure_future(self._fetch(key, fetch))
             self._in_flight[key] = flight
-            flight.add_done_callback(lambda f, k=key: self._landed(k, f))
+            flight.add_done_callback(functools.partial(self._landed, key))
         # shielded: one caller giving up (a time limit) does not cancel the others' request
         return await asyncio.shield(flight)
 

@@ -801,7 +801,8 @@ class ValidatedOverrides:
                     key[len(ENV_PREFIX):]):
                 out[key] = MASK
             else:
-                out[key] = value  # type: ignore[assignment]
+                assert value is None or isinstance(value, (str, int, float))  # the other types of `values`
+                out[key] = value
         return out
 
     def describe(self) -> str:
@@ -811,6 +812,11 @@ class ValidatedOverrides:
 
 def _shown(value: str) -> str:
     return f"'{clip(value)}'"
+
+
+def _parsed_duration(value: object) -> timedelta:
+    assert isinstance(value, timedelta)  # what the idle, warn and max_lifetime parsers return
+    return value
 
 
 def _canonical_key(raw_key: str) -> tuple[str, str | None]:
@@ -897,21 +903,21 @@ def validate_overrides(template: Template, raw: Mapping[str, object]) -> Validat
     data = template.model_dump()
     data["env"] = dict(data["env"])
     notes: list[str] = []
-    for key, value in values.items():
+    for key, parsed in values.items():
         if key.startswith(ENV_PREFIX):
-            data["env"][key[len(ENV_PREFIX):]] = value
+            data["env"][key[len(ENV_PREFIX):]] = parsed
         elif key == "idle":
-            data["idle_minutes"] = value.total_seconds() / 60  # type: ignore[union-attr]
+            data["idle_minutes"] = _parsed_duration(parsed).total_seconds() / 60
         elif key == "warn":
-            data["warn_minutes"] = value.total_seconds() / 60  # type: ignore[union-attr]
+            data["warn_minutes"] = _parsed_duration(parsed).total_seconds() / 60
         elif key == "max_lifetime":
-            data["max_lifetime_hours"] = value.total_seconds() / 3600  # type: ignore[union-attr]
+            data["max_lifetime_hours"] = _parsed_duration(parsed).total_seconds() / 3600
         else:
-            data[key] = value
+            data[key] = parsed
 
     if data["warn_minutes"] >= data["idle_minutes"]:
         if "warn" in values:
-            errors.append(f"warn ({format_duration(values['warn'])}) must be shorter than idle "  # type: ignore[arg-type]
+            errors.append(f"warn ({format_duration(_parsed_duration(values['warn']))}) must be shorter than idle "
                           f"({format_duration(timedelta(minutes=data['idle_minutes']))})")
         else:
             data["warn_minutes"] = data["idle_minutes"] / 2

@@ -106,9 +106,9 @@ try:  # boto3 is the `aws` extra: gpuherd runs without it, only this provider ne
     import botocore.exceptions as boto_errors
     from botocore.config import Config as BotoConfig
 except ImportError:  # pragma: no cover - exercised by from_settings when the extra is missing
-    boto3 = None  # type: ignore[assignment]
-    boto_errors = None  # type: ignore[assignment]
-    BotoConfig = None  # type: ignore[assignment,misc]
+    boto3 = None
+    boto_errors = None
+    BotoConfig = None
 
 log = logging.getLogger(__name__)
 
@@ -533,7 +533,7 @@ class AwsProvider(Provider):
                     offer_id=offer_id_for(itype, region), dph=quote(price, self.ebs_gb_month),
                     reliability=1.0, interruptible=False, priced_at=priced_at, price_source=source,
                     extra={**extra, "market": "on-demand"}, **base))
-            if itype in spot_prices and self._cache[region].spot is not None:
+            if itype in spot_prices and (spot_cache := self._cache[region].spot) is not None:
                 spot_price, zone = spot_prices[itype]
                 if spot_price < price * SPOT_FLOOR:
                     _warn_once(f"spot-floor:{region}:{itype}", "AWS EC2: ignoring spot price %s for %s in %s: "
@@ -543,7 +543,7 @@ class AwsProvider(Provider):
                 offers.append(Offer(
                     offer_id=offer_id_for(itype, region, spot=True), dph=quote(spot_price, self.ebs_gb_month),
                     reliability=SPOT_RELIABILITY, interruptible=True,
-                    priced_at=self._cache[region].spot.at, price_source="AWS spot price history",
+                    priced_at=spot_cache.at, price_source="AWS spot price history",
                     extra={**extra, "market": "spot", "spot_zone": zone, "on_demand_dph": str(price)}, **base))
         if unpriced:
             _warn_once(f"unpriced:{region}:{','.join(unpriced)}", "AWS EC2: no price for %s in %s (neither the "
@@ -643,7 +643,8 @@ class AwsProvider(Provider):
                                          f"configured regions ({', '.join(self.regions)})")
         if request.disk_gb <= 0 or request.disk_gb > MAX_EBS_GB:
             raise ProviderError(DISPLAY, f"a disk of {request.disk_gb:g} GB is not possible (1..{MAX_EBS_GB})")
-        types = self._cache[region].types.value if self._cache[region].types else await self._gpu_types(region)
+        cached_types = self._cache[region].types
+        types = cached_types.value if cached_types else await self._gpu_types(region)
         gpu = types.get(itype)
         arch = gpu.arch if gpu else "x86_64"
         ami, root_device, ami_gb = await self._image(region, arch)

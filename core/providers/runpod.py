@@ -447,7 +447,7 @@ class RunPodProvider(Provider):
         for gpu in data.get("gpuTypes") or []:
             if isinstance(gpu, dict) and gpu.get("id") == key.gpu_type_id:
                 price = _price(gpu.get(f"{key.cloud.lower()}SpotPrice"))
-                lowest = gpu.get("lowestPrice") if isinstance(gpu.get("lowestPrice"), dict) else {}
+                lowest = _dict(gpu.get("lowestPrice"))
                 price = price or _price(lowest.get("minimumBidPrice"))
                 if price is not None:
                     return price
@@ -513,7 +513,7 @@ class RunPodProvider(Provider):
             names = {normalise_gpu_name(str(gpu.get(k) or "")) for k in ("displayName", "id")}
             if pod.gpu_name not in names:
                 continue
-            lowest = gpu.get("lowestPrice") if isinstance(gpu.get("lowestPrice"), dict) else {}
+            lowest = _dict(gpu.get("lowestPrice"))
             prices = [p for p in (_price(gpu.get("secureSpotPrice")), _price(gpu.get("communitySpotPrice")),
                                   _price(lowest.get("minimumBidPrice"))) if p is not None]
             if prices:
@@ -553,7 +553,7 @@ class RunPodProvider(Provider):
             state = ProviderState.STOPPING
         else:
             state = _STATUS.get(status, ProviderState.UNKNOWN)
-        machine = pod.get("machine") if isinstance(pod.get("machine"), dict) else {}
+        machine = _dict(pod.get("machine"))
         gpu_label = str(machine.get("gpuDisplayName") or "")
         volume = _number(pod.get("volumeInGb")) or 0.0
         started_at = None
@@ -590,6 +590,11 @@ class RunPodProvider(Provider):
 
 
 # --- helpers -------------------------------------------------------------------------------------
+def _dict(value: Any) -> dict[str, Any]:
+    """`value` when the API sent an object there, else an empty one."""
+    return value if isinstance(value, dict) else {}
+
+
 def _number(value: Any) -> float | None:
     if value is None or isinstance(value, bool):
         return None

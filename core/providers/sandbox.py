@@ -77,8 +77,9 @@ from typing import Any, TypeVar
 
 try:  # POSIX; elsewhere an in-process lock per state directory is all there is
     import fcntl
+    HAS_FLOCK = True
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None  # type: ignore[assignment]
+    HAS_FLOCK = False
 
 from ..clock import Clock, as_utc, epoch
 from ..errors import (
@@ -795,7 +796,7 @@ class _DirectoryStore(_Store):
     def _locked(self, path: Path | None = None) -> Iterator[None]:
         """The exclusive lock of the state directory (or of `path`), across processes."""
         lock_path = path or self.lock_path
-        if fcntl is None:  # pragma: no cover - Windows
+        if not HAS_FLOCK:  # pragma: no cover - Windows
             with _LOCAL_LOCKS_GUARD:
                 local = _LOCAL_LOCKS.setdefault(str(lock_path.resolve()), threading.Lock())
             with local:

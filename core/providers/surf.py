@@ -323,7 +323,8 @@ class SurfProvider(Provider):
     def _instance(self, ws: dict[str, Any]) -> ProviderInstance:
         status = str(ws.get("status") or "").strip().lower()
         state = _STATES.get(status, ProviderState.UNKNOWN)
-        meta = ws.get("resource_meta") if isinstance(ws.get("resource_meta"), dict) else {}
+        raw_meta = ws.get("resource_meta")
+        meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
         gpu = meta.get("gpu")
         gpu_name = normalise_gpu_name(gpu) if isinstance(gpu, str) and gpu.strip() else ""
         count = meta.get("gpu_count")

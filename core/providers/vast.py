@@ -279,7 +279,7 @@ def _api_root(base_url: str) -> str:
 def _reset_time(response: httpx.Response) -> str:
     raw = response.headers.get("X-RateLimit-Reset")
     try:
-        when = datetime.fromtimestamp(float(raw), UTC)  # type: ignore[arg-type]
+        when = datetime.fromtimestamp(float(raw), UTC)  # no header: float(None) raises TypeError
     except (TypeError, ValueError, OverflowError, OSError):
         return "at midnight UTC"
     return f"at {when:%Y-%m-%d %H:%M} UTC"

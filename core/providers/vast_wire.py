@@ -101,7 +101,7 @@ def gpu_ram_gb(mb: float) -> float:
 # --------------------------------------------------------------------------------- offers
 
 _OFFER_FIELDS = tuple(Offer.model_fields)
-_name_cache: dict[str, str] = {}
+_name_cache: dict[tuple[Any, bool], str] = {}
 _place_cache: dict[Any, tuple[str, str]] = {}
 _storage_cache: dict[Any, tuple[Decimal, Decimal, int]] = {}
 
@@ -467,8 +467,11 @@ def _endpoint(raw: dict[str, Any]) -> str | None:
 
 
 def _started(raw: dict[str, Any]) -> datetime | None:
+    start = raw.get("start_date")
+    if start is None:
+        return None
     try:
-        seconds = float(raw.get("start_date"))  # type: ignore[arg-type]
+        seconds = float(start)
     except (TypeError, ValueError):
         return None
     if not 0 < seconds < 1e11:
