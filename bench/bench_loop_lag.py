@@ -3,7 +3,7 @@ Target: max lateness < 50 ms in every cell.
 
     python bench/bench_loop_lag.py [--sizes 1000,10000] [--db sqlite,postgres] [--latency 0,0.3]
                                    [--loads stop,warn,reconcile,status,costs,status100,boot100,delay]
-                                   [--pg-url URL]
+                                   [--pg-url URL] [--gc default|freeze|off]
 
 A heartbeat task (`asyncio.sleep(0.01)` in a loop, recording how far past 10 ms each wake-up
 comes) runs in the same event loop as one unit of work, and each cell prints its max and p99
@@ -31,6 +31,15 @@ sleep before each call, as a slow cloud API). The fleet's clock is frozen (wall 
 single-pass loads so exactly the instances made due are due; `delay` uses the real clock.
 Loads run in the order listed, each fleet once, both latencies on it (a stop burst consumes 100
 running instances, a boot burst adds 100).
+
+The "gc (full)" column is the longest pause of CPython's cyclic garbage collector during the cell
+and how many full (generation 2) collections ran; a collection stops every thread, the loop's
+included, so a max lateness close to it is the collector's, and the notes name the gpuherd
+function whose allocation set off each full collection. `--gc freeze` calls gc.freeze() after
+the imports (as a process could at start-up), `--gc off` disables the collector: what is left is
+the core's own work on, or competing for the GIL with, the loop. Each fleet prints the load
+average; on a shared 2-core machine other processes' load shows as lateness too (see the idle
+baseline printed per fleet).
 """
 
 from __future__ import annotations
