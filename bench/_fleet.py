@@ -1,5 +1,6 @@
 """Building large fleets for the benchmarks: booting thousands of machines through the service
-takes minutes, so a few are booted for real and the rest are copies of them."""
+takes minutes, so a few are booted for real and the rest are copies of them. The copies' sandbox
+records go in through the sandbox's bulk hook (`SandboxProvider._state(write=True)`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from typing import Any
 
 import _path  # noqa: F401
 
+from gpuherd.core.auth import Actor
 from gpuherd.core.ids import new_instance_id
 from gpuherd.core.models import Instance
+from gpuherd.core.service import MAX_PAGE, GpuService
 
 
 def clone_instance(model: Instance, state: dict[str, Any], taken: set[str], **fields: Any) -> tuple[Instance, dict]:
@@ -32,3 +35,16 @@ def clone_instance(model: Instance, state: dict[str, Any], taken: set[str], **fi
     record.update(provider_id=pid, label=key)
     state["instances"][pid] = record
     return inst, record
+
+
+async def settle(svc: GpuService, actor: Actor) -> int:
+    """Walk `/gpu status` over every live instance (pages of the largest size), so booted rows
+    move provisioning -> running as the first status of each would make them. Returns the count."""
+    seen = 0
+    cursor: str | None = None
+    while True:
+        page = await svc.status(actor, limit=MAX_PAGE, cursor=cursor)
+        seen += len(page.instances)
+        cursor = page.next_cursor
+        if not cursor:
+            return seen

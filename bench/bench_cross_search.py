@@ -18,7 +18,6 @@ import statistics
 import time
 
 import _path  # noqa: F401
-
 import httpx
 
 from gpuherd.core.clock import Clock
@@ -61,7 +60,7 @@ async def timed(names: list[str], vast: FakeVast, runpod: FakeRunPod, aws: MotoP
         result = await service.search(service.local_actor(), "limit=5")
         elapsed = time.perf_counter() - started
         assert not result.failures, result.failures
-        assert {o.provider for o in result.offers} <= set(names) and result.total_matches > 0
+        assert {o.offer.provider for o in result.offers} <= set(names) and result.total_matches > 0
         return elapsed
     finally:
         await service.aclose()

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ (gpuherd itself is installed: ./run test)
 
-from gpuherd.core.offers import Offer  # noqa: E402
-from gpuherd.core.query import parse_query  # noqa: E402
+from gpuherd.core.offers import Offer
+from gpuherd.core.query import parse_query
 
 TARGET_MS = 50.0
 

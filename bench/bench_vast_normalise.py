@@ -52,15 +52,15 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.now(UTC)
     offers = vast.normalise_offers(raw, fetched_at=now)          # warm up, and check the output
     assert len(offers) == len(raw), f"{len(raw) - len(offers)} offers were dropped"
-    builder = vast._build_offer.__name__   # noqa: SLF001 - which construction path is in use
+    builder = vast._build_offer.__name__
     cold: list[float] = []
     warm: list[float] = []
     for _ in range(args.repeat):
         # cold: the module's GPU-name, place and storage-price caches empty, as on the first
         # search after a start; warm: as on every later one
-        vast._name_cache.clear()       # noqa: SLF001
-        vast._place_cache.clear()      # noqa: SLF001
-        vast._storage_cache.clear()    # noqa: SLF001
+        vast._name_cache.clear()
+        vast._place_cache.clear()
+        vast._storage_cache.clear()
         for samples in (cold, warm):
             gc.collect()               # each run from the same heap, not mid-way to a collection
             t0 = time.perf_counter()

@@ -4,7 +4,7 @@ default settings (warning 5 min before an idle stop, `/gpu keep` answers).
 
     python bench/sim_month.py [--people 8] [--days 30] [--seed 1] [--policies abc] [--jobs 2]
 
-About 5 minutes on 2 cores: policy (c) runs the real guard pass at every wake-up (one per running
+About 5-6 minutes on 2 cores: policy (c) runs the real guard pass at every wake-up (one per running
 machine per minute, ~57,000 passes of ~5 ms in the month); --days 7 for a quick look.
 
 Everything below is SIMULATED and says so:
@@ -57,7 +57,7 @@ from gpuherd.core.models import BillingSegment, Instance, InstanceState
 from gpuherd.core.notify import Notice, NotifierHub
 from gpuherd.core.providers.registry import ProviderRegistry
 from gpuherd.core.providers.sandbox import SandboxProvider
-from gpuherd.core.results import Confirmation
+from gpuherd.core.results import BootResult, Confirmation
 from gpuherd.core.service import GpuService
 from gpuherd.core.templates import TemplateCatalog
 
@@ -223,9 +223,6 @@ class Sim:
                               TemplateCatalog.load(None), clock=self.clock, hub=self.hub, sleep=_no_sleep)
         self.admin = self.svc.local_actor()
         self.actors: list[Actor] = []
-        for person in people:
-            self.svc.set_user(self.admin, person.principal, role="member", team="ml")
-            self.actors.append(self.svc.actor(person.principal, source="slack"))
         self.queue = list(plan)
         heapq.heapify(self.queue)
         self.seq = itertools.count(10**9)
@@ -240,6 +237,24 @@ class Sim:
         self.cron_seen: dict[str, datetime] = {}
         self.passes = 0
         self.pass_ms = 0.0
+
+    async def setup(self) -> None:
+        for person in self.people:
+            await self.svc.set_user(self.admin, person.principal, role="member", team="ml")
+            self.actors.append(self.svc.actor(person.principal, source="slack"))
+
+    async def _watch(self) -> None:
+        """The readiness watcher of a gpuherd process (it runs beside the guards): a boot or start
+        returns once the provider accepted, and the watcher marks the machine up; at time_scale=0
+        its first check finds it running and healthy."""
+        await self.svc.operations.watch_once()
+
+    def _move_to(self, when: datetime) -> None:
+        """Time passes up to `when` (never back): `advance`, not `set`, so the clock's monotonic
+        time moves too and what the service caches for a few seconds (provider listings, offers)
+        expires as it would in a running process; `VirtualClock.set` leaves monotonic time still."""
+        if when > self.clock.now():
+            self.clock.advance(when - self.clock.now())
 
     # state helpers
     def _inst(self, iid: str | None) -> Instance | None:
@@ -265,19 +280,21 @@ class Sim:
         inst = self._inst(self.machine[p])
         if inst is not None and (inst.state_enum.is_final or inst.template != template):
             if not inst.state_enum.is_final:
-                await self.svc.destroy(actor, inst.id, confirm=True)
+                await self.svc.destroy(actor, inst.id, confirmed=True)
                 self.counts["destroyed (other template needed)"] += 1
             inst = None
         if inst is None:
             result = await self.svc.boot(actor, template, wait=False)
-            if isinstance(result, Confirmation):
-                result = await self.svc.boot(actor, template, wait=False, confirm=True)
-            assert not isinstance(result, Confirmation)
+            if isinstance(result, Confirmation):   # above the template's price limit: say yes
+                result = await self.svc.confirm(actor, result.token)
+            assert isinstance(result, BootResult), result
+            await self._watch()
             self.machine[p] = result.instance.id
             self.counts["boots"] += 1
             return result.instance.id
         if inst.state_enum is InstanceState.STOPPED:
             await self.svc.start(actor, inst.id, wait=False)
+            await self._watch()
             self.counts["starts"] += 1
             by = self.stopped_by.get(inst.id, "user")
             if by != "user":
@@ -296,7 +313,7 @@ class Sim:
                 if ev.data["needs"] is None:
                     await self._stop(actor, inst.id, "user")     # noticed a machine left running
                 else:
-                    await self.svc.destroy(actor, inst.id, confirm=True)
+                    await self.svc.destroy(actor, inst.id, confirmed=True)
                     self.counts["destroyed (other template needed)"] += 1
         elif ev.kind == "burst_start":
             iid = await self._ensure_machine(p, ev.data["template"])
@@ -305,12 +322,12 @@ class Sim:
             if ev.data["mode"] == "util":
                 self.sandbox.set_gpu_util(inst.provider_id or "", 80)
             else:
-                self.svc.record_activity(actor, iid, source="heartbeat")
+                await self.svc.record_activity(actor, iid, source="heartbeat")
                 self.counts["pings"] += 1
         elif ev.kind == "ping":
             burst = self.open_burst.get(p)
             if burst is not None:
-                self.svc.record_activity(actor, burst[0], source="heartbeat")
+                await self.svc.record_activity(actor, burst[0], source="heartbeat")
                 self.counts["pings"] += 1
         elif ev.kind == "burst_end":
             burst = self.open_burst.pop(p, None)
@@ -383,7 +400,7 @@ class Sim:
         while True:
             next_event = self.queue[0].at if self.queue else self.end
             if guards is not None and wake is not None and wake < next_event and wake < self.end:
-                self.clock.set(max(wake, self.clock.now()))
+                self._move_to(wake)
                 report = await guards.run_pass()
                 wake = report.next_wake          # Guards.next_wake(), read at the end of the pass
                 self.passes += 1
@@ -403,7 +420,7 @@ class Sim:
                 tick = max(cron_tick, START + timedelta(
                     seconds=-(-int((self.clock.now() - START).total_seconds()) // CRON_EVERY) * CRON_EVERY))
                 if tick < next_event and tick < self.end and self._running_count():
-                    self.clock.set(tick)
+                    self._move_to(tick)
                     await self._cron_sweep()
                     self.passes += 1
                     cron_tick = tick + timedelta(seconds=CRON_EVERY)
@@ -411,20 +428,20 @@ class Sim:
             if not self.queue or next_event >= self.end:
                 break
             ev = heapq.heappop(self.queue)
-            self.clock.set(max(ev.at, self.clock.now()))
+            self._move_to(ev.at)
             await self.handle(ev)
             if guards is not None:
                 self._answer_warnings()
-                wake = guards.next_wake()            # the user's action may have moved a deadline
-        self.clock.set(self.end)
+                wake = await guards.next_wake()      # the user's action may have moved a deadline
+        self._move_to(self.end)
         for (iid, began, _mode) in self.open_burst.values():
             self.work.setdefault(iid, []).append((began, self.end))
         if guards is not None:
             await guards.aclose()
 
     # --- figures -------------------------------------------------------------------------
-    def figures(self) -> dict[str, object]:
-        report = self.svc.costs(self.admin, START.strftime("%Y-%m"), by="user")
+    async def figures(self) -> dict[str, object]:
+        report = await self.svc.costs(self.admin, START.strftime("%Y-%m"), by="user")
         s0, s1 = epoch(START), epoch(self.end)
         grace = self.args.grace
         compute = storage = wasted = wasted_away = Decimal(0)
@@ -485,15 +502,22 @@ def _intersect(xs: list[tuple[int, int]], ys: list[tuple[int, int]]) -> list[tup
     return [(max(a, c), min(b, d)) for a, b in xs for c, d in ys if max(a, c) < min(b, d)]
 
 
+async def _simulate(sim: Sim) -> dict[str, object]:
+    try:
+        await sim.setup()
+        await sim.run()
+        return await sim.figures()
+    finally:
+        await sim.svc.aclose()
+
+
 def run_policy(policy: str, args: argparse.Namespace) -> dict[str, object]:
     """One policy in its own process (the plan is rebuilt from the seed: the same for all)."""
     began = time.perf_counter()
     people, plan, _ = make_plan(args)
     with tempfile.TemporaryDirectory() as tmp:
         sim = Sim(policy, people, plan, Path(tmp), args)
-        asyncio.run(sim.run())
-        figures = sim.figures()
-        asyncio.run(sim.svc.aclose())
+        figures = asyncio.run(_simulate(sim))
     figures["elapsed"] = time.perf_counter() - began
     return figures
 
