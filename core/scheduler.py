@@ -58,9 +58,21 @@ class GuardScheduler:
                                 coalesce=True, max_instances=1, misfire_grace_time=None)
 
     async def stop(self) -> None:
+        """Stop after the pass in progress (a pass cancelled mid-stop would leave its claim on the
+        machine until the stale-claim sync, minutes later), then release the lock at once."""
         if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
+            held = False
+            try:
+                await asyncio.wait_for(self._lock.acquire(), timeout=60)
+                held = True
+            except TimeoutError:
+                log.warning("guards: a pass still runs after 60 s; stopping anyway")
+            try:
+                self._scheduler.shutdown(wait=False)   # a pass waiting for the lock is cancelled unstarted
+                self._scheduler = None
+            finally:
+                if held:
+                    self._lock.release()
         await asyncio.to_thread(self.leadership.release)
         await self.guards.aclose()
 
@@ -68,7 +80,12 @@ class GuardScheduler:
         if self._scheduler is None:
             return
         self._scheduler.add_job(self.tick, "date", run_date=when, id=JOB_ID, replace_existing=True,
-                                misfire_grace_time=None, coalesce=True, max_instances=1)
+                                misfire_grace_time=None, coalesce=True,
+                                # a pass re-arms itself before it has returned: if the new date is
+                                # already due, APScheduler must run it (it waits for the pass lock)
+                                # instead of dropping it as "maximum instances reached", which left
+                                # no guard job at all
+                                max_instances=2)
 
     async def tick(self) -> PassReport | None:
         """One wake-up: make sure we lead, run a pass, re-arm for the next deadline."""
