@@ -205,7 +205,7 @@ async def load_costs(fleet: Fleet) -> Run:
     report, wall, hb = await measured(lambda: fleet.service.costs(fleet.admin))
     if not report.running:
         raise SystemExit("costs report lists nothing running")
-    return Run(wall, hb, f"{len(report.running):,} billing, {len(report.groups)} groups")
+    return Run(wall, hb, f"{report.running_count:,} billing ({len(report.running)} listed), {len(report.groups)} groups")
 
 
 async def load_status100(fleet: Fleet, latency: float) -> Run:

@@ -391,8 +391,11 @@ def costs_reply(r: CostReport) -> Reply:
               ReplyField(label="month to date", value=usd(r.month_to_date)),
               ReplyField(label="month-end projection", value=usd(r.projected_month_end))]
     fields += [budget_line(b) for b in r.budgets]
-    return _simulated(Reply(title=f"Costs · {r.period} · by {r.group_by.value}", fields=fields, tables=tables,
-                            text="" if rows else "Nothing billed in this period."), r.simulated)
+    reply = Reply(title=f"Costs · {r.period} · by {r.group_by.value}", fields=fields, tables=tables,
+                  text="" if rows else "Nothing billed in this period.")
+    if r.running_count > len(r.running):
+        reply = reply.with_note(f"Billing now: the costliest {len(r.running)} of {r.running_count} instances.")
+    return _simulated(reply, r.simulated)
 
 
 def instance_cost_reply(r: InstanceCost) -> Reply:

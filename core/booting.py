@@ -243,9 +243,15 @@ class Booting:
             raise NoMatchingOffer(f"No configured provider can boot '{template.name}' "
                                   f"(allowed: {', '.join(sorted(allowed or [])) or 'none configured'}).")
         got = await self.search.gather(names, template.offer_query())
-        fitting = [_priced_for(o, template) for o in got.offers
-                   if not o.interruptible and template.offer_rejection(o) is None]
-        fitting.sort(key=lambda o: (o.dph, -o.reliability, o.ref))
+
+        def fit() -> list[Offer]:
+            chosen = [_priced_for(o, template) for o in got.offers
+                      if not o.interruptible and template.offer_rejection(o) is None]
+            chosen.sort(key=lambda o: (o.dph, -o.reliability, o.ref))
+            return chosen
+        # pricing every offer takes a millisecond or more; a burst of boots sharing one search
+        # would otherwise do it all in one turn of the event loop
+        fitting = await asyncio.to_thread(fit)
         if not fitting:
             failed = f" ({'; '.join(got.failures.values())})" if got.failures else ""
             raise NoMatchingOffer(f"No offer fits '{template.name}' right now: it needs "

@@ -27,6 +27,15 @@ from .text import clip
 from .views import build_views
 
 MAX_BUDGET = Decimal("10000000")       # USD/month; anything above is a typo, not a budget
+RUNNING_SHOWN = 25                     # instances billing now listed in a cost report, costliest first
+
+
+def _current_micros(inst: Instance) -> int:
+    """What the row bills per hour right now (compute while up, storage while stopped)."""
+    state = inst.state_enum
+    if state in BILLED_AS_COMPUTE:
+        return inst.dph_micros
+    return inst.storage_dph_micros if state is InstanceState.STOPPED else 0
 
 
 def budget_uses(s: Session, budgets: list[Budget], now: datetime) -> list[BudgetUse]:
@@ -96,14 +105,17 @@ class Costs:
             mtd = sum((amount for _, amount in month_rows), Decimal(0))
             running_rows = list(s.execute(select(Instance).where(
                 col(Instance.state).in_([st.value for st in BILLED_AS_COMPUTE | {InstanceState.STOPPED}]))).scalars())
-            running = [v for v in build_views(s, running_rows, now, actor, caps) if v.current_dph > 0]
-            running.sort(key=lambda v: -v.current_dph)
+            billing = [r for r in running_rows if _current_micros(r) > 0]
+            billing.sort(key=lambda r: (-_current_micros(r), r.id))
+            # the costliest few in full; a team with thousands running gets the count, not a
+            # thousand views built for a report that shows a screenful
+            running = build_views(s, billing[:RUNNING_SHOWN], now, actor, caps)
             run_rate = Ledger.run_rate(s)
             uses = _uses(budgets, {k: dict(Ledger.rollup(month_rows, i)) for i, k in enumerate(keys)})
             return CostReport(period=span.label, start=span.start, end=span.end, group_by=group_by,
                               total=sum((amount for _, amount in groups), Decimal(0)),
                               groups=[CostGroup(key=k, amount=v) for k, v in groups],
-                              running=running, run_rate=Money.of(run_rate), month_to_date=mtd,
+                              running=running, running_count=len(billing), run_rate=Money.of(run_rate), month_to_date=mtd,
                               projected_month_end=Ledger.projection(mtd, run_rate, now), budgets=uses,
                               simulated=any(v.simulated for v in running))
         return await self.db.run(work)

@@ -316,7 +316,8 @@ class CostReport(BaseModel):
     group_by: GroupBy
     total: Decimal
     groups: list[CostGroup]
-    running: list[InstanceView]
+    running: list[InstanceView]     # the costliest billing now (at most a screenful)
+    running_count: int = 0          # how many bill now in all
     run_rate: Money
     month_to_date: Decimal
     projected_month_end: Decimal

@@ -109,8 +109,8 @@ async def prime(provider: AwsProvider) -> None:
     """Give a fresh provider the GPU type list the first one fetched (moto's is ~0.3 s to fetch),
     for tests about machines rather than offers. Test-only reach into the provider's cache."""
     if not _catalogue:
-        _catalogue.update(await provider._gpu_types(REGION))  # noqa: SLF001
-    provider._cache[REGION].types = aws_module._Cached(dict(_catalogue), provider.clock.now())  # noqa: SLF001
+        _catalogue.update(await provider._gpu_types(REGION))
+    provider._cache[REGION].types = aws_module._Cached(dict(_catalogue), provider.clock.now())
 
 
 def ec2(region: str = REGION):
@@ -398,7 +398,7 @@ def test_user_data_refuses_what_it_cannot_run():
 async def test_spot_create_is_a_persistent_request_that_stops(provider, proxy):
     await prime(provider)
     created = await provider.create(req(offer_id="g5.xlarge@us-east-1.spot", label="gh-spot", bid_dph=Decimal("0.5")))
-    sent = [r.body for r in proxy.requests if r.op == "create"][0]
+    sent = next(r.body for r in proxy.requests if r.op == "create")
     assert sent["InstanceMarketOptions.MarketType"] == "spot"
     assert sent["InstanceMarketOptions.SpotOptions.SpotInstanceType"] == "persistent"
     assert sent["InstanceMarketOptions.SpotOptions.InstanceInterruptionBehavior"] == "stop"

@@ -11,6 +11,10 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
+from sqlalchemy import text
+from sqlmodel import Session
+
 from gpuherd.core.auth import Actor
 from gpuherd.core.clock import VirtualClock
 from gpuherd.core.config import Settings, load_settings
@@ -34,9 +38,6 @@ from gpuherd.core.errors import (
     PermissionDenied,
 )
 from gpuherd.core.models import Role
-from pydantic import SecretStr
-from sqlalchemy import text
-from sqlmodel import Session
 
 HF = "hf_" + "Q7xK2mP9vLr4TzW8nB3cY6dF1gH5jA"          # 30 characters after the prefix
 ALICE = Actor(principal="slack:U1", role=Role.MEMBER, team="ml")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+
 import httpx
 import pytest
 from sqlalchemy import func, select

@@ -9,6 +9,9 @@ import time
 from collections.abc import Callable
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from gpuherd.bot.grammar import REGISTRY, Context, dispatch, parse_args
 from gpuherd.bot.render_text import to_text
 from gpuherd.core.errors import InvalidInput, QueryError
@@ -21,8 +24,6 @@ from gpuherd.core.templates import (
     validate_overrides,
 )
 from gpuherd.core.text import MAX_LINE, MAX_NAME, MAX_WORD, QUOTE, bounded, clip
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 QUICK = 0.5          # seconds; loose, the real cost is microseconds to a few milliseconds
 SHORT = 300          # characters of reply or message

@@ -21,6 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
+from sqlmodel import Session, col
+
 from gpuherd.core.actions import Op, Style, act
 from gpuherd.core.auth import Actor
 from gpuherd.core.clock import Clock, VirtualClock, as_utc
@@ -40,8 +43,6 @@ from gpuherd.core.outbox import (
     audience,
     targets,
 )
-from sqlalchemy import func, select
-from sqlmodel import Session, col
 
 SHELL = SurfaceRoute.shell()
 SLACK = SurfaceRoute(surface="slack", target_kinds=("user", "team"), ttl=CHAT_TTL, principal_prefix="slack:")
@@ -391,7 +392,7 @@ def test_deliverers_in_two_threads_with_their_own_engines(database: Database) ->
 
         try:
             asyncio.run(main())
-        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+        except BaseException as exc:
             errors.append(exc)
         finally:
             db.dispose()

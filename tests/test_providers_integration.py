@@ -6,7 +6,6 @@ provider is a loopback fake reached over real HTTP through its redirected endpoi
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -47,7 +46,7 @@ class Later(Clock):
     def __init__(self, shift: timedelta) -> None:
         self.shift = shift
 
-    def now(self):  # noqa: ANN201
+    def now(self):
         return super().now() + self.shift
 
 

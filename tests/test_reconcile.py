@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from gpuherd.core.errors import Conflict, InvalidInput, NotFound, PermissionDenied
 from gpuherd.core.ledger import COMPUTE, STORAGE
-from gpuherd.core.money import from_micros
 from gpuherd.core.models import BillingSegment, Instance, UnmanagedInstance
+from gpuherd.core.money import from_micros
 from gpuherd.core.providers.base import CreateRequest
 from gpuherd.core.reconcile import BOOT_GRACE
 

@@ -453,7 +453,7 @@ async def test_a_refused_key_is_an_auth_error(fake, clock):
 
 async def test_invalid_documents_are_http_400_and_named(rp, fake):
     with pytest.raises(ProviderError) as err:
-        await rp._gql("query { gpuTypes { id nope } }", what="probe")   # noqa: SLF001 - a bad document
+        await rp._gql("query { gpuTypes { id nope } }", what="probe")
     assert "HTTP 400" in err.value.message and 'Cannot query field "nope"' in err.value.message
     bad = [
         ("query Q($podId: String!) { pod(input: {podId: $podId}) { id } }", {"podId": 5}),   # wrong type

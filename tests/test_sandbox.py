@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+
 from gpuherd.core.clock import VirtualClock
 from gpuherd.core.errors import (
     CapacityError,

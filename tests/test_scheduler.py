@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from conftest import PG_SKIP, PG_URL, _pg_database
 from sqlalchemy import select, update
 
 from gpuherd.core.clock import as_utc
@@ -28,8 +29,6 @@ from gpuherd.core.providers.sandbox import SandboxProvider
 from gpuherd.core.scheduler import GuardScheduler
 from gpuherd.core.service import GpuService
 from gpuherd.core.templates import TemplateCatalog
-
-from conftest import PG_SKIP, PG_URL, _pg_database
 
 
 def _real_service(tmp_path: Path, url: str, **settings) -> GpuService:

@@ -173,10 +173,10 @@ NARROWING_QUERIES = [
 
 async def test_server_side_filters_never_drop_an_offer_the_query_keeps(vast: VastProvider):
     """Narrowed at vast.ai then filtered here == everything filtered here, for every kind of term."""
-    everything = await vast._search(build_search_body(None))  # noqa: SLF001
+    everything = await vast._search(build_search_body(None))
     bid_body = build_search_body(None)
     bid_body["type"] = "bid"
-    every_bid = await vast._search(bid_body)  # noqa: SLF001
+    every_bid = await vast._search(bid_body)
     narrowed_somewhere = 0
     for text in NARROWING_QUERIES:
         query = parse_query(text)
@@ -537,7 +537,7 @@ async def test_stopped_instance_keeps_billing_storage(vast: VastProvider, fake: 
 async def test_storage_rate_without_storage_total_cost():
     provider = VastProvider(KEY, base_url="http://127.0.0.1:9", transport=loopback())
     try:
-        inst = provider._instance({"id": 5, "actual_status": "stopped", "intended_status": "stopped",  # noqa: SLF001
+        inst = provider._instance({"id": 5, "actual_status": "stopped", "intended_status": "stopped",
                                    "storage_cost": 0.2, "disk_space": 100, "dph_base": 0.5,
                                    "gpu_util": 0.5, "gpu_name": "RTX_4090"})
     finally:

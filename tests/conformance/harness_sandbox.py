@@ -33,7 +33,7 @@ class SandboxHarness(Harness):
         self.clock.advance(timedelta(seconds=30))
 
     def forget(self, provider_id: str) -> None:
-        with self.provider._state(write=True) as state:  # noqa: SLF001 - test-only reach-in
+        with self.provider._state(write=True) as state:
             state["instances"].pop(provider_id, None)
 
 

@@ -282,7 +282,7 @@ class MotoProxy(LoopbackServer):
                     if isinstance(r.body, dict) and (op is None or r.op == op)]
 
     # --- serving ---------------------------------------------------------------------
-    def _serve(self, h: Any) -> None:  # noqa: C901 - one dispatch, read top to bottom
+    def _serve(self, h: Any) -> None:
         split = urlsplit(h.path)
         length = int(h.headers.get("Content-Length") or 0)
         raw = h.rfile.read(length) if length else b""

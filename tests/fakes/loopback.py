@@ -227,7 +227,7 @@ class LoopbackServer:
     @staticmethod
     def _send(h: BaseHTTPRequestHandler, response: Response) -> None:
         body = response.body
-        if isinstance(body, (dict, list)) or body is None and response.status != 204:
+        if isinstance(body, (dict, list)) or (body is None and response.status != 204):
             data = json.dumps(body).encode() if body is not None else b""
         elif isinstance(body, str):
             data = body.encode()

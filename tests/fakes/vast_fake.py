@@ -35,7 +35,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .loopback import Fault, Handled, LoopbackServer, Request, Response
 
@@ -596,7 +596,7 @@ class FakeVast(LoopbackServer):
         self._observe(iid, read=True)
         return Response(200, {"instances": json.loads(json.dumps(self.instances[iid]))})
 
-    _LIST_COLUMNS = {"id", "actual_status", "intended_status", "cur_state", "gpu_name", "verification",
+    _LIST_COLUMNS: ClassVar[set[str]] = {"id", "actual_status", "intended_status", "cur_state", "gpu_name", "verification",
                      "label", "machine_id", "host_id", "image_uuid"}
 
     def _list(self, request: Request, params: dict[str, str]) -> Response:
