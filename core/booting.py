@@ -29,9 +29,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlmodel import Session, col
+from sqlmodel import Session
 
 from .actions import Op, Style, act
 from .auth import Actor
@@ -51,8 +50,8 @@ from .errors import (
     ProviderError,
 )
 from .ids import label_for
-from .lifecycle import Lifecycle, request_hash
-from .models import ActionRecord, Instance, InstanceState, Role
+from .lifecycle import Lifecycle, earlier_use, request_hash
+from .models import Instance, InstanceState, Role
 from .money import HOURS_PER_DAY, HOURS_PER_MONTH, rate, usd
 from .notify import NotifierHub
 from .offers import Offer
@@ -181,20 +180,9 @@ class Booting:
                                   confirmed_above=max_dph if (max_dph is not None and chosen.dph > max_dph) else None)
 
     def _replay(self, s: Session, actor: Actor, key: str, fingerprint: str) -> BootResult | None:
-        existing = s.execute(select(Instance).where(col(Instance.idempotency_key) == key)).scalars().first()
-        if existing is None:
-            used = s.get(ActionRecord, key)
-            if used is not None:
-                if used.actor != actor.principal:
-                    raise PermissionDenied("This idempotency key was used by someone else; use a new key.")
-                raise Conflict(f"This idempotency key was already used to {used.action} {used.instance_id}; "
-                               "use a new key for a new request.")
+        existing = earlier_use(s, actor, key, action="boot", fingerprint=fingerprint)
+        if not isinstance(existing, Instance):
             return None
-        if existing.owner != actor.principal:
-            raise PermissionDenied("This idempotency key was used by someone else; use a new key.")
-        if existing.request_hash and existing.request_hash != fingerprint:
-            raise Conflict(f"This idempotency key was already used to boot {existing.id} ({existing.template}) "
-                           "with other settings; use a new key for a new request.")
         view = self._views(s, [existing], actor)[0]
         return BootResult(instance=view, offer=None, replayed=True, ready=view.ready, simulated=existing.simulated,
                           cost=Money.of(view.dph))

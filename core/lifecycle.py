@@ -24,18 +24,18 @@ import json
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlmodel import Session, col
 
 from . import audit as audit_log
 from .auth import Actor, system_actor
 from .clock import as_utc
 from .db import rowcount
-from .errors import GpuherdError, NotFound
+from .errors import Conflict, GpuherdError, NotFound, PermissionDenied
 from .guard_plan import replan
 from .ids import ID_RE, new_instance_id, normalise_instance_id
 from .ledger import COMPUTE, STORAGE, Ledger
-from .models import Instance, InstanceState
+from .models import ActionRecord, Instance, InstanceState
 from .money import from_micros, to_micros
 from .offers import Offer
 from .outbox import NoticeDraft, Outbox
@@ -71,6 +71,33 @@ def get_instance(s: Session, instance_id: str) -> Instance:
     if inst is None:
         raise NotFound(f"There is no instance '{iid[:20]}' (ids look like g-7f3a).")
     return inst
+
+
+def earlier_use(s: Session, actor: Actor, key: str, *, action: str, instance_id: str | None = None,
+                fingerprint: str | None = None) -> Instance | ActionRecord | None:
+    """The one rule for idempotency keys: a key belongs to one actor, one operation and one
+    request. Returns what the key was used for when this is a retry of exactly that request (the
+    boot's row, or the action's record), None when the key is new. Any other use is refused:
+    another user's key reveals nothing; the same user's names what it was used for."""
+    booted = s.execute(select(Instance).where(col(Instance.idempotency_key) == key)).scalars().first()
+    record = s.get(ActionRecord, key) if booted is None else None
+    if booted is None and record is None:
+        return None
+    owner = booted.owner if booted is not None else record.actor if record is not None else None
+    if owner != actor.principal:
+        raise PermissionDenied("This idempotency key was used by someone else; use a new key.")
+    if booted is not None:
+        if action != "boot":
+            raise Conflict(f"This idempotency key was already used to boot {booted.id}; use a new key for a new request.")
+        if booted.request_hash and fingerprint and booted.request_hash != fingerprint:
+            raise Conflict(f"This idempotency key was already used to boot {booted.id} ({booted.template}) "
+                           "with other settings; use a new key for a new request.")
+        return booted
+    assert record is not None
+    if record.action != action or record.instance_id != instance_id:
+        raise Conflict(f"This idempotency key was already used to {record.action} {record.instance_id}; "
+                       "use a new key for a new request.")
+    return record
 
 
 def fresh_id(s: Session) -> str:

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
-from sqlalchemy import select, update
+from sqlalchemy import update
 from sqlmodel import Session, col
 
 from . import audit as audit_log
@@ -30,7 +30,7 @@ from .confirmations import ConfirmationStore
 from .db import Database
 from .errors import Conflict, GpuherdError, InvalidInput, PermissionDenied, ProviderError
 from .guard_plan import replan
-from .lifecycle import Lifecycle, get_instance
+from .lifecycle import Lifecycle, earlier_use, get_instance
 from .models import (
     ActionRecord,
     Activity,
@@ -115,21 +115,12 @@ class Power:
                 model: type[R]) -> R | None:
         if not key:
             return None
-        rec = s.get(ActionRecord, key) or s.get(ActionRecord, f"{action}:{key}")
-        if rec is None:
-            booted = s.execute(select(Instance).where(col(Instance.idempotency_key) == key)).scalars().first()
-            if booted is not None:
-                if booted.owner != actor.principal:
-                    raise PermissionDenied("This idempotency key was used by someone else; use a new key.")
-                raise Conflict(f"This idempotency key was already used to boot {booted.id}; "
-                               "use a new key for a new request.")
-            return None
-        if rec.actor != actor.principal:
-            raise PermissionDenied("This idempotency key was used by someone else; use a new key.")
         iid = get_instance(s, instance_id).id
-        if rec.action != action or rec.instance_id != iid:
-            raise Conflict(f"This idempotency key was already used to {rec.action} {rec.instance_id}; "
-                           "use a new key for a new request.")
+        rec = earlier_use(s, actor, key, action=action, instance_id=iid)
+        if not isinstance(rec, ActionRecord):
+            rec = s.get(ActionRecord, f"{action}:{key}")   # recorded before keys were per request
+            if rec is None or rec.actor != actor.principal or rec.instance_id != iid:
+                return None
         return model.model_validate_json(rec.result)
 
     def _remember(self, s: Session, key: str | None, action: str, actor: Actor, instance_id: str,
