@@ -112,11 +112,8 @@ class Booting:
         self.hub = hub
         self._sleep = sleep
 
-    def _caps(self) -> dict:
-        return {n: self.providers.get(n).capabilities for n in self.providers.names()}
-
     def _views(self, s: Session, rows: list[Instance], actor: Actor | None) -> list[InstanceView]:
-        return build_views(s, rows, self.clock.now(), actor, self._caps())
+        return build_views(s, rows, self.clock.now(), actor, self.providers.capabilities())
 
     async def boot(self, actor: Actor, template_name: str, *, offer: str | None = None,
                    provider: str | None = None, overrides: dict[str, str] | None = None,

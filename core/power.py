@@ -82,9 +82,6 @@ class Power:
         self.hub = hub
         self._sleep = sleep
 
-    def capabilities(self) -> dict[str, Capabilities]:
-        return {n: self.providers.get(n).capabilities for n in self.providers.names()}
-
     async def stop_unhealthy(self, instance_id: str) -> str:
         """A machine whose model server never answered: stopped so it bills no compute."""
         actor = system_actor("boot")
@@ -205,14 +202,11 @@ class Power:
             row, cost, seconds = self.lifecycle.stopped(
                 s, actor, inst.id, storage_bills=provider.capabilities.storage_bills_while_stopped, now=now)
             self._end_operations(s, row.id, now)
-            view = build_views(s, [row], now, actor, self.capabilities())[0]
+            view = build_views(s, [row], now, actor, self.providers.capabilities())[0]
             result = StopResult(instance=view, session_cost=cost, session_s=seconds,
                                 storage=Money.of(from_micros(row.storage_dph_micros)), simulated=row.simulated)
             self._remember(s, idempotency_key, "stop", actor, row.id, result)
-            draft = (tell(s, row, result) if tell is not None else None if actor.source == "system" else
-                     NoticeDraft(kind="instance.stopped", owner=row.owner, team=row.team, actor=actor.principal,
-                                 instance_id=row.id, simulated=row.simulated,
-                                 text=f"{actor.name} stopped {row.id}: session cost {usd(cost)}"))
+            draft = _notice(s, actor, row, result, tell, "stopped", f"session cost {usd(cost)}")
             if draft is not None:  # a system actor without `tell` reports its own action
                 self.lifecycle.notify(s, now, draft)
             s.commit()
@@ -267,7 +261,7 @@ class Power:
         def finish(s: Session) -> StartResult:
             row = self.lifecycle.started(s, actor, inst.id, now)
             op = self.operations.open(s, "start", row, actor.principal, now)
-            view = build_views(s, [row], now, actor, self.capabilities())[0]
+            view = build_views(s, [row], now, actor, self.providers.capabilities())[0]
             result = StartResult(instance=view.model_copy(update={"operation_id": op.id}), operation_id=op.id,
                                  ready=False, waited_s=0, simulated=row.simulated)
             self._remember(s, idempotency_key, "start", actor, row.id, result)
@@ -327,13 +321,10 @@ class Power:
         def finish(s: Session) -> tuple[DestroyResult, NoticeDraft | None]:
             row, total = self.lifecycle.destroyed(s, actor, inst.id, now)
             self._end_operations(s, row.id, now)
-            view = build_views(s, [row], now, actor, self.capabilities())[0]
+            view = build_views(s, [row], now, actor, self.providers.capabilities())[0]
             result = DestroyResult(instance=view, total_cost=total, simulated=row.simulated)
             self._remember(s, idempotency_key, "destroy", actor, row.id, result)
-            draft = (tell(s, row, result) if tell is not None else None if actor.source == "system" else
-                     NoticeDraft(kind="instance.destroyed", owner=row.owner, team=row.team, actor=actor.principal,
-                                 instance_id=row.id, simulated=row.simulated,
-                                 text=f"{actor.name} destroyed {row.id}: total cost {usd(total)}"))
+            draft = _notice(s, actor, row, result, tell, "destroyed", f"total cost {usd(total)}")
             if draft is not None:  # a system actor without `tell` reports its own action
                 self.lifecycle.notify(s, now, draft)
             s.commit()
@@ -372,7 +363,7 @@ class Power:
                            detail=f"by {actor.principal} for {format_duration(span)}"[:256]))
             audit_log.record(s, actor, "keep", now=now, instance_id=inst.id, until=until.isoformat())
             s.commit()
-            view = build_views(s, [inst], now, actor, self.capabilities())[0]
+            view = build_views(s, [inst], now, actor, self.providers.capabilities())[0]
             return KeepResult(instance=view, until=until, simulated=inst.simulated)
         return await self.db.run(work)
 
@@ -393,8 +384,20 @@ class Power:
             s.add(inst)
             s.add(Activity(instance_id=inst.id, ts=now, source=source[:32], detail=(detail or "")[:256]))
             s.commit()
-            return ActivityResult(instance=build_views(s, [inst], now, actor, self.capabilities())[0])
+            return ActivityResult(instance=build_views(s, [inst], now, actor, self.providers.capabilities())[0])
         return await self.db.run(work)
+
+
+def _notice(s: Session, actor: Actor, row: Instance, result: Any, tell: Tell | None, verb: str,
+            cost: str) -> NoticeDraft | None:
+    """The notice a stop or destroy writes: the guard's own words (`tell`), none for another
+    system actor (it reports its own action), else `<who> stopped g-7f3a: session cost $x`."""
+    if tell is not None:
+        return tell(s, row, result)
+    if actor.source == "system":
+        return None
+    return NoticeDraft(kind=f"instance.{verb}", owner=row.owner, team=row.team, actor=actor.principal,
+                       instance_id=row.id, simulated=row.simulated, text=f"{actor.name} {verb} {row.id}: {cost}")
 
 
 class _Changed(GpuherdError):

@@ -170,7 +170,7 @@ class GpuService:
             part.templates = catalog
 
     def capabilities(self) -> dict[str, Capabilities]:
-        return {n: self.providers.get(n).capabilities for n in self.providers.names()}
+        return self.providers.capabilities()
 
     @property
     def simulated(self) -> bool:

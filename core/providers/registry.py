@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from ..config import Settings
 from ..errors import NotFound
-from .base import Provider
+from .base import Capabilities, Provider
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ class ProviderRegistry:
 
     def __contains__(self, name: str) -> bool:
         return name in self._providers
+
+    def capabilities(self) -> dict[str, Capabilities]:
+        """What each configured provider can do, by name (views offer only what it can)."""
+        return {name: p.capabilities for name, p in self._providers.items()}
 
     async def aclose(self) -> None:
         for provider in self._providers.values():
