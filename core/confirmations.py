@@ -303,14 +303,19 @@ class ConfirmationStore:
                 .execution_options(populate_existing=True))
         return s.execute(stmt).scalars().one_or_none()
 
-    def take(self, s: Session, actor: Actor, token: str) -> Pending | Replayed:
+    def _own(self, s: Session, actor: Actor, token: str) -> tuple[str, ConfirmationRecord]:
+        """The question `token` answers, if it was asked of `actor` (else refused, revealing nothing)."""
         digest = _check_token(token)
-        now = self._now()
         row = self._read(s, digest)
         if row is None:
             raise NotFound("That confirmation is not known or already cleaned up; ask again.")
         if row.actor != actor.principal:
             raise PermissionDenied("That confirmation was asked of someone else; only they can answer it.")
+        return digest, row
+
+    def take(self, s: Session, actor: Actor, token: str) -> Pending | Replayed:
+        digest, row = self._own(s, actor, token)
+        now = self._now()
         if row.used_at is not None:
             return self._answered(row)
         if as_utc(row.expires_at) <= now:
@@ -325,12 +330,12 @@ class ConfirmationStore:
                    col(ConfirmationRecord.expires_at) > now)
             .values(used_at=now))
         if _rows(claimed) != 1:       # another yes claimed it between the read and the update
-            row = self._read(s, digest)
-            if row is None:
+            again = self._read(s, digest)
+            if again is None:
                 raise NotFound("That confirmation is not known or already cleaned up; ask again.")
-            if row.used_at is not None:
-                return self._answered(row)
-            raise Conflict(f"That confirmation expired at {as_utc(row.expires_at):%Y-%m-%d %H:%M} UTC; "
+            if again.used_at is not None:
+                return self._answered(again)
+            raise Conflict(f"That confirmation expired at {as_utc(again.expires_at):%Y-%m-%d %H:%M} UTC; "
                            "ask again.")
         masked = json.loads(row.args)
         return Pending(
@@ -378,12 +383,7 @@ class ConfirmationStore:
 
     def cancel(self, s: Session, actor: Actor, token: str) -> None:
         """The user said no: the question is spent and its secrets wiped."""
-        digest = _check_token(token)
-        row = self._read(s, digest)
-        if row is None:
-            raise NotFound("That confirmation is not known or already cleaned up; ask again.")
-        if row.actor != actor.principal:
-            raise PermissionDenied("That confirmation was asked of someone else; only they can answer it.")
+        digest, row = self._own(s, actor, token)
         if row.used_at is not None:
             self._answered(row)
             raise Conflict("That confirmation was carried out already.")
