@@ -3,7 +3,7 @@ Target: max lateness < 50 ms in every cell.
 
     python bench/bench_loop_lag.py [--sizes 1000,10000] [--db sqlite,postgres] [--latency 0,0.3]
                                    [--loads stop,warn,reconcile,status,costs,status100,boot100,delay]
-                                   [--pg-url URL] [--gc default|freeze|off]
+                                   [--pg-url URL] [--gc default|serve|freeze|off]
 
 A heartbeat task (`asyncio.sleep(0.01)` in a loop, recording how far past 10 ms each wake-up
 comes) runs in the same event loop as one unit of work, and each cell prints its max and p99
@@ -35,9 +35,11 @@ running instances, a boot burst adds 100).
 The "gc (full)" column is the longest pause of CPython's cyclic garbage collector during the cell
 and how many full (generation 2) collections ran; a collection stops every thread, the loop's
 included, so a max lateness close to it is the collector's, and the notes name the gpuherd
-function whose allocation set off each full collection. `--gc freeze` calls gc.freeze() after
-the imports (as a process could at start-up), `--gc off` disables the collector: what is left is
-the core's own work on, or competing for the GIL with, the loop. Each fleet prints the load
+function whose allocation set off each full collection. `--gc serve` sets the collector up as a
+serving process does (`core.collector.tune_for_serving`, which `Runtime(tune_collector=True)`
+calls once start-up is done: here after each fleet's warm-up); `--gc freeze` only calls
+gc.freeze() after the imports; `--gc off` disables the collector: what is left is the core's own
+work on, or competing for the GIL with, the loop. Each fleet prints the load
 average; on a shared 2-core machine other processes' load shows as lateness too (see the idle
 baseline printed per fleet).
 """
@@ -66,6 +68,7 @@ from sqlalchemy import create_engine, func, select, text
 from sqlmodel import Session, col
 
 from gpuherd.core.clock import Clock
+from gpuherd.core.collector import tune_for_serving
 from gpuherd.core.guard_plan import WATCHED, idle_deadline, replan
 from gpuherd.core.guards import Guards, PassReport
 from gpuherd.core.models import Instance, InstanceState
@@ -325,6 +328,8 @@ async def run_fleet(size: int, db_name: str, url: str, home: Path, args: argpars
     await svc.reconcile()                  # warm-up: listing cache, rows folded, budgets checked
     await guards.run_pass(svc.clock.now())
     await svc.reconcile()
+    if args.gc == "serve":
+        tune_for_serving()                 # as Runtime(tune_collector=True) does once start-up is done
     _, _, idle = await measured(lambda: asyncio.sleep(1.0))
     print(f"  idle loop baseline: heartbeat max {idle.max_ms:.1f} ms, p99 {idle.p99_ms:.1f} ms over {idle.beats} beats; "
           f"{len(gc.get_objects()):,} objects tracked by the collector", flush=True)
@@ -420,9 +425,9 @@ def main() -> None:
     ap.add_argument("--loads", type=_names(LOADS), default=list(LOADS))
     ap.add_argument("--pg-url", default=os.environ.get("GPUHERD_TEST_POSTGRES_URL") or DEFAULT_PG)
     ap.add_argument("--seed", type=int, default=11)
-    ap.add_argument("--gc", choices=["default", "freeze", "off"], default="default",
-                    help="CPython's cyclic collector as a gpuherd process runs it (default), frozen after "
-                         "imports (gc.freeze(): full collections skip the modules' objects), or off")
+    ap.add_argument("--gc", choices=["default", "serve", "freeze", "off"], default="default",
+                    help="CPython's cyclic collector left at its defaults, set up as a serving gpuherd process "
+                         "sets it (serve), frozen after imports (gc.freeze()), or off")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     asyncio.run(run(args))

@@ -77,7 +77,7 @@ async def _shell(yes: bool, wait: bool = True) -> int:
     from .shell import Shell
 
     service = _service()
-    runtime = Runtime(service)
+    runtime = Runtime(service, tune_collector=True)
     shell = Shell(service, yes=yes, wait=wait, runtime=runtime)  # the shell is a notice destination
     async with runtime:  # recovery, attachments, guards and notices run in the background while you type
         if runtime.adopted:
@@ -104,7 +104,7 @@ async def _run_guards() -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with Runtime(service) as runtime:
+    async with Runtime(service, tune_collector=True) as runtime:
         scheduler = runtime.scheduler
         console.print(f"guards running as {runtime.identity} ({scheduler.leadership.describe()}); Ctrl-C stops")  # type: ignore[union-attr]
         await stop.wait()

@@ -131,15 +131,10 @@ class Booting:
         fingerprint = request_hash(op="boot", template=template.name, offer=offer, provider=provider,
                                    overrides=masked_raw)
 
-        def check(s: Session) -> tuple[BootResult | None, list]:
-            replay = self._replay(s, actor, key, fingerprint)
-            if replay is not None:
-                return replay, []
-            spent = [] if accepted and accepted.past_budget else self.costs.spent_budgets(s, actor)
-            return None, spent
-        replay, spent = await self.db.run(check)
+        replay = await self.db.run(lambda s: self._replay(s, actor, key, fingerprint))
         if replay is not None:
             return replay
+        spent = [] if accepted and accepted.past_budget else await self.costs.used_up(actor)
         args = {"template": template.name, "offer": offer or "", "provider": provider or "", "key": key,
                 "overrides": json.dumps(masked_raw, sort_keys=True)}
         if spent:

@@ -124,6 +124,11 @@ class Settings(BaseSettings):
     guard_leader_retry_s: float = Field(default=15.0, gt=0, le=60,
                                         description="how often a standby process tries to take over the guards")
 
+    # the team server (`gpuherd serve`)
+    api_rate_per_minute: int = Field(default=600, ge=1, le=1_000_000,
+                                     description="requests a minute each API key may make, per replica")
+    api_burst: int = Field(default=120, ge=1, le=100_000, description="requests an API key may make at once")
+
     @field_validator("home", mode="before")
     @classmethod
     def _expand(cls, value: Any) -> Any:

@@ -23,9 +23,11 @@ from .models import Budget, Instance, InstanceState, Role
 from .money import from_micros, to_decimal, to_micros, usd
 from .providers.base import Capabilities
 from .results import BudgetResult, BudgetScope, BudgetUse, CostGroup, CostReport, GroupBy, InstanceCost, Money
+from .shared import SharedCalls
 from .text import clip
 from .views import build_views
 
+BUDGET_WINDOW_S = 2.0                  # a burst of boots by one person shares one month scan for its budget check
 MAX_BUDGET = Decimal("10000000")       # USD/month; anything above is a typo, not a budget
 RUNNING_SHOWN = 25                     # instances billing now listed in a cost report, costliest first
 
@@ -73,12 +75,19 @@ class Costs:
         self.db = db
         self.clock = clock
         self._caps = caps
+        self._spent: SharedCalls[list[BudgetUse]] = SharedCalls(clock.monotonic)
 
     def spent_budgets(self, s: Session, actor: Actor) -> list[BudgetUse]:
-        """The actor's team and user budgets that are used up this month (sync: boot runs it in
-        the same unit of work as its other checks)."""
+        """The actor's team and user budgets that are used up this month."""
         now = self.clock.now()
         return [u for u in budget_uses(s, _own_budgets(s, actor), now) if u.spent >= u.limit]
+
+    async def used_up(self, actor: Actor) -> list[BudgetUse]:
+        """`spent_budgets` as a boot asks it: concurrent boots by the same person (a script's
+        burst, a double click) share one scan of the month for `BUDGET_WINDOW_S`. A boot is
+        checked against spend at most that old; changing a budget forgets the shared answer."""
+        return await self._spent.get((actor.team, actor.principal),
+                                     lambda: self.db.run(lambda s: self.spent_budgets(s, actor)), BUDGET_WINDOW_S)
 
     def all_budget_uses(self, s: Session) -> list[BudgetUse]:
         return budget_uses(s, list(s.execute(select(Budget)).scalars()), self.clock.now())
@@ -184,6 +193,7 @@ class Costs:
                              previous=str(old) if old is not None else None, hard_cap=b.hard_cap)
             s.commit()
         await self.db.run(work)
+        self._spent.clear()
         return await self.budgets(actor, changed=(kind.value, name))
 
     async def clear_budget(self, actor: Actor, scope: str, name: str) -> BudgetResult:
@@ -197,4 +207,5 @@ class Costs:
             audit_log.record(s, actor, "budget.clear", now=self.clock.now(), scope=scope, name=name)
             s.commit()
         await self.db.run(work)
+        self._spent.clear()
         return await self.budgets(actor)

@@ -45,6 +45,13 @@ class PermissionDenied(GpuherdError):
     code = "forbidden"
 
 
+class Unauthenticated(GpuherdError):
+    """No credentials, or credentials that are not (any longer) valid: an API key unknown,
+    malformed or revoked. The message never repeats the key."""
+
+    code = "unauthenticated"
+
+
 class Conflict(GpuherdError):
     """The action does not fit the current state (stopping a stopped instance)."""
 

@@ -343,3 +343,20 @@ class OperationEvent(SQLModel, table=True):
     provider_state: str | None = Field(default=None, max_length=16)
     elapsed_s: float = 0
     text: str = Field(max_length=512)
+
+
+class ApiKeyRecord(SQLModel, table=True):
+    """A per-user API key for `gpuherd serve`. Only a hash of the key is kept: the key itself is
+    shown once, when it is created. `role` caps what the key may do below its user's role."""
+
+    __tablename__ = "api_keys"
+
+    id: str = Field(primary_key=True, max_length=16)            # the public part, e.g. k1a2b3c4d
+    principal: str = Field(max_length=128, index=True)
+    name: str = Field(default="", max_length=64)
+    role: str | None = Field(default=None, max_length=8)
+    secret_hash: str = Field(max_length=64)                     # sha256 of the whole key, hex
+    created_by: str = Field(max_length=128)
+    created_at: datetime = Field(sa_column=_ts(nullable=False))
+    last_used_at: datetime | None = Field(default=None, sa_column=_ts())
+    revoked_at: datetime | None = Field(default=None, sa_column=_ts())

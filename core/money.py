@@ -14,6 +14,8 @@ HOURS_PER_MONTH = 730  # the 365*24/12 month that cloud price sheets use
 def to_decimal(value: object) -> Decimal:
     """Decimal from str/int/Decimal; floats go through str() so 0.1 stays 0.1."""
     if isinstance(value, Decimal):
+        if not value.is_finite():
+            raise ValueError(f"{value!r} is not an amount")
         return value
     if isinstance(value, bool):
         raise ValueError("a boolean is not an amount")

@@ -417,3 +417,25 @@ class UserView(BaseModel):
     principal: str
     role: str
     team: str
+
+
+class KeyView(BaseModel):
+    """An API key as anyone may see it: never the key itself."""
+
+    kind: Literal["key"] = "key"
+    id: str
+    principal: str
+    name: str
+    role: str | None                  # the most the key may do; None: its user's role
+    created_by: str
+    created_at: datetime
+    last_used_at: datetime | None = None
+    revoked_at: datetime | None = None
+
+
+class CreatedKey(BaseModel):
+    """The one answer that holds the key in clear: shown once, stored only as a hash."""
+
+    kind: Literal["key.created"] = "key.created"
+    key: str
+    view: KeyView

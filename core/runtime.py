@@ -10,7 +10,8 @@ the service, in order, so no surface copies the start-up sequence:
    outbox for those written by others.
 
 Leaving it stops the deliverers, the watcher and the scheduler (releasing the lock, so a standby
-takes over at once) and closes the service. The shell, `gpuherd guards --run` and every later
+takes over at once) and closes the service. A serving process passes `tune_collector=True` so
+the garbage collector's full passes skip what start-up built (see `collector.py`). The shell, `gpuherd guards --run` and every later
 surface (`gpuherd serve`, Slack, Discord, the notebook) enter it."""
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING
 
 from .auth import Actor
+from .collector import tune_for_serving
 from .outbox import DeliveredNotice, Deliverer, audience
 from .service import GpuService
 
@@ -51,6 +53,7 @@ class Runtime:
     service: GpuService
     guards: bool = True                        # run the guard scheduler (and readiness watcher) here
     close_service: bool = True
+    tune_collector: bool = False               # a serving process: set the collector up once start-up is done
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     adopted: list[str] = field(default_factory=list)
     attached: list[str] = field(default_factory=list)
@@ -103,6 +106,9 @@ class Runtime:
             spec.deliverer = d
             self._unsubscribe.append(svc.outbox.wake_on_commit(d.nudge))
             self._tasks.append(asyncio.create_task(d.run(self._stop), name=f"gpuherd-deliver-{spec.surface}"))
+        if self.tune_collector:
+            state = tune_for_serving()
+            log.debug("collector: %d start-up objects frozen, thresholds %s", state.frozen, state.thresholds)
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

@@ -35,6 +35,7 @@ from .confirmations import ConfirmationStore, Pending, Replayed, Sealer
 from .costs import Costs
 from .db import Database
 from .errors import InvalidInput, NotFound, PermissionDenied
+from .keys import KeyStore
 from .lifecycle import FINAL_STATES, Lifecycle, get_instance
 from .models import (
     AuditEvent,
@@ -63,12 +64,14 @@ from .results import (
     Confirmation,
     ConfirmReason,
     CostReport,
+    CreatedKey,
     DestroyResult,
     Field_,
     GuardOverview,
     InstanceCost,
     InstanceView,
     KeepResult,
+    KeyView,
     Money,
     OverrideHelp,
     ProgressEvent,
@@ -130,6 +133,7 @@ class GpuService:
         self.operations.on_timeout = self.power.stop_unhealthy
         self.booting = Booting(settings, db, self.clock, providers, templates, self.offers, self.lifecycle,
                                self.operations, self.costs_, self.confirmations, self.sync, self.hub, sleep)
+        self.keys = KeyStore(db, self.clock, self.directory)
         self.reconciler = Reconciler(settings, db, self.clock, providers, templates, self.lifecycle, self.sync,
                                      self.hub, self.capabilities)
 
@@ -212,6 +216,21 @@ class GpuService:
         actor.require(Role.ADMIN, "listing users")
         return await self.db.run(lambda s: [UserView(principal=u.principal, role=u.role, team=u.team)
                                             for u in s.execute(select(User).order_by(User.principal)).scalars()])
+
+    # --- API keys (keys.py) --------------------------------------------------------------
+    async def create_key(self, actor: Actor, principal: str, *, role: str | None = None, name: str = "") -> CreatedKey:
+        """A new API key for `principal` (admins); the only time the key is shown."""
+        return await self.keys.create(actor, principal, role=role, name=name)
+
+    async def list_keys(self, actor: Actor, *, include_revoked: bool = False) -> list[KeyView]:
+        return await self.keys.list(actor, include_revoked=include_revoked)
+
+    async def revoke_key(self, actor: Actor, key_id: str) -> KeyView:
+        return await self.keys.revoke(actor, key_id)
+
+    async def actor_for_key(self, presented: str, *, source: str = "api") -> Actor:
+        """Who a presented API key speaks for (raises Unauthenticated)."""
+        return await self.keys.actor_for(presented, source=source)
 
     # --- search and templates ------------------------------------------------------------
     async def search(self, actor: Actor, text: str = "", *, limit: int | None = None,

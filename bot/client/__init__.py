@@ -1,0 +1,1 @@
+"""gpuherd.client: the Python client of `gpuherd serve`'s HTTP API (see api.py)."""

@@ -1,0 +1,1 @@
+"""The HTTP surface: `gpuherd serve`'s FastAPI app (see app.py)."""

@@ -1,0 +1,5 @@
+"""Placeholder: filled in by the issue-9 work (see app.py)."""
+
+from fastapi import APIRouter
+
+router = APIRouter()
