@@ -22,6 +22,7 @@ confirmation keeps their values sealed until the yes."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -166,8 +167,10 @@ class Booting:
                 chosen.dph, chosen.simulated)
         ceiling = agreed if agreed is not None else max(max_dph, chosen.dph) if max_dph is not None else None
         if ceiling is not None:
-            # never silently fall through to a pricier offer than the one accepted
-            candidates = [c for c in candidates if c.dph <= ceiling]
+            # never silently fall through to a pricier offer than the one accepted; the list is
+            # sorted, so the first few that qualify are all a boot may try (a burst of boots
+            # each filtering every offer on the loop showed as lateness)
+            candidates = list(itertools.islice((c for c in candidates if c.dph <= ceiling), BOOT_CANDIDATES))
         return await self._create(actor, template, candidates, key, cleaned, fingerprint, named=bool(offer),
                                   confirmed_above=max_dph if (max_dph is not None and chosen.dph > max_dph) else None)
 
