@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,7 +52,7 @@ from .errors import (
     ProviderError,
 )
 from .ids import label_for
-from .lifecycle import Lifecycle, earlier_use, request_hash
+from .lifecycle import Lifecycle, earlier_use, get_instance, request_hash
 from .models import Instance, InstanceState, Role
 from .money import HOURS_PER_DAY, HOURS_PER_MONTH, rate, usd
 from .notify import NotifierHub
@@ -68,6 +69,7 @@ from .templates import MASK, Template, TemplateCatalog, is_secret_env, validate_
 from .text import clip
 from .views import build_views
 
+log = logging.getLogger(__name__)
 BOOT_CANDIDATES = 3                    # offers tried in turn when one is taken (capacity error)
 MAX_KEY = 200
 
@@ -112,13 +114,15 @@ class Booting:
         self.sync = sync
         self.hub = hub
         self._sleep = sleep
+        self._ordering: set[asyncio.Task[BootResult]] = set()   # detached boots still calling a provider
 
     def _views(self, s: Session, rows: list[Instance], actor: Actor | None) -> list[InstanceView]:
         return build_views(s, rows, self.clock.now(), actor, self.providers.capabilities())
 
     async def boot(self, actor: Actor, template_name: str, *, offer: str | None = None,
                    provider: str | None = None, overrides: dict[str, str] | None = None,
-                   idempotency_key: str | None = None, accepted: Accepted | None = None) -> BootResult | Confirmation:
+                   idempotency_key: str | None = None, accepted: Accepted | None = None,
+                   detach: bool = False) -> BootResult | Confirmation:
         actor.require(Role.MEMBER, "booting an instance")
         template = self.templates.get(template_name)
         raw = {str(k): str(v) for k, v in (overrides or {}).items()}
@@ -172,7 +176,8 @@ class Booting:
             # each filtering every offer on the loop showed as lateness)
             candidates = list(itertools.islice((c for c in candidates if c.dph <= ceiling), BOOT_CANDIDATES))
         return await self._create(actor, template, candidates, key, cleaned, fingerprint, named=bool(offer),
-                                  confirmed_above=max_dph if (max_dph is not None and chosen.dph > max_dph) else None)
+                                  confirmed_above=max_dph if (max_dph is not None and chosen.dph > max_dph) else None,
+                                  detach=detach)
 
     def _replay(self, s: Session, actor: Actor, key: str, fingerprint: str) -> BootResult | None:
         existing = earlier_use(s, actor, key, action="boot", fingerprint=fingerprint)
@@ -243,15 +248,73 @@ class Booting:
 
     async def _create(self, actor: Actor, template: Template, candidates: list[Offer], key: str,
                       cleaned: dict, fingerprint: str, *, named: bool,
-                      confirmed_above: Decimal | None) -> BootResult:
+                      confirmed_above: Decimal | None, detach: bool = False) -> BootResult:
         first = candidates[0]
         now = self.clock.now()
+
+        def intent(s: Session) -> tuple[Instance, str | None]:
+            inst = self.lifecycle.write_intent(s, actor, template, first, key, cleaned, fingerprint, now)
+            if not detach:
+                return inst, None
+            op = self.operations.open(s, "boot", inst, actor.principal, now)
+            s.commit()
+            return inst, op.id
         try:
-            instance = await self.db.run(lambda s: self.lifecycle.write_intent(
-                s, actor, template, first, key, cleaned, fingerprint, now))
+            instance, op_id = await self.db.run(intent)
         except IntegrityError:
             # the same key at the same moment (a double click): the first boot answers both
+            if detach:
+                replay = await self.db.run(lambda s: self._replay(s, actor, key, fingerprint))
+                if replay is not None:
+                    return replay
             return await self._wait_for_first(actor, key, fingerprint)
+        if op_id is not None:
+            self.operations.changed()
+            task = asyncio.create_task(self._order(actor, instance.id, op_id, template, candidates, cleaned, key,
+                                                   named=named, confirmed_above=confirmed_above),
+                                       name=f"gpuherd-boot-{instance.id}")
+            self._ordering.add(task)
+            task.add_done_callback(self._ordering.discard)
+            view = await self.db.run(lambda s: self._views(s, [get_instance(s, instance.id)], actor)[0])
+            return BootResult(instance=view, offer=first, operation_id=op_id, ready=False,
+                              overrides={k: str(v) for k, v in cleaned.items()}, cost=Money.of(view.dph),
+                              simulated=view.simulated)
+        return await self._order(actor, instance.id, None, template, candidates, cleaned, key, named=named,
+                                 confirmed_above=confirmed_above)
+
+    async def _order(self, actor: Actor, instance_id: str, op_id: str | None, template: Template,
+                     candidates: list[Offer], cleaned: dict, key: str, *, named: bool,
+                     confirmed_above: Decimal | None) -> BootResult:
+        """Ask the providers for the machine (the intent is written). With `op_id` this runs
+        detached from the request that asked: a failure ends the operation (and tells the owner)
+        instead of raising to a caller who has long had their answer."""
+        first = candidates[0]
+        try:
+            return await self._try_candidates(actor, instance_id, op_id, template, candidates, cleaned, key, named=named,
+                                              confirmed_above=confirmed_above)
+        except GpuherdError as exc:
+            if op_id is None:
+                raise
+            await self.operations.fail(op_id, f"{instance_id}: the boot on {first.provider} failed: {exc.message}")
+            raise
+        except Exception:
+            if op_id is not None:
+                log.exception("detached boot of %s failed", instance_id)
+                err = ProviderError(first.provider, "create failed unexpectedly; see gpuherd's log")
+                await self.db.run(lambda s: self.lifecycle.mark_failed(s, actor, instance_id, err, self.clock.now()))
+                await self.operations.fail(op_id, f"{instance_id}: the boot failed: {err.message}")
+            raise
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Let detached boots finish their provider call before the process leaves (an order cut
+        off mid-call is adopted or closed by `resolve_pending` at the next start)."""
+        if self._ordering:
+            await asyncio.wait(list(self._ordering), timeout=timeout_s)
+
+    async def _try_candidates(self, actor: Actor, instance_id: str, op_id: str | None, template: Template,
+                              candidates: list[Offer], cleaned: dict, key: str, *, named: bool,
+                              confirmed_above: Decimal | None) -> BootResult:
+        first = candidates[0]
         last_error: GpuherdError | None = None
         for candidate in candidates[:BOOT_CANDIDATES]:
             try:
@@ -264,9 +327,9 @@ class Booting:
             except GpuherdError as exc:
                 last_error = exc
                 break
-            return await self._record(actor, instance.id, candidate, pinst, template, cleaned, confirmed_above)
+            return await self._record(actor, instance_id, candidate, pinst, template, cleaned, confirmed_above, op_id)
         err = last_error or ProviderError(first.provider, "create failed")
-        await self.db.run(lambda s: self.lifecycle.mark_failed(s, actor, instance.id, err, self.clock.now()))
+        await self.db.run(lambda s: self.lifecycle.mark_failed(s, actor, instance_id, err, self.clock.now()))
         raise err
 
     async def _wait_for_first(self, actor: Actor, key: str, fingerprint: str) -> BootResult:
@@ -302,17 +365,20 @@ class Booting:
         return next((p for p in listed if p.label == label), None)
 
     async def _record(self, actor: Actor, instance_id: str, offer: Offer, pinst: ProviderInstance,
-                      template: Template, cleaned: dict, confirmed_above: Decimal | None) -> BootResult:
+                      template: Template, cleaned: dict, confirmed_above: Decimal | None,
+                      opened: str | None = None) -> BootResult:
         now = self.clock.now()
         self.sync.forget_listings()
 
         def work(s: Session) -> tuple[BootResult, NoticeDraft | None]:
             inst, mine = self.lifecycle.record_created(s, actor, instance_id, offer, pinst, template, now)
             draft = None
-            op_id = None
+            op_id = opened
             if mine:
-                op = self.operations.open(s, "boot", inst, actor.principal, now)
-                op_id = op.id
+                if opened is None:
+                    op_id = self.operations.open(s, "boot", inst, actor.principal, now).id
+                else:
+                    self.operations.ordered(s, opened, inst, now)
                 draft = NoticeDraft(kind="instance.booting", level="info", owner=inst.owner, team=inst.team,
                                     actor=actor.principal, instance_id=inst.id, simulated=inst.simulated,
                                     text=f"{actor.name} booted {inst.id} ({template.name}) on {inst.provider}, "

@@ -85,6 +85,18 @@ class Operations:
                         f"x{inst.num_gpus}, {rate(from_micros(inst.dph_micros))}")
         return op
 
+    def ordered(self, s: Session, operation_id: str, inst: Instance, now: datetime) -> None:
+        """A detached boot's provider accepted the machine: say so (the caller commits)."""
+        op = s.get(OperationRecord, operation_id)
+        if op is not None and op.state == "running":
+            self._add_event(s, op, Phase.PROVISIONING, inst.state, now,
+                            f"{inst.id}: {inst.provider} accepted the order ({inst.gpu_name} x{inst.num_gpus})")
+
+    async def fail(self, operation_id: str, text: str) -> bool:
+        """End an operation as failed from outside the watcher (a detached boot whose provider
+        refused): the final event and the owner's notice, exactly once."""
+        return await self._end(operation_id, ok=False, text=text, provider_state=None)
+
     @staticmethod
     def _add_event(s: Session, op: OperationRecord, phase: Phase, provider_state: str | None, now: datetime,
                    text: str) -> OperationEvent:
@@ -157,6 +169,10 @@ class Operations:
         if op.state != "running":
             return True
         state = inst.state_enum
+        if state is InstanceState.PENDING:
+            # a detached boot still waiting for its provider: that task (or, after a crash,
+            # resolve_pending and reconcile) ends it; the health clock starts once there is a machine
+            return False
         if state.is_final or state in (InstanceState.STOPPED, InstanceState.STOPPING, InstanceState.DESTROYING,
                                        InstanceState.ERROR):
             return await self._end(op.id, ok=False, text=f"{inst.id} is {state.value}; it never became ready.",

@@ -35,6 +35,7 @@ from .confirmations import ConfirmationStore, Pending, Replayed, Sealer
 from .costs import Costs
 from .db import Database
 from .errors import InvalidInput, NotFound, PermissionDenied
+from .feed import FeedPage, read_page
 from .keys import KeyStore
 from .lifecycle import FINAL_STATES, Lifecycle, get_instance
 from .models import (
@@ -149,6 +150,7 @@ class GpuService:
         return cls(settings, db, build_registry(settings), templates, **kw)
 
     async def aclose(self) -> None:
+        await self.booting.drain()
         await self.providers.aclose()
         await asyncio.to_thread(self.db.dispose)
 
@@ -255,12 +257,16 @@ class GpuService:
     # --- boot and confirmations ----------------------------------------------------------
     async def boot(self, actor: Actor, template_name: str, *, offer: str | None = None,
                    provider: str | None = None, overrides: dict[str, str] | None = None,
-                   idempotency_key: str | None = None, wait: bool = False) -> BootResult | Confirmation:
+                   idempotency_key: str | None = None, wait: bool = False,
+                   detach: bool = False) -> BootResult | Confirmation:
         """Create an instance from a template. Returns once the provider accepted the machine
         (follow `operation_id` for readiness), or a Confirmation when it needs a yes.
+        `detach` returns as soon as the intent and its operation are written (the instance is
+        `pending`; the provider call goes on in this process and its outcome is the operation's
+        next event): what an HTTP API answering `202` within milliseconds needs.
         `wait` follows the operation to its end before returning (scripts and tests)."""
         result = await self.booting.boot(actor, template_name, offer=offer, provider=provider,
-                                         overrides=overrides, idempotency_key=idempotency_key)
+                                         overrides=overrides, idempotency_key=idempotency_key, detach=detach)
         if wait and isinstance(result, BootResult) and result.operation_id:
             return await self._waited(actor, result)
         return result
@@ -318,6 +324,13 @@ class GpuService:
                 raise PermissionDenied("That operation is someone else's.")
         async for ev in self.operations.follow(operation_id, timeout_s=timeout_s, drive=drive):
             yield ev
+
+    async def feed(self, actor: Actor, after: str | None = None, limit: int = 100) -> FeedPage:
+        """What `actor` should see since the cursor `after` (None: from now): the progress of
+        their operations and the notices addressed to them, from the database, so any replica
+        can serve a person's event stream (see core.feed)."""
+        actor.require(Role.VIEWER, "following events")
+        return await self.db.run(lambda s: read_page(s, actor, after, limit))
 
     async def _waited(self, actor: Actor, result: Waited) -> Waited:
         op_id = result.operation_id
