@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     shell = sub.add_parser("shell", help="interactive /gpu shell (reads stdin when piped)")
     shell.add_argument("--yes", "-y", action="store_true", dest="shell_yes", help="accept confirmations")
     shell.add_argument("--no-wait", action="store_true", help="return from boot/start once the provider accepted")
+    shell.add_argument("--server", metavar="URL",
+                       help="run against a gpuherd server (`gpuherd serve`) with the key in GPUHERD_API_KEY")
     db = sub.add_parser("db", help="database: upgrade (migrate) or show the current revision")
     db.add_argument("action", choices=["upgrade", "current"])
     users = sub.add_parser("users", help="set a user's role or team (admin)")
@@ -45,6 +47,20 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_argument("principal", nargs="?", help="e.g. local:alice, slack:U123, discord:4242")
     users.add_argument("--role", choices=["viewer", "member", "admin"])
     users.add_argument("--team")
+    serve = sub.add_parser("serve", help="the team server: HTTP API, guards, notices (see README, Team deployment)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (0 picks a free one)")
+    keys = sub.add_parser("keys", help="API keys for the HTTP API (admin): create, list, revoke")
+    key_actions = keys.add_subparsers(dest="keys_action", metavar="<action>", required=True)
+    create = key_actions.add_parser("create", help="make a key for a user; the key is shown only once")
+    create.add_argument("--user", required=True, dest="principal", help="whose key, e.g. api:alice or slack:U123")
+    create.add_argument("--role", choices=["viewer", "member", "admin"],
+                        help="cap the key below its user's role (e.g. viewer for a dashboard)")
+    create.add_argument("--name", default="", help="what the key is for, e.g. ci or notebook")
+    listing = key_actions.add_parser("list", help="keys in use (ids, users, roles; never the keys)")
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    revoke = key_actions.add_parser("revoke", help="end a key at once (by its id, from gpuherd keys list)")
+    revoke.add_argument("key_id")
     # `gpuherd guards` shows the scheduler (the /gpu guards command); `gpuherd guards --run` runs it
     for cmd in grammar.REGISTRY.all():
         p = sub.add_parser(cmd.name, help=cmd.summary, aliases=list(cmd.aliases), add_help=False)
@@ -69,6 +85,20 @@ async def _one_shot(line: str, yes: bool, wait: bool = True) -> int:
         return 1 if shell.errors else 0
     finally:
         await service.aclose()
+
+
+async def _remote_shell(url: str, yes: bool) -> int:
+    """`gpuherd shell --server URL`: the key comes from the environment, never the command line
+    (where `ps` and the shell history would show it)."""
+    import os
+
+    from .shell import run_remote
+
+    key = os.environ.get("GPUHERD_API_KEY", "").strip()
+    if not key:
+        raise GpuherdError("Set GPUHERD_API_KEY to your API key for that server (an admin makes one with "
+                           "`gpuherd keys create --user <you>`).")
+    return await run_remote(url, key, yes=yes)
 
 
 async def _shell(yes: bool, wait: bool = True) -> int:
@@ -142,6 +172,68 @@ def _users(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _database_unreachable(exc: BaseException) -> GpuherdError:
+    """A database error as one line (its type and first line; never the URL, which may hold a password)."""
+    orig = getattr(exc, "orig", None) or exc
+    first = (str(orig).strip().splitlines() or [""])[0][:200]
+    return GpuherdError(f"The database cannot be used ({type(orig).__name__}: {first}). "
+                        "Check GPUHERD_DATABASE_URL and that the database is up (gpuherd db upgrade migrates it).")
+
+
+def _serve(host: str, port: int) -> int:
+    """`gpuherd serve`: blocks until SIGTERM or SIGINT, 0 after a clean shutdown."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        from .http.server import serve
+    except ImportError as exc:
+        raise GpuherdError(f"gpuherd serve needs the server extra ({exc.name} is missing): "
+                           "pip install 'gpuherd[server]' (./run serve installs it).") from None
+    try:
+        return serve(host, port)
+    except SQLAlchemyError as exc:
+        raise _database_unreachable(exc) from None
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """`gpuherd keys create|list|revoke`, as the local admin. A new key goes alone to stdout
+    (`KEY=$(gpuherd keys create --user api:ci)` works); what to do with it goes to stderr."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    async def run() -> int:
+        service = _service()
+        try:
+            actor = service.local_actor("cli")
+            err = Console(stderr=True)
+            if args.keys_action == "create":
+                created = await service.create_key(actor, args.principal, role=args.role, name=args.name)
+                view = created.view
+                print(created.key)
+                cap = f", capped at {view.role}" if view.role else ""
+                err.print(f"API key {view.id} for {escape(view.principal)}{cap}. It is shown only once: store it "
+                          f"now. Send it as `Authorization: Bearer <key>`; `gpuherd keys revoke {view.id}` ends it.",
+                          highlight=False)
+            elif args.keys_action == "list":
+                views = await service.list_keys(actor, include_revoked=args.all)
+                if not views:
+                    err.print("No API keys yet: gpuherd keys create --user api:<name>")
+                for v in views:
+                    used = f"{v.last_used_at:%Y-%m-%d %H:%M}" if v.last_used_at else "never"
+                    state = f"revoked {v.revoked_at:%Y-%m-%d %H:%M}" if v.revoked_at else "active"
+                    print(f"{v.id}  {v.principal:<28} {v.role or 'user':<7} {v.name or '-':<16} "
+                          f"created {v.created_at:%Y-%m-%d %H:%M}  used {used:<16}  {state}")
+            else:
+                view = await service.revoke_key(actor, args.key_id)
+                print(f"Revoked API key {view.id} of {view.principal}.")
+            return 0
+        finally:
+            await service.aclose()
+    try:
+        return asyncio.run(run())
+    except SQLAlchemyError as exc:
+        raise _database_unreachable(exc) from None
+
+
 def _split_chat_command(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
     """(global options, command, its words) when argv runs a /gpu command one-shot. The words are
     taken verbatim: argparse would read `gpuherd search -o dph` as an unknown option `-o`."""
@@ -175,12 +267,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chat = _split_chat_command(argv)
     args = parser.parse_args(chat[0] + [chat[1]] if chat else argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose or args.cmd == "serve")   # a server logs to stderr (journald, containers)
     console = Console(stderr=True)
     try:
         if args.cmd is None:
             parser.print_help()
             return 0
+        if args.cmd == "shell" and args.server:
+            return asyncio.run(_remote_shell(args.server, args.yes or args.shell_yes))
         if args.cmd == "shell":
             return asyncio.run(_shell(args.yes or args.shell_yes, wait=not args.no_wait))
         if args.cmd == "db":
@@ -189,6 +283,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return asyncio.run(_run_guards())
         if args.cmd == "users":
             return _users(args)
+        if args.cmd == "serve":
+            return _serve(args.host, args.port)
+        if args.cmd == "keys":
+            return _keys(args)
         assert chat is not None
         words = chat[2]
         if words in (["--help"], ["-h"]):

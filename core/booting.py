@@ -65,6 +65,7 @@ from .results import BootResult, Confirmation, ConfirmReason, InstanceView, Mone
 from .retry import provider_call
 from .search import OfferSearch
 from .sync import InstanceSync
+from .telemetry import TELEMETRY
 from .templates import MASK, Template, TemplateCatalog, is_secret_env, validate_overrides
 from .text import clip
 from .views import build_views
@@ -348,7 +349,7 @@ class Booting:
         try:
             # a create is not safely repeatable: on a timeout the machine may exist, so look for
             # our label instead of calling create again
-            return await provider.create(request)
+            return await TELEMETRY.counted(provider.name, lambda: provider.create(request))()
         except ProviderError as exc:
             if not exc.retryable:
                 raise

@@ -46,6 +46,7 @@ from .probes import ActivityStatus, MetricsSample, ProbeResult, combine, gpu_act
 from .providers.base import ProviderInstance
 from .results import BudgetUse, DestroyResult, StopResult
 from .service import GpuService
+from .telemetry import TELEMETRY
 
 log = logging.getLogger(__name__)
 THRESHOLDS = (50, 80, 100)
@@ -68,6 +69,8 @@ class PassReport:
     errors: list[str] = field(default_factory=list)
     elapsed_ms: float = 0.0
     next_wake: datetime | None = None
+    blind: int = 0              # due instances not checked: their provider did not answer
+    activity_unknown: int = 0   # running instances whose activity no probe could tell
 
 
 @dataclass
@@ -127,6 +130,9 @@ class Guards:
             await self.check_budgets(now, report)
         report.next_wake = await self.next_wake()
         report.elapsed_ms = (time.perf_counter() - began) * 1000
+        TELEMETRY.guard_pass(started=report.started, seconds=report.elapsed_ms / 1000, checked=report.checked,
+                             warned=report.warned, acted=report.acted, errors=len(report.errors),
+                             blind_provider=report.blind, blind_activity=report.activity_unknown)
         return report
 
     @staticmethod
@@ -163,6 +169,7 @@ class Guards:
         if provider_error is not None:
             await self._cannot_check(inst, f"{inst.provider} did not answer ({provider_error})", now)
             report.errors.append(f"{inst.id}: {provider_error}")
+            report.blind += 1
             return None
         status = None
         values: dict[str, Any] = {}
@@ -183,6 +190,8 @@ class Guards:
             steps = steps[:first_action + 1]
         # blind to activity: its idle steps stay overdue, so look again at the probe interval, not at once
         at_least = now + self.probe_interval if status is ActivityStatus.UNKNOWN else None
+        if status is ActivityStatus.UNKNOWN:
+            report.activity_unknown += 1
         return _Checked(inst=inst, values=values, activity=activity, steps=steps, at_least=at_least,
                         warned={"idle": inst.idle_warned_at, "lifetime": inst.lifetime_warned_at,
                                 "stopped": inst.stopped_warned_at})

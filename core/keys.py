@@ -33,7 +33,7 @@ from sqlmodel import Session, col
 
 from . import audit as audit_log
 from .auth import Actor, Directory
-from .clock import Clock
+from .clock import Clock, as_utc
 from .db import Database
 from .errors import InvalidInput, NotFound, Unauthenticated
 from .models import ApiKeyRecord, Role, User
@@ -58,8 +58,11 @@ def key_id_of(presented: str) -> str | None:
 
 
 def view_of(r: ApiKeyRecord) -> KeyView:
+    """Times in UTC with their offset: SQLite hands them back naive, and an API answer without
+    the offset is not an RFC 3339 date-time."""
     return KeyView(id=r.id, principal=r.principal, name=r.name, role=r.role, created_by=r.created_by,
-                   created_at=r.created_at, last_used_at=r.last_used_at, revoked_at=r.revoked_at)
+                   created_at=as_utc(r.created_at), last_used_at=as_utc(r.last_used_at) if r.last_used_at else None,
+                   revoked_at=as_utc(r.revoked_at) if r.revoked_at else None)
 
 
 @dataclass
@@ -149,7 +152,7 @@ class KeyStore:
             role = user.role
             if r.role is not None and Role(r.role).rank < role.rank:
                 role = Role(r.role)
-            last = r.last_used_at
+            last = as_utc(r.last_used_at) if r.last_used_at else None   # SQLite reads it back naive
             if last is None or now - last >= TOUCH_EVERY:
                 r.last_used_at = now
                 s.add(r)

@@ -40,9 +40,11 @@ from .outbox import NoticeDraft
 from .providers.base import ProviderInstance, ProviderState
 from .providers.registry import ProviderRegistry
 from .results import Phase, ProgressEvent
+from .telemetry import TELEMETRY
 from .templates import TemplateCatalog
 
 log = logging.getLogger(__name__)
+FINAL_EVENT_WAIT_S = 60.0          # how long a follower waits for the final event of an ended operation
 WATCH_CONCURRENCY = 16
 
 _PHASES = {InstanceState.PROVISIONING: Phase.PROVISIONING, InstanceState.LOADING: Phase.LOADING,
@@ -136,8 +138,9 @@ class Operations:
         seen = 0
         loop = asyncio.get_running_loop()
         until = loop.time() + timeout_s if timeout_s is not None else None
+        ended_at: float | None = None
         while True:
-            if drive:
+            if drive and ended_at is None:
                 await self.check(operation_id)
             for ev in await self.events(operation_id, seen):
                 seen = ev.seq
@@ -145,13 +148,20 @@ class Operations:
                 if ev.final:
                     return
             op = await self.get(operation_id)
-            if op is None or op.state != "running":
-                # ended without a final event we have not seen (should not happen): stop following
-                if op is None or seen >= op.last_seq:
-                    return
-                continue
+            if op is None:
+                return
+            if op.state != "running" and seen < op.last_seq:
+                continue                   # its last events landed since we read: read them
             if until is not None and loop.time() >= until:
                 return
+            if op.state != "running":
+                # claimed as ended, its final event not written yet: the claimer writes it once
+                # its own work is done (a timed-out boot stops the machine first)
+                if ended_at is None:
+                    ended_at = loop.time()
+                elif loop.time() - ended_at > FINAL_EVENT_WAIT_S:
+                    log.warning("operation %s ended without a final event", operation_id)
+                    return
             self._changed.clear()
             try:
                 await asyncio.wait_for(self._changed.wait(), timeout=self.settings.poll_interval_s)
@@ -180,7 +190,7 @@ class Operations:
         provider = self.providers.get(inst.provider)
         pinst: ProviderInstance | None = None
         try:
-            pinst = await provider.get(inst.provider_id or "")
+            pinst = await TELEMETRY.counted(provider.name, lambda: provider.get(inst.provider_id or ""))()
         except GpuherdError as exc:
             log.info("readiness of %s: %s did not answer: %s", inst.id, inst.provider, exc.message)
             return await self._maybe_time_out(op, inst)

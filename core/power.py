@@ -57,12 +57,14 @@ from .results import (
 )
 from .retry import provider_call
 from .sync import InstanceSync
+from .telemetry import TELEMETRY
 from .templates import format_duration, parse_duration
 from .text import clip
 from .views import allowed, build_views
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
+T = TypeVar("T")
 DEFAULT_KEEP = timedelta(hours=1)
 MAX_KEEP = timedelta(days=7)
 Tell = Callable[[Session, Instance, Any], NoticeDraft]   # (session, row, result) -> the notice to write
@@ -156,6 +158,14 @@ class Power:
         finally:
             self.sync.forget_listings()
 
+    async def _claim(self, claim: Callable[[Session], T]) -> T:
+        for _ in range(CLAIM_TRIES - 1):
+            try:
+                return await self.db.run(claim)
+            except _Lost:
+                continue
+        return await self.db.run(claim)
+
     async def stop(self, actor: Actor, instance_id: str, *, idempotency_key: str | None = None,
                    tell: Tell | None = None) -> StopResult:
         """Stop (disk kept, storage still billed); reports the session's cost. `tell` (guards)
@@ -180,10 +190,10 @@ class Power:
                 raise Conflict(f"{inst.id} is {state.value}; try again in a moment.")
             previous = inst.state
             if not self.lifecycle.claim(s, inst, InstanceState.STOPPING, now):
-                raise _Changed(inst.id)
+                raise _Lost(inst.id)
             return inst, previous
         try:
-            got = await self.db.run(claim)
+            got = await self._claim(claim)
         except _Changed as exc:
             found = await self._first_answer(actor, idempotency_key, "stop", instance_id, StopResult)
             if found is not None:
@@ -241,10 +251,10 @@ class Power:
             if state is not InstanceState.STOPPED:
                 raise Conflict(f"{inst.id} is {state.value}; only a stopped instance can be started.")
             if not self.lifecycle.claim(s, inst, InstanceState.STARTING, now):
-                raise _Changed(inst.id)
+                raise _Lost(inst.id)
             return inst
         try:
-            got = await self.db.run(claim)
+            got = await self._claim(claim)
         except _Changed as exc:
             found = await self._first_answer(actor, idempotency_key, "start", instance_id, StartResult)
             if found is not None:
@@ -299,10 +309,10 @@ class Power:
                     "Its disk and everything on it are deleted; billing ends.", inst.id, None, inst.simulated)
             previous = inst.state
             if not self.lifecycle.claim(s, inst, InstanceState.DESTROYING, now):
-                raise _Changed(inst.id)
+                raise _Lost(inst.id)
             return inst, previous
         try:
-            got = await self.db.run(claim)
+            got = await self._claim(claim)
         except _Changed as exc:
             found = await self._first_answer(actor, idempotency_key, "destroy", instance_id, DestroyResult)
             if found is not None:
@@ -408,10 +418,19 @@ class _Changed(GpuherdError):
         self.instance_id = instance_id
 
 
+class _Lost(_Changed):
+    """The row's version moved between reading and claiming it: often only the readiness
+    watcher or a sync folding the provider's state in. The claim is tried again on a fresh
+    read, which re-checks the state, so a real conflict still refuses."""
+
+
+CLAIM_TRIES = 3
+
+
 async def _gone(provider: Provider, provider_id: str) -> bool:
     """After a failed destroy: is the machine gone anyway? Unknown counts as no."""
     try:
-        found = await provider.get(provider_id)
+        found = await TELEMETRY.counted(provider.name, lambda: provider.get(provider_id))()
     except GpuherdError:
         return False
     return found is None or found.state is ProviderState.DESTROYED

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from .errors import ProviderError, RateLimited
+from .telemetry import TELEMETRY
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -39,7 +40,9 @@ async def provider_call(provider: object, call: Callable[[], Awaitable[T]], *,
                         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                         what: str = "provider call") -> T:
     """One call to a provider, retried here only when its client does not already retry the way
-    its official SDK does (retrying twice over would multiply the waits)."""
+    its official SDK does (retrying twice over would multiply the waits). Each attempt is counted
+    in `telemetry.TELEMETRY` by provider and outcome."""
+    call = TELEMETRY.counted(str(getattr(provider, "name", type(provider).__name__)), call)
     caps = getattr(provider, "capabilities", None)
     if caps is not None and getattr(caps, "retries_internally", False):
         return await call()

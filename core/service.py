@@ -88,6 +88,8 @@ from .results import (
     UserView,
 )
 from .search import OfferSearch
+from .statistics import StatisticsResult
+from .statistics import statistics as fleet_statistics
 from .sync import InstanceSync, Refresh
 from .templates import Template, TemplateCatalog
 from .text import clip
@@ -430,6 +432,12 @@ class GpuService:
         """Spend in a period by group, running instances, budgets, run-rate, projection."""
         report = await self.costs_.report(actor, period, by)
         return report.model_copy(update={"simulated": report.simulated or self.simulated})
+
+    async def statistics(self, actor: Actor) -> StatisticsResult:
+        """Fleet statistics: counts by state, average $/h of the active instances, the
+        distributions by GPU model, state and provider, this month's spend (statistics.py)."""
+        result = await fleet_statistics(self.db, self.clock, actor)
+        return result.model_copy(update={"simulated": result.simulated or self.simulated})
 
     async def instance_cost(self, actor: Actor, instance_id: str) -> InstanceCost:
         """One instance's cost analysis."""

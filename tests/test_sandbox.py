@@ -594,8 +594,10 @@ async def test_event_loop_keeps_its_heartbeat_under_load(tmp_path):
     assert len({r.provider_id for r in results[:200]}) == 200
     assert len(await SandboxProvider(tmp_path / "sandbox.json", time_scale=0).list()) == 2200
     # A regression guard, not a benchmark: rewriting a 2,000-machine file on the loop per call
-    # kept the heartbeat waiting for seconds.
-    assert max(lateness) < 0.2, f"heartbeat was {max(lateness) * 1000:.0f} ms late"
+    # kept the heartbeat waiting for seconds. 0.5 s as in test_loop_lag: late in a full suite run,
+    # the test process's own collector pauses (its heap holds every earlier test's leftovers)
+    # reached 0.2 s on this 2-core machine.
+    assert max(lateness) < 0.5, f"heartbeat was {max(lateness) * 1000:.0f} ms late"
     assert len(lateness) > 5
 
 

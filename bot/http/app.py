@@ -79,10 +79,12 @@ def create_app(service: GpuService, *, lifespan: Lifespan | None = None) -> Fast
     @app.middleware("http")
     async def _timed(request: Request, call_next: Callable[[Request], Any]) -> Any:
         began = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.observe_request(getattr(route, "path", "unmatched"), request.method, response.status_code,
-                                time.perf_counter() - began)
+        try:
+            response = await call_next(request)
+        except Exception:  # answered as a 500 problem by the handler above; counted here as one
+            metrics.observe_request(request, 500, time.perf_counter() - began)
+            raise
+        metrics.observe_request(request, response.status_code, time.perf_counter() - began)
         return response
 
     app.include_router(routes_meta.router)

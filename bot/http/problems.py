@@ -96,6 +96,7 @@ def retry_after(exc: BaseException) -> dict[str, str]:
 
 # what every route may answer besides its success, for the OpenAPI document
 RESPONSES: dict[int | str, dict[str, Any]] = {
-    st: {"model": Problem, "description": TITLES[st], "content": {MEDIA_TYPE: {}}}
+    st: {"model": Problem, "description": TITLES[st],   # `model` puts Problem in components; errors go out as:
+         "content": {MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
     for st in (400, 401, 403, 404, 409, 422, 429, 500, 502, 503, 504)
 }

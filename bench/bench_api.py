@@ -1,0 +1,181 @@
+"""The team server's HTTP API under load, over loopback, from a second process.
+
+    python bench/bench_api.py [--instances 1000] [--clients 100] [--requests 20] [--boots 100]
+                              [--latency 2.0] [--db sqlite|postgres] [--pg-url URL]
+
+1. A fleet of `--instances` tracked sandbox instances is built in a fresh database (see
+   bench/_loop_fleet.py), an admin API key is made, and `gpuherd serve` is started on a free
+   loopback port as its own process, on that database and those machine files.
+2. `GET /api/v1/instances`: `--clients` concurrent clients (one httpx.AsyncClient, one
+   connection each) each send `--requests` requests one after the other; p50/p99/max latency of
+   every request. Target: p99 < 50 ms.
+3. The server is restarted with the sandbox answering every call after `--latency` seconds
+   (a slow cloud), one boot warms the offer cache (as a search before a boot does), then
+   `--boots` concurrent `POST /api/v1/instances` (each its own Idempotency-Key): time to the
+   `202`. Target: p99 < 100 ms: a boot is answered once its intent and operation are written,
+   the provider call continues in the server.
+
+This script is the load tool: it is a different process from the server, on loopback only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from _loop_fleet import build_fleet, make_service
+
+DEFAULT_PG = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
+
+
+class Server:
+    def __init__(self, home: Path, url: str, latency: float) -> None:
+        self.port = _free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "GPUHERD_HOME": str(home), "GPUHERD_DATABASE_URL": url,
+               "GPUHERD_SANDBOX_SEED": "7", "GPUHERD_SANDBOX_TIME_SCALE": "0",
+               "GPUHERD_SANDBOX_LATENCY_S": str(latency), "GPUHERD_API_RATE_PER_MINUTE": "1000000",
+               "GPUHERD_API_BURST": "100000", "GPUHERD_LOCAL_USER": "bench"}
+        exe = Path(sys.executable).with_name("gpuherd")
+        self.proc = subprocess.Popen([str(exe), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+                                     env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    async def ready(self, timeout: float = 60) -> None:
+        until = time.monotonic() + timeout
+        async with httpx.AsyncClient() as c:
+            while time.monotonic() < until:
+                if self.proc.poll() is not None:
+                    raise SystemExit(f"gpuherd serve exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                try:
+                    if (await c.get(f"{self.base}/health", timeout=1)).status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                await asyncio.sleep(0.2)
+        raise SystemExit("gpuherd serve did not come up")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+async def list_load(base: str, key: str, clients: int, requests: int) -> list[float]:
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=30) as c:
+        await c.get("/api/v1/instances", params={"limit": 50})        # warm: listing cache, connection
+
+        async def client() -> list[float]:
+            out = []
+            for _ in range(requests):
+                t = time.perf_counter()
+                r = await c.get("/api/v1/instances", params={"limit": 50})
+                out.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    raise SystemExit(f"GET /api/v1/instances answered {r.status_code}: {r.text[:300]}")
+            return out
+        return [x for chunk in await asyncio.gather(*(client() for _ in range(clients))) for x in chunk]
+
+
+async def boot_load(base: str, key: str, boots: int) -> tuple[list[float], int]:
+    headers = {"Authorization": f"Bearer {key}"}
+    limits = httpx.Limits(max_connections=boots, max_keepalive_connections=boots)
+    async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=60) as c:
+        warm = await c.post("/api/v1/instances", json={"template": "budget"},
+                            headers={"Idempotency-Key": f"warm-{uuid.uuid4().hex}"})
+        if warm.status_code not in (200, 202):
+            raise SystemExit(f"the warm-up boot answered {warm.status_code}: {warm.text[:300]}")
+
+        async def one(i: int) -> tuple[float, int]:
+            t = time.perf_counter()
+            r = await c.post("/api/v1/instances", json={"template": "budget"},
+                             headers={"Idempotency-Key": f"bench-{i}-{uuid.uuid4().hex[:8]}"})
+            return time.perf_counter() - t, r.status_code
+        got = await asyncio.gather(*(one(i) for i in range(boots)))
+    return [t for t, _ in got], sum(1 for _, st in got if st == 202)
+
+
+def _line(name: str, values: list[float], target: str) -> str:
+    ms = [v * 1000 for v in values]
+    return (f"{name}: n={len(ms)} p50 {statistics.median(ms):.1f} ms, p99 {_pct(ms, 99):.1f} ms, "
+            f"max {max(ms):.1f} ms  [{target}]")
+
+
+async def main(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        if args.db == "sqlite":
+            url = f"sqlite:///{home / 'gpuherd.db'}"
+        else:
+            schema = f"bench_{uuid.uuid4().hex[:8]}"
+            from sqlalchemy import create_engine, text
+            admin_engine = create_engine(args.pg_url)
+            with admin_engine.begin() as conn:
+                conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+            url = f"{args.pg_url}{'&' if '?' in args.pg_url else '?'}options=-csearch_path%3D{schema}"
+        try:
+            svc, sandbox = make_service(url, home)
+            fleet = await build_fleet(svc, sandbox, args.instances, seed=11)
+            key = (await svc.create_key(fleet.admin, "api:bench", role="admin")).key
+            await svc.aclose()
+            print(f"{args.instances:,} instances on {args.db}; {os.cpu_count()} CPUs; load average "
+                  f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
+            server = Server(home, url, 0.0)
+            try:
+                await server.ready()
+                lat = await list_load(server.base, key, args.clients, args.requests)
+            finally:
+                server.stop()
+            p99 = _pct(lat, 99) * 1000
+            print(_line(f"GET /api/v1/instances?limit=50, {args.clients} concurrent clients", lat,
+                        f"p99 < 50 ms: {'met' if p99 < 50 else 'NOT MET'}"), flush=True)
+            server = Server(home, url, args.latency)
+            try:
+                await server.ready()
+                times, accepted = await boot_load(server.base, key, args.boots)
+            finally:
+                server.stop()
+            p99 = _pct(times, 99) * 1000
+            print(_line(f"POST /api/v1/instances, {args.boots} concurrent boots, provider {args.latency:g} s", times,
+                        f"{accepted} answered 202; p99 < 100 ms: {'met' if p99 < 100 else 'NOT MET'}"), flush=True)
+        finally:
+            if args.db == "postgres":
+                with admin_engine.begin() as conn:
+                    conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--instances", type=int, default=1000)
+    ap.add_argument("--clients", type=int, default=100)
+    ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--boots", type=int, default=100)
+    ap.add_argument("--latency", type=float, default=2.0)
+    ap.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
+    ap.add_argument("--pg-url", default=os.environ.get("GPUHERD_TEST_POSTGRES_URL") or DEFAULT_PG)
+    asyncio.run(main(ap.parse_args()))

@@ -1,0 +1,329 @@
+"""`POST /api/v1/commands` and the `GET /api/v1/events` stream against a real server: uvicorn on
+a loopback port in a thread, the core's Runtime in the app's lifespan (so the readiness watcher
+drives boots to healthy as in `gpuherd serve`), over real HTTP with httpx, on SQLite and
+PostgreSQL.
+
+`LiveServer` is shared with tests/test_client.py."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from gpuherd.bot.http.app import create_app
+from gpuherd.bot.http.routes_stream import open_streams, stop_streams
+from gpuherd.core.config import Settings
+from gpuherd.core.runtime import Runtime
+from gpuherd.core.service import GpuService
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn that ends the event streams first when it shuts down (as `gpuherd serve` must)."""
+
+    app: FastAPI
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        stop_streams(self.app)
+        await super().shutdown(sockets)
+
+
+@dataclass
+class LiveServer:
+    url: str
+    service: GpuService
+    app: FastAPI
+    keys: dict[str, str]              # name -> API key
+    thread: threading.Thread
+    server: _Server
+
+    def headers(self, who: str, **extra: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[who]}", **extra}
+
+
+def start_server(tmp_path: Path, db_url: str) -> LiveServer:
+    settings = Settings(home=tmp_path / "home", database_url=db_url, local_user="root", local_role="admin",
+                        sandbox_time_scale=0.002, poll_interval_s=0.05, boot_timeout_s=60)
+    service = GpuService.from_settings(settings)
+
+    async def setup() -> dict[str, str]:
+        root = service.local_actor("cli")
+        await service.set_user(root, "api:alice", role="member", team="ml")
+        await service.set_user(root, "api:bob", role="member", team="vision")
+        await service.set_user(root, "api:admin", role="admin", team="ops")
+        await service.set_user(root, "api:viewer", role="viewer", team="ml")
+        keys = {}
+        for name in ("alice", "bob", "admin", "viewer"):
+            keys[name] = (await service.create_key(root, f"api:{name}")).key
+        return keys
+
+    keys = asyncio.run(setup())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with Runtime(service, close_service=False):
+            yield
+
+    app = create_app(service, lifespan=lifespan)
+    app.state.stream_poll_s = 0.1
+    app.state.stream_heartbeat_s = 0.5
+    port = _free_port()
+    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                    timeout_graceful_shutdown=5))
+    server.app = app
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    return LiveServer(url=f"http://127.0.0.1:{port}", service=service, app=app, keys=keys, thread=thread,
+                      server=server)
+
+
+def stop_server(live: LiveServer) -> None:
+    live.server.should_exit = True
+    live.thread.join(timeout=20)
+    assert not live.thread.is_alive(), "the server did not shut down"
+    asyncio.run(live.service.aclose())
+
+
+@pytest.fixture
+def live(tmp_path: Path, db_url: str) -> Iterator[LiveServer]:
+    server = start_server(tmp_path, db_url)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
+# --- SSE reading -------------------------------------------------------------------------------
+
+@dataclass
+class Sse:
+    event: str
+    id: str | None
+    data: Any
+
+
+async def sse_messages(response: httpx.Response) -> AsyncIterator[Sse]:
+    """Messages of an SSE response (comments skipped)."""
+    event, ident, data = "message", None, []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data:
+                yield Sse(event=event, id=ident, data=json.loads("\n".join(data)))
+            event, ident, data = "message", None, []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "event":
+                event = value
+            elif name == "id":
+                ident = value
+            elif name == "data":
+                data.append(value)
+
+
+async def collect(client: httpx.AsyncClient, headers: dict[str, str], until, *, timeout: float = 20,
+                  ready: asyncio.Event | None = None, params: dict[str, str] | None = None,
+                  seen: list[Sse] | None = None) -> list[Sse]:
+    """Read the stream until `until(messages)` holds (or `timeout`); `ready` is set once live."""
+    got: list[Sse] = seen if seen is not None else []
+    async with asyncio.timeout(timeout):
+        async with client.stream("GET", "/api/v1/events", headers=headers, params=params) as r:
+            assert r.status_code == 200, await r.aread()
+            assert r.headers["content-type"].startswith("text/event-stream")
+            async for msg in sse_messages(r):
+                got.append(msg)
+                if msg.event == "ready" and ready is not None:
+                    ready.set()
+                if until(got):
+                    return got
+    return got
+
+
+def _ids(reply: dict[str, Any]) -> list[str]:
+    """The instance ids a reply names (g-7f3a)."""
+    return sorted(set(re.findall(r"\bg-[0-9a-f]{4,}\b", json.dumps(reply))))
+
+
+def _items(msgs: list[Sse], kind: str) -> list[Sse]:
+    return [m for m in msgs if m.event == kind]
+
+
+# --- /commands ---------------------------------------------------------------------------------
+
+async def test_commands_search_status_and_errors(live: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=live.url, timeout=20) as c:
+        r = await c.post("/api/v1/commands", json={"text": "/gpu search 4090"}, headers=live.headers("alice"))
+        assert r.status_code == 200
+        reply = r.json()
+        assert reply["level"] != "error" and reply["tables"], reply
+        assert any("4090" in " ".join(row) for row in reply["tables"][0]["rows"])
+
+        r = await c.post("/api/v1/commands", json={"text": "/gpu status"}, headers=live.headers("alice"))
+        assert r.status_code == 200 and r.json()["level"] != "error"
+
+        # a command that does not parse is an ordinary reply with level error (as in chat)
+        r = await c.post("/api/v1/commands", json={"text": "/gpu bogus"}, headers=live.headers("alice"))
+        assert r.status_code == 200
+        assert r.json()["level"] == "error" and "Unknown command" in r.json()["text"]
+
+        # core refuses a viewer's boot: a reply, and nothing booted
+        r = await c.post("/api/v1/commands", json={"text": "/gpu boot budget"}, headers=live.headers("viewer"))
+        assert r.status_code == 200 and r.json()["level"] == "error"
+        assert await live.service.instance_count() == 0
+
+        # what stops the command from being read at all is a problem detail
+        r = await c.post("/api/v1/commands", json={"text": "/gpu status"})
+        assert r.status_code == 401 and r.json()["code"] == "unauthenticated"
+        r = await c.post("/api/v1/commands", json={"text": "x" * 5000}, headers=live.headers("alice"))
+        assert r.status_code == 422 and r.json()["errors"][0]["field"] == "body.text"
+        r = await c.post("/api/v1/commands", json={}, headers=live.headers("alice"))
+        assert r.status_code == 422
+
+
+async def test_boot_with_idempotency_key_twice_boots_once(live: LiveServer) -> None:
+    headers = live.headers("alice", **{"Idempotency-Key": "nb-42-cell-7"})
+    async with httpx.AsyncClient(base_url=live.url, timeout=20) as c:
+        first = await c.post("/api/v1/commands", json={"text": "/gpu boot budget"}, headers=headers)
+        again = await c.post("/api/v1/commands", json={"text": "/gpu boot budget"}, headers=headers)
+        other = await c.post("/api/v1/commands", json={"text": "/gpu boot budget"},
+                             headers=live.headers("alice", **{"Idempotency-Key": "nb-42-cell-8"}))
+    assert first.status_code == again.status_code == 200
+    assert first.json()["level"] != "error", first.json()
+    assert await live.service.instance_count() == 2            # the retry booted nothing; another key did
+    ids = {i for r in (first, again) for i in _ids(r.json())}
+    assert len(ids) == 1, ids
+    assert other.json()["level"] != "error"
+    bad = await (httpx.AsyncClient(base_url=live.url)).post(
+        "/api/v1/commands", json={"text": "/gpu status"}, headers=live.headers("alice", **{"Idempotency-Key": "a b"}))
+    assert bad.status_code == 422
+
+
+# --- /events -----------------------------------------------------------------------------------
+
+async def test_stream_follows_a_boot_to_healthy_and_resumes(live: LiveServer) -> None:
+    ready = asyncio.Event()
+    async with httpx.AsyncClient(base_url=live.url, timeout=30) as c:
+        def healthy(msgs: list[Sse]) -> bool:
+            return any(m.event == "progress" and m.data["phase"] == "healthy" for m in msgs)
+
+        reader = asyncio.create_task(collect(c, live.headers("alice"), healthy, ready=ready))
+        await asyncio.wait_for(ready.wait(), 10)
+        r = await c.post("/api/v1/commands", json={"text": "/gpu boot budget"}, headers=live.headers("alice"))
+        assert r.json()["level"] != "error", r.json()
+        msgs = await reader
+        progress = _items(msgs, "progress")
+        assert healthy(msgs), [m.data for m in msgs]
+        phases = [m.data["phase"] for m in progress]
+        assert phases[0] == "accepted" and phases[-1] == "healthy"
+        assert len({m.data["operation_id"] for m in progress}) == 1
+        seqs = [m.data["seq"] for m in progress]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        assert all(m.id for m in progress)
+
+        # resume from the middle with Last-Event-ID: only what came after, nothing repeated
+        middle = progress[0]
+        rest = progress[1:]
+        resumed = await collect(c, live.headers("alice", **{"Last-Event-ID": middle.id}),
+                                lambda ms: len(_items(ms, "progress")) >= len(rest), timeout=10)
+        assert [m.data["seq"] for m in _items(resumed, "progress")] == [m.data["seq"] for m in rest]
+        assert resumed[0].event == "ready" and resumed[0].id == middle.id
+        # ?after= is the same; from the last cursor there is nothing new
+        quiet: list[Sse] = []
+        with pytest.raises(TimeoutError):
+            await collect(c, live.headers("alice"), lambda ms: False, timeout=1.0,
+                          params={"after": progress[-1].id}, seen=quiet)
+        assert [m.event for m in quiet] == ["ready"] and quiet[0].id == progress[-1].id
+        # bob (another team) saw none of it
+        theirs: list[Sse] = []
+        try:
+            await collect(c, live.headers("bob"), lambda ms: False, timeout=1.0, params={"after": "e0.n0"},
+                          seen=theirs)
+        except TimeoutError:
+            pass
+        assert theirs and theirs[0].event == "ready"
+        assert not _items(theirs, "progress") and not _items(theirs, "notice")
+
+        # a cursor gpuherd never gave out is a 400 problem, before any stream starts
+        r = await c.get("/api/v1/events", headers=live.headers("alice", **{"Last-Event-ID": "e1;drop"}))
+        assert r.status_code == 400 and r.json()["code"] == "invalid_input"
+        r = await c.get("/api/v1/events", params={"after": "e" + "9" * 30 + ".n1"}, headers=live.headers("alice"))
+        assert r.status_code == 400
+        r = await c.get("/api/v1/events")
+        assert r.status_code == 401
+
+
+async def test_notice_reaches_the_owner_not_another_team(live: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=live.url, timeout=30) as c:
+        r = await c.post("/api/v1/commands", json={"text": "/gpu boot budget"}, headers=live.headers("alice"))
+        iid = _ids(r.json())[0]
+        start = (await live.service.feed(live.service.local_actor(), None)).cursor   # "now", for everyone
+        stopped = await c.post("/api/v1/commands", json={"text": f"/gpu stop {iid}"}, headers=live.headers("admin"))
+        assert stopped.json()["level"] != "error", stopped.json()
+
+        def stop_notice(ms: list[Sse]) -> bool:
+            return any(m.event == "notice" and m.data["notice_kind"] == "instance.stopped" for m in ms)
+        alice = await collect(c, live.headers("alice"), stop_notice, params={"after": start}, timeout=10)
+        notice = next(m.data for m in alice if m.event == "notice")
+        assert notice["instance_id"] == iid and notice["kind"] == "notice"
+        assert set(notice) >= {"id", "level", "text", "created_at", "actions"}
+        assert "owner" not in notice and "actor" not in notice
+
+        for who in ("bob", "admin"):      # another team; and the admin who caused it is not told again
+            seen: list[Sse] = []
+            try:
+                await collect(c, live.headers(who), lambda ms: False, params={"after": start}, timeout=1.0, seen=seen)
+            except TimeoutError:
+                pass
+            assert seen and not stop_notice(seen), who
+
+
+async def test_stream_heartbeats_and_ends_on_disconnect_and_shutdown(live: LiveServer) -> None:
+    async with httpx.AsyncClient(base_url=live.url, timeout=10) as c:
+        async with c.stream("GET", "/api/v1/events", headers=live.headers("alice")) as r:
+            lines: list[str] = []
+            async with asyncio.timeout(5):
+                async for line in r.aiter_lines():
+                    lines.append(line)
+                    if line.startswith(": keep-alive"):
+                        break
+            assert lines[0] == "retry: 2000" and any(ln.startswith("event: ready") for ln in lines)
+            assert open_streams(live.app) == 1
+        for _ in range(50):                        # the client left: the server's stream ended too
+            if open_streams(live.app) == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert open_streams(live.app) == 0
+
+        # the server shutting down ends an open stream (the response completes, no hang)
+        async with c.stream("GET", "/api/v1/events", headers=live.headers("alice")) as r:
+            began = time.monotonic()
+            live.server.should_exit = True
+            async for _ in r.aiter_lines():
+                pass
+            assert time.monotonic() - began < 5
