@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -84,7 +86,7 @@ class Server:
             self.proc.kill()
 
 
-async def list_load(base: str, key: str, clients: int, requests: int) -> list[float]:
+async def list_load(base: str, key: str, clients: int, requests: int, path: str = "/api/v1/instances") -> list[float]:
     headers = {"Authorization": f"Bearer {key}"}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=base, headers=headers, limits=limits, timeout=30) as c:
@@ -94,10 +96,10 @@ async def list_load(base: str, key: str, clients: int, requests: int) -> list[fl
             out = []
             for _ in range(requests):
                 t = time.perf_counter()
-                r = await c.get("/api/v1/instances", params={"limit": 50})
+                r = await c.get(path, params={"limit": 50})
                 out.append(time.perf_counter() - t)
                 if r.status_code != 200:
-                    raise SystemExit(f"GET /api/v1/instances answered {r.status_code}: {r.text[:300]}")
+                    raise SystemExit(f"GET {path} answered {r.status_code}: {r.text[:300]}")
             return out
         return [x for chunk in await asyncio.gather(*(client() for _ in range(clients))) for x in chunk]
 
@@ -118,6 +120,20 @@ async def boot_load(base: str, key: str, boots: int) -> tuple[list[float], int]:
             return time.perf_counter() - t, r.status_code
         got = await asyncio.gather(*(one(i) for i in range(boots)))
     return [t for t, _ in got], sum(1 for _, st in got if st == 202)
+
+
+def wrk(base: str, key: str, path: str, clients: int, seconds: int) -> str:
+    """Debian's `wrk` (a C load tool), when installed: one connection per client, keep-alive."""
+    out = subprocess.run(["wrk", "-t2", f"-c{clients}", f"-d{seconds}s", "--latency", "-H",
+                          f"Authorization: Bearer {key}", f"{base}{path}"], capture_output=True, text=True,
+                         timeout=seconds + 30).stdout
+    dist = dict(re.findall(r"^\s+(50|75|90|99)%\s+(\S+)$", out, re.M))
+    rate = re.search(r"^Requests/sec:\s+(\S+)", out, re.M)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    total = re.search(r"(\d+) requests in", out)
+    return (f"wrk {clients} connections, {seconds} s: {total.group(1) if total else '?'} requests, "
+            f"{rate.group(1) if rate else '?'}/s, p50 {dist.get('50', '?')}, p90 {dist.get('90', '?')}, "
+            f"p99 {dist.get('99', '?')}" + (f", {errors.group(1)} non-2xx" if errors else ""))
 
 
 def _line(name: str, values: list[float], target: str) -> str:
@@ -148,15 +164,26 @@ async def main(args: argparse.Namespace) -> None:
             server = Server(home, url, 0.0)
             try:
                 await server.ready()
+                await asyncio.sleep(args.settle)   # start-up's reconcile and first guard pass done
+                base = await list_load(server.base, key, args.clients, args.requests, path="/health")
                 lat = await list_load(server.base, key, args.clients, args.requests)
+                if shutil.which("wrk"):
+                    for path in ("/health", "/api/v1/instances?limit=50"):
+                        print(f"GET {path}: {wrk(server.base, key, path, args.clients, 10)}", flush=True)
+                else:
+                    print("(wrk is not installed: apt-get install wrk for a load tool that is not itself the "
+                          "bottleneck)", flush=True)
             finally:
                 server.stop()
+            print(_line(f"GET /health (the load tool and HTTP alone), {args.clients} concurrent clients", base,
+                        "baseline"), flush=True)
             p99 = _pct(lat, 99) * 1000
             print(_line(f"GET /api/v1/instances?limit=50, {args.clients} concurrent clients", lat,
                         f"p99 < 50 ms: {'met' if p99 < 50 else 'NOT MET'}"), flush=True)
             server = Server(home, url, args.latency)
             try:
                 await server.ready()
+                await asyncio.sleep(args.settle)
                 times, accepted = await boot_load(server.base, key, args.boots)
             finally:
                 server.stop()
@@ -176,6 +203,7 @@ if __name__ == "__main__":
     ap.add_argument("--requests", type=int, default=20)
     ap.add_argument("--boots", type=int, default=100)
     ap.add_argument("--latency", type=float, default=2.0)
+    ap.add_argument("--settle", type=float, default=10.0, help="seconds to let the server settle after start")
     ap.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     ap.add_argument("--pg-url", default=os.environ.get("GPUHERD_TEST_POSTGRES_URL") or DEFAULT_PG)
     asyncio.run(main(ap.parse_args()))

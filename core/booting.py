@@ -52,7 +52,7 @@ from .errors import (
     ProviderError,
 )
 from .ids import label_for
-from .lifecycle import Lifecycle, earlier_use, get_instance, request_hash
+from .lifecycle import Lifecycle, earlier_use, request_hash
 from .models import Instance, InstanceState, Role
 from .money import HOURS_PER_DAY, HOURS_PER_MONTH, rate, usd
 from .notify import NotifierHub
@@ -64,6 +64,7 @@ from .providers.registry import ProviderRegistry
 from .results import BootResult, Confirmation, ConfirmReason, InstanceView, Money
 from .retry import provider_call
 from .search import OfferSearch
+from .shared import SharedCalls
 from .sync import InstanceSync
 from .telemetry import TELEMETRY
 from .templates import MASK, Template, TemplateCatalog, is_secret_env, validate_overrides
@@ -116,6 +117,7 @@ class Booting:
         self.hub = hub
         self._sleep = sleep
         self._ordering: set[asyncio.Task[BootResult]] = set()   # detached boots still calling a provider
+        self._fitted: SharedCalls[tuple[object, list[Offer]]] = SharedCalls(clock.monotonic, max_entries=64)
 
     def _views(self, s: Session, rows: list[Instance], actor: Actor | None) -> list[InstanceView]:
         return build_views(s, rows, self.clock.now(), actor, self.providers.capabilities())
@@ -233,14 +235,20 @@ class Booting:
                                   f"(allowed: {', '.join(sorted(allowed or [])) or 'none configured'}).")
         got = await self.search.gather(names, template.offer_query())
 
-        def fit() -> list[Offer]:
+        def fit() -> tuple[object, list[Offer]]:
             chosen = [_priced_for(o, template) for o in got.offers
                       if not o.interruptible and template.offer_rejection(o) is None]
             chosen.sort(key=lambda o: (o.dph, -o.reliability, o.ref))
-            return chosen
-        # pricing every offer takes a millisecond or more; a burst of boots sharing one search
-        # would otherwise do it all in one turn of the event loop
-        fitting = await asyncio.to_thread(fit)
+            return got, chosen
+        # pricing every offer takes a millisecond or more: off the loop, and once per shared
+        # search and template shape for a burst of boots (the entry pins the search result it
+        # was made from, so an id reused later cannot match)
+        shape = (id(got), template.num_gpus, template.min_gpu_ram, template.disk_gb,
+                 tuple(template.gpu_names or ()), tuple(template.providers or ()))
+        pinned, fitting = await self._fitted.get(shape, lambda: asyncio.to_thread(fit), self.settings.offer_cache_s)
+        if pinned is not got:
+            self._fitted.forget(shape)
+            _, fitting = await asyncio.to_thread(fit)
         if not fitting:
             failed = f" ({'; '.join(got.failures.values())})" if got.failures else ""
             raise NoMatchingOffer(f"No offer fits '{template.name}' right now: it needs "
@@ -253,15 +261,15 @@ class Booting:
         first = candidates[0]
         now = self.clock.now()
 
-        def intent(s: Session) -> tuple[Instance, str | None]:
+        def intent(s: Session) -> tuple[Instance, str | None, InstanceView | None]:
             inst = self.lifecycle.write_intent(s, actor, template, first, key, cleaned, fingerprint, now)
             if not detach:
-                return inst, None
+                return inst, None, None
             op = self.operations.open(s, "boot", inst, actor.principal, now)
             s.commit()
-            return inst, op.id
+            return inst, op.id, self._views(s, [inst], actor)[0]   # the answer, in the same unit of work
         try:
-            instance, op_id = await self.db.run(intent)
+            instance, op_id, view = await self.db.run(intent)
         except IntegrityError:
             # the same key at the same moment (a double click): the first boot answers both
             if detach:
@@ -269,14 +277,13 @@ class Booting:
                 if replay is not None:
                     return replay
             return await self._wait_for_first(actor, key, fingerprint)
-        if op_id is not None:
+        if op_id is not None and view is not None:
             self.operations.changed()
             task = asyncio.create_task(self._order(actor, instance.id, op_id, template, candidates, cleaned, key,
                                                    named=named, confirmed_above=confirmed_above),
                                        name=f"gpuherd-boot-{instance.id}")
             self._ordering.add(task)
             task.add_done_callback(self._ordering.discard)
-            view = await self.db.run(lambda s: self._views(s, [get_instance(s, instance.id)], actor)[0])
             return BootResult(instance=view, offer=first, operation_id=op_id, ready=False,
                               overrides={k: str(v) for k, v in cleaned.items()}, cost=Money.of(view.dph),
                               simulated=view.simulated)

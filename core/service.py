@@ -14,12 +14,14 @@ provider calls are awaited. A process starts what it needs around this façade w
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, TypeAdapter
 from sqlalchemy import func, select
@@ -88,6 +90,7 @@ from .results import (
     UserView,
 )
 from .search import OfferSearch
+from .shared import SharedCalls
 from .statistics import StatisticsResult
 from .statistics import statistics as fleet_statistics
 from .sync import InstanceSync, Refresh
@@ -101,6 +104,20 @@ T = TypeVar("T")
 Waited = TypeVar("Waited", BootResult, StartResult)
 
 MAX_PAGE = 500
+STATUS_SHARE_S = 1.0                   # how long a shared status page (status(share=True)) is reused
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _changes(method: F) -> F:
+    """A façade method that changes instances, budgets or users: shared status pages are
+    forgotten once it is done (whether it succeeded or not)."""
+    @functools.wraps(method)
+    async def wrapped(self: GpuService, *args: Any, **kw: Any) -> Any:
+        try:
+            return await method(self, *args, **kw)
+        finally:
+            self.changed()
+    return cast(F, wrapped)
 _ANSWERS: TypeAdapter[BootResult | DestroyResult | Confirmation] = TypeAdapter(
     BootResult | DestroyResult | Confirmation)
 
@@ -137,6 +154,7 @@ class GpuService:
         self.booting = Booting(settings, db, self.clock, providers, templates, self.offers, self.lifecycle,
                                self.operations, self.costs_, self.confirmations, self.sync, self.hub, sleep)
         self.keys = KeyStore(db, self.clock, self.directory)
+        self._pages: SharedCalls[StatusResult] = SharedCalls(time.monotonic, max_entries=512)
         self.reconciler = Reconciler(settings, db, self.clock, providers, templates, self.lifecycle, self.sync,
                                      self.hub, self.capabilities)
 
@@ -202,6 +220,7 @@ class GpuService:
         return self.actor(f"local:{self.settings.local_user}", source=source,
                           display=self.settings.local_user, role_hint=self.settings.local_role)
 
+    @_changes
     async def set_user(self, actor: Actor, principal: str, *, role: str | None = None,
                        team: str | None = None) -> UserView:
         """Set a principal's role or team (admins)."""
@@ -257,6 +276,7 @@ class GpuService:
                               actions=actions)
 
     # --- boot and confirmations ----------------------------------------------------------
+    @_changes
     async def boot(self, actor: Actor, template_name: str, *, offer: str | None = None,
                    provider: str | None = None, overrides: dict[str, str] | None = None,
                    idempotency_key: str | None = None, wait: bool = False,
@@ -273,6 +293,7 @@ class GpuService:
             return await self._waited(actor, result)
         return result
 
+    @_changes
     async def confirm(self, actor: Actor, token: str, *, wait: bool = False) -> BootResult | DestroyResult | Confirmation:
         """Say yes to a stored question. The price and the budget are checked again: a price
         that rose asks again with the new figures. The same yes twice does the work once."""
@@ -294,6 +315,7 @@ class GpuService:
             return await self._waited(actor, result)
         return result
 
+    @_changes
     async def cancel(self, actor: Actor, token: str) -> Cancelled:
         """Say no: the question is closed and its sealed secrets are wiped."""
         await self.db.run(_committing(lambda s: self.confirmations.cancel(s, actor, token)))
@@ -343,12 +365,14 @@ class GpuService:
         view = await self.view(actor, instance.id)
         return result.model_copy(update={"instance": view, "ready": view.ready})
 
+    @_changes
     async def stop(self, actor: Actor, instance_id: str, *, idempotency_key: str | None = None,
                    tell: Tell | None = None) -> StopResult:
         """Stop (disk kept, storage still billed); reports the session's cost. `tell` (guards)
         phrases the notice, written in the stop's own transaction."""
         return await self.power.stop(actor, instance_id, idempotency_key=idempotency_key, tell=tell)
 
+    @_changes
     async def start(self, actor: Actor, instance_id: str, *, idempotency_key: str | None = None,
                     wait: bool = False) -> StartResult:
         """Resume a stopped instance. Returns once the provider accepted; `operation_id` follows
@@ -360,16 +384,19 @@ class GpuService:
             return waited.model_copy(update={"waited_s": round(self.clock.monotonic() - began, 1)})
         return result
 
+    @_changes
     async def destroy(self, actor: Actor, instance_id: str, *, confirmed: bool = False,
                       idempotency_key: str | None = None, tell: Tell | None = None) -> DestroyResult | Confirmation:
         """Destroy (no further charges). Without `confirmed` it asks (a stored confirmation)."""
         return await self.power.destroy(actor, instance_id, confirmed=confirmed, idempotency_key=idempotency_key,
                                         tell=tell)
 
+    @_changes
     async def keep(self, actor: Actor, instance_id: str, duration: str | None = None) -> KeepResult:
         """Postpone idle shutdown (1 h by default, at most 7 days)."""
         return await self.power.keep(actor, instance_id, duration)
 
+    @_changes
     async def record_activity(self, actor: Actor, instance_id: str, source: str = "ping",
                               detail: str | None = None) -> ActivityResult:
         """An explicit sign of use (API ping, notebook heartbeat): the idle clock restarts."""
@@ -383,9 +410,28 @@ class GpuService:
                                                        self.capabilities())[0])
 
     async def status(self, actor: Actor, instance_id: str | None = None, *, include_ended: bool = False,
-                     refresh: bool = True, limit: int = 100, cursor: str | None = None) -> StatusResult:
-        """Instances, newest first, one page. `instance_id` asks the provider for that one only."""
+                     refresh: bool = True, limit: int = 100, cursor: str | None = None,
+                     share: bool = False) -> StatusResult:
+        """Instances, newest first, one page. `instance_id` asks the provider for that one only.
+        `share` (an API polled by dashboards and panels): the same page asked by the same person
+        within `STATUS_SHARE_S` is built once and answered to all of them; any change made
+        through this service forgets the shared pages, another replica's change shows within
+        that window."""
         actor.require(Role.VIEWER, "viewing status")
+        if share and instance_id is None:
+            key = (actor.principal, actor.role, actor.team, include_ended, refresh, limit, cursor)
+            return await self._pages.get(key, lambda: self._status(actor, None, include_ended=include_ended,
+                                                                   refresh=refresh, limit=limit, cursor=cursor),
+                                         STATUS_SHARE_S)
+        return await self._status(actor, instance_id, include_ended=include_ended, refresh=refresh, limit=limit,
+                                  cursor=cursor)
+
+    def changed(self) -> None:
+        """Something was changed through this service: shared status pages are out of date."""
+        self._pages.clear()
+
+    async def _status(self, actor: Actor, instance_id: str | None, *, include_ended: bool, refresh: bool,
+                      limit: int, cursor: str | None) -> StatusResult:
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"Show between 1 and {MAX_PAGE} instances a page, not {limit}.")
         after = _read_cursor(cursor)
@@ -447,10 +493,12 @@ class GpuService:
         """This month's budgets and their use (admins see all)."""
         return await self.costs_.budgets(actor)
 
+    @_changes
     async def set_budget(self, actor: Actor, scope: str, name: str, amount: str, hard_cap: bool | None = None) -> BudgetResult:
         """Set a team's or user's monthly budget (admins)."""
         return await self.costs_.set_budget(actor, scope, name, amount, hard_cap)
 
+    @_changes
     async def clear_budget(self, actor: Actor, scope: str, name: str) -> BudgetResult:
         """Remove a budget (admins)."""
         return await self.costs_.clear_budget(actor, scope, name)
@@ -519,11 +567,13 @@ class GpuService:
             return []
         return (await self.reconcile()).adopted
 
+    @_changes
     async def reconcile(self, actor: Actor | None = None) -> ReconcileResult:
         """Compare every provider's machines with the database (see core.reconcile)."""
         result = await self.reconciler.run(actor)
         return result.model_copy(update={"simulated": self.simulated})
 
+    @_changes
     async def attach(self, actor: Actor, ref: str, *, template: str | None = None, idle: str | None = None,
                      owner: str | None = None) -> AttachResult:
         """Put a machine created elsewhere under gpuherd's guards and ledger (admins)."""

@@ -30,6 +30,7 @@ Decisions:
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -175,9 +176,28 @@ async def list_instances(request: Request, actor: CurrentActor,
                          limit: Annotated[int, Query(ge=1, le=500)] = 100, cursor: Cursor = None,
                          include_ended: Annotated[bool, Query(description="destroyed and failed too")] = False,
                          refresh: Annotated[bool, Query(description="ask the providers for the page's "
-                                                                    "states first")] = True) -> StatusResult:
-    return await get_service(request).status(actor, include_ended=include_ended, refresh=refresh, limit=limit,
-                                             cursor=cursor)
+                                                                    "states first")] = True) -> Any:
+    """Shared (core's `status(share=True)`): a page polled by many of one person's clients at
+    once is built once a second; its JSON is rendered once per page built."""
+    result = await get_service(request).status(actor, include_ended=include_ended, refresh=refresh, limit=limit,
+                                               cursor=cursor, share=True)
+    return Response(_rendered(result), media_type="application/json")
+
+
+_RENDERED: OrderedDict[int, tuple[BaseModel, bytes]] = OrderedDict()
+
+
+def _rendered(result: BaseModel) -> bytes:
+    """The JSON of a result, remembered by identity for the last pages answered (the entry
+    holds the result, so its id cannot be reused while remembered)."""
+    hit = _RENDERED.get(id(result))
+    if hit is not None and hit[0] is result:
+        return hit[1]
+    body = result.model_dump_json().encode()
+    _RENDERED[id(result)] = (result, body)
+    while len(_RENDERED) > 64:
+        _RENDERED.popitem(last=False)
+    return body
 
 
 @router.get("/instances/{instance_id}", response_model=InstanceView, responses=RESPONSES, tags=["instances"],
