@@ -116,7 +116,7 @@ class Booting:
         self.sync = sync
         self.hub = hub
         self._sleep = sleep
-        self._ordering: set[asyncio.Task[BootResult]] = set()   # detached boots still calling a provider
+        self._ordering: set[asyncio.Task[None]] = set()   # detached boots still calling a provider
         self._fitted: SharedCalls[tuple[object, list[Offer]]] = SharedCalls(clock.monotonic, max_entries=64)
 
     def _views(self, s: Session, rows: list[Instance], actor: Actor | None) -> list[InstanceView]:
@@ -287,31 +287,27 @@ class Booting:
             return BootResult(instance=view, offer=first, operation_id=op_id, ready=False,
                               overrides={k: str(v) for k, v in cleaned.items()}, cost=Money.of(view.dph),
                               simulated=view.simulated)
-        return await self._order(actor, instance.id, None, template, candidates, cleaned, key, named=named,
-                                 confirmed_above=confirmed_above)
+        return await self._try_candidates(actor, instance.id, None, template, candidates, cleaned, key, named=named,
+                                          confirmed_above=confirmed_above)
 
-    async def _order(self, actor: Actor, instance_id: str, op_id: str | None, template: Template,
+    async def _order(self, actor: Actor, instance_id: str, op_id: str, template: Template,
                      candidates: list[Offer], cleaned: dict, key: str, *, named: bool,
-                     confirmed_above: Decimal | None) -> BootResult:
-        """Ask the providers for the machine (the intent is written). With `op_id` this runs
-        detached from the request that asked: a failure ends the operation (and tells the owner)
-        instead of raising to a caller who has long had their answer."""
+                     confirmed_above: Decimal | None) -> None:
+        """A detached boot's provider calls (the intent and operation are written, the caller
+        has its answer): a failure ends the operation and tells the owner, nothing is raised.
+        The readiness watcher may see the failed record first and end the operation itself; its
+        final event carries the same reason (the record's status message)."""
         first = candidates[0]
         try:
-            return await self._try_candidates(actor, instance_id, op_id, template, candidates, cleaned, key, named=named,
-                                              confirmed_above=confirmed_above)
+            await self._try_candidates(actor, instance_id, op_id, template, candidates, cleaned, key, named=named,
+                                       confirmed_above=confirmed_above)
         except GpuherdError as exc:
-            if op_id is None:
-                raise
-            await self.operations.fail(op_id, f"{instance_id}: the boot on {first.provider} failed: {exc.message}")
-            raise
+            await self.operations.fail(op_id, f"{instance_id}: the boot failed: {exc.message}")
         except Exception:
-            if op_id is not None:
-                log.exception("detached boot of %s failed", instance_id)
-                err = ProviderError(first.provider, "create failed unexpectedly; see gpuherd's log")
-                await self.db.run(lambda s: self.lifecycle.mark_failed(s, actor, instance_id, err, self.clock.now()))
-                await self.operations.fail(op_id, f"{instance_id}: the boot failed: {err.message}")
-            raise
+            log.exception("detached boot of %s failed", instance_id)
+            err = ProviderError(first.provider, "create failed unexpectedly; see gpuherd's log")
+            await self.db.run(lambda s: self.lifecycle.mark_failed(s, actor, instance_id, err, self.clock.now()))
+            await self.operations.fail(op_id, f"{instance_id}: the boot failed: {err.message}")
 
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Let detached boots finish their provider call before the process leaves (an order cut

@@ -185,8 +185,7 @@ class Operations:
             return False
         if state.is_final or state in (InstanceState.STOPPED, InstanceState.STOPPING, InstanceState.DESTROYING,
                                        InstanceState.ERROR):
-            return await self._end(op.id, ok=False, text=f"{inst.id} is {state.value}; it never became ready.",
-                                   provider_state=state.value)
+            return await self._end(op.id, ok=False, text=_never_ready(inst), provider_state=state.value)
         provider = self.providers.get(inst.provider)
         pinst: ProviderInstance | None = None
         try:
@@ -215,8 +214,7 @@ class Operations:
             if healthy:
                 return await self._end(op.id, ok=True, text=f"{inst.id}: healthy", provider_state=state.value)
         if state.is_final or state in (InstanceState.STOPPED, InstanceState.ERROR):
-            return await self._end(op.id, ok=False, text=f"{inst.id} is {state.value}; it never became ready.",
-                                   provider_state=state.value)
+            return await self._end(op.id, ok=False, text=_never_ready(inst), provider_state=state.value)
         phase = _PHASES.get(state)
         if phase is not None and phase.value != op.phase:
             await self._progress(op.id, phase, state.value, f"{inst.id}: {state.value}")
@@ -348,6 +346,12 @@ class Operations:
             except TimeoutError:
                 pass
         self.watched_here = False
+
+
+def _never_ready(inst: Instance) -> str:
+    if inst.state_enum is InstanceState.FAILED and inst.status_message:
+        return f"{inst.id}: the boot failed: {inst.status_message}"
+    return f"{inst.id} is {inst.state}; it never became ready."
 
 
 def _load(s: Session, operation_id: str) -> tuple[OperationRecord, Instance] | None:
