@@ -12,7 +12,7 @@ Decisions:
   key they hold. Creating a key for an unknown principal records the user with the key's role
   (or the default role).
 - Resolved keys are remembered for `CACHE_S` seconds per process, so a burst of requests costs
-  one lookup; a revoke or a role change therefore takes effect within that time on every
+  one lookup (and concurrent lookups of one key share one); a revoke or a role change therefore takes effect within that time on every
   replica (and at once on the replica that made it). `last_used_at` is written at most once a
   minute per key (cached hits write nothing).
 - Nothing here logs, audits or returns the key after `create`; errors name the key id at most.
@@ -20,6 +20,8 @@ Decisions:
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import hmac
 import re
@@ -77,6 +79,7 @@ class KeyStore:
         self.clock = clock
         self.directory = directory
         self._cache: dict[str, _Resolved] = {}
+        self._flights: dict[str, asyncio.Future[Actor]] = {}
 
     async def create(self, actor: Actor, principal: str, *, role: str | None = None, name: str = "") -> CreatedKey:
         actor.require(Role.ADMIN, "creating API keys")
@@ -159,8 +162,20 @@ class KeyStore:
                 s.commit()
             return Actor(principal=user.principal, role=role, team=user.team, source=source,
                          display=user.display)
-        actor = await self.db.run(work)
+        # concurrent requests with the same key when its cache entry ran out (a dashboard's
+        # burst every CACHE_S) share one lookup instead of queueing a hundred
+        flight = self._flights.get(presented)
+        if flight is None:
+            flight = asyncio.ensure_future(self.db.run(work))
+            self._flights[presented] = flight
+            flight.add_done_callback(functools.partial(self._landed, presented))
+        actor = await asyncio.shield(flight)
         if len(self._cache) > 10_000:
             self._cache.clear()
         self._cache[presented] = _Resolved(actor, time.monotonic())
         return actor
+
+    def _landed(self, presented: str, flight: asyncio.Future[Actor]) -> None:
+        self._flights.pop(presented, None)
+        if not flight.cancelled():
+            flight.exception()   # retrieved: a lookup whose waiters all left must not warn later
