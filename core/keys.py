@@ -12,8 +12,8 @@ Decisions:
   key they hold. Creating a key for an unknown principal records the user with the key's role
   (or the default role).
 - Resolved keys are remembered for `CACHE_S` seconds per process, so a burst of requests costs
-  one lookup (and concurrent lookups of one key share one); a revoke or a role change therefore takes effect within that time on every
-  replica (and at once on the replica that made it). `last_used_at` is written at most once a
+  one lookup (and concurrent lookups of one key share one); a revoke or a role change therefore
+  takes effect within that time on every replica (and at once on the replica that made it). `last_used_at` is written at most once a
   minute per key (cached hits write nothing).
 - Nothing here logs, audits or returns the key after `create`; errors name the key id at most.
 """
