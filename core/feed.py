@@ -27,13 +27,12 @@ Decisions:
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from sqlalchemy import exists, func, or_, select
 from sqlmodel import Session, col
 
@@ -43,7 +42,7 @@ from .clock import as_utc
 from .errors import InvalidInput
 from .models import Instance, NoticeDelivery, NoticeRecord, OperationEvent, OperationRecord
 from .operations import _event_model
-from .outbox import Level, audience
+from .outbox import Level, audience, stored_actions
 from .results import ProgressEvent
 
 log = logging.getLogger(__name__)
@@ -97,25 +96,11 @@ def read_cursor(cursor: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _actions(raw: str, notice_id: int | None) -> list[Action]:
-    try:
-        items = json.loads(raw or "[]")
-    except ValueError:
-        return []
-    out: list[Action] = []
-    for item in items if isinstance(items, list) else []:
-        try:
-            out.append(Action.model_validate(item))
-        except ValidationError:  # written by another version: the notice still shows, without it
-            log.info("notice %s: dropped an action that no longer parses", notice_id)
-    return out
-
-
 def _notice(n: NoticeRecord) -> FeedNotice:
     assert n.id is not None
     return FeedNotice(id=n.id, notice_kind=n.kind, level=_LEVELS.get(n.level, "info"), text=n.text,
                       instance_id=n.instance_id, created_at=as_utc(n.created_at), simulated=n.simulated,
-                      actions=_actions(n.actions, n.id))
+                      actions=stored_actions(n.actions, n.id))
 
 
 def high_water(s: Session) -> tuple[int, int]:

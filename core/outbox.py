@@ -301,7 +301,8 @@ class _Batch:
     groups: list[tuple[DeliveredNotice, list[_Row]]]
 
 
-def _actions(raw: str, notice_id: int) -> list[Action]:
+def stored_actions(raw: str, notice_id: int | None) -> list[Action]:
+    """A notice's actions as stored (JSON); one that no longer parses is dropped, the notice kept."""
     out: list[Action] = []
     try:
         items: Any = json.loads(raw or "[]")
@@ -466,7 +467,7 @@ class Deliverer:
                                level=_level(n.level),
                                created_at=as_utc(n.created_at), instance_id=n.instance_id, owner=n.owner,
                                team=n.team, actor=n.actor, simulated=n.simulated,
-                               actions=_actions(n.actions, n.id), targets=[r.target for r in rows],
+                               actions=stored_actions(n.actions, n.id), targets=[r.target for r in rows],
                                attempt=max(r.attempts for r in rows) + 1)
 
     def _delivered(self, ids: list[int], until: datetime, s: Session) -> int:

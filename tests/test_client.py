@@ -18,7 +18,8 @@ from gpuherd.client import ApiError, AsyncClient, Client
 from gpuherd.core.errors import InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from gpuherd.core.feed import FeedNotice
 from gpuherd.core.results import BootResult, InstanceView, ProgressEvent, SearchResult, StatusResult, StopResult
-from tests.test_http_stream import LiveServer, live  # noqa: F401  (the fixture)
+from tests.live_server import LiveServer
+from tests.test_http_stream import live  # noqa: F401  (the fixture)
 
 
 async def test_async_client_search_boot_status_stop(live: LiveServer) -> None:  # noqa: F811

@@ -12,13 +12,8 @@ input checks (400 with core's message), an unknown instance (404), the rate limi
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import threading
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -26,92 +21,21 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from gpuherd.bot.http.app import create_app
 from gpuherd.bot.http.routes_api import search_text
-from gpuherd.core.config import Settings
 from gpuherd.core.models import Activity, ApiKeyRecord, AuditEvent, Budget, Instance, User
-from gpuherd.core.runtime import Runtime
-from gpuherd.core.service import GpuService
+from tests.live_server import LiveServer, start_live, stop_live
 
 PROBLEM = "application/problem+json"
 COUNTED = (Instance, Budget, User, ApiKeyRecord)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Live:
-    url: str
-    service: GpuService
-    app: FastAPI
-    keys: dict[str, str]
-    server: uvicorn.Server
-    thread: threading.Thread
-
-    def client(self, who: str | None = "admin", **headers: str) -> httpx.Client:
-        auth = {"Authorization": f"Bearer {self.keys[who]}"} if who else {}
-        return httpx.Client(base_url=self.url + "/api/v1", headers={**auth, **headers}, timeout=30)
-
-    def counts(self) -> dict[str, int]:
-        """Rows in the tables a refused request must not touch."""
-        with self.service.db.session() as s:
-            return {m.__tablename__: int(s.execute(select(func.count()).select_from(m)).scalar_one())  # type: ignore[attr-defined]
-                    for m in COUNTED}
-
-
-def start_live(tmp_path: Path, db_url: str, **settings: Any) -> Live:
-    """A service on `db_url`, four keys (admin, member alice, member bob, viewer) and the server."""
-    config = Settings(home=tmp_path / "home", database_url=db_url, local_user="root", local_role="admin",
-                      sandbox_time_scale=0, poll_interval_s=0.05, boot_timeout_s=30, **settings)
-    service = GpuService.from_settings(config)
-
-    async def setup() -> dict[str, str]:
-        root = service.local_actor("cli")
-        made = {}
-        for name, role, team in (("admin", "admin", "ops"), ("alice", "member", "ml"), ("bob", "member", "vision"),
-                                 ("viewer", "viewer", "ml")):
-            await service.set_user(root, f"api:{name}", role=role, team=team)
-            made[name] = (await service.create_key(root, f"api:{name}")).key
-        return made
-
-    keys = asyncio.run(setup())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with Runtime(service, close_service=False):
-            yield
-
-    app = create_app(service, lifespan=lifespan)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    return Live(f"http://127.0.0.1:{port}", service, app, keys, server, thread)
-
-
-def stop_live(live: Live) -> None:
-    live.server.should_exit = True
-    live.thread.join(timeout=20)
-    assert not live.thread.is_alive(), "the server did not shut down"
-    asyncio.run(live.service.aclose())
+Live = LiveServer
 
 
 @pytest.fixture
-def live(tmp_path: Path, db_url: str) -> Iterator[Live]:
+def live(tmp_path: Path, db_url: str) -> Iterator[LiveServer]:
     server = start_live(tmp_path, db_url)
     try:
         yield server

@@ -33,7 +33,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.test_http_api import Live, start_live, stop_live
+from tests.live_server import LiveServer as Live
+from tests.live_server import start_live, stop_live
 
 EXCLUDED = ("/api/v1/events",)          # a Server-Sent Events stream (test_http_stream.py)
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}

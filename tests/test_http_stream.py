@@ -3,118 +3,33 @@ a loopback port in a thread, the core's Runtime in the app's lifespan (so the re
 drives boots to healthy as in `gpuherd serve`), over real HTTP with httpx, on SQLite and
 PostgreSQL.
 
-`LiveServer` is shared with tests/test_client.py."""
+The server is tests/live_server.py's, shared with the other HTTP tests."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
-from fastapi import FastAPI
 
-from gpuherd.bot.http.app import create_app
-from gpuherd.bot.http.routes_stream import open_streams, stop_streams
-from gpuherd.core.config import Settings
-from gpuherd.core.runtime import Runtime
-from gpuherd.core.service import GpuService
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server(uvicorn.Server):
-    """uvicorn that ends the event streams first when it shuts down (as `gpuherd serve` must)."""
-
-    app: FastAPI
-
-    async def shutdown(self, sockets: Any = None) -> None:
-        stop_streams(self.app)
-        await super().shutdown(sockets)
-
-
-@dataclass
-class LiveServer:
-    url: str
-    service: GpuService
-    app: FastAPI
-    keys: dict[str, str]              # name -> API key
-    thread: threading.Thread
-    server: _Server
-
-    def headers(self, who: str, **extra: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.keys[who]}", **extra}
-
-
-def start_server(tmp_path: Path, db_url: str) -> LiveServer:
-    settings = Settings(home=tmp_path / "home", database_url=db_url, local_user="root", local_role="admin",
-                        sandbox_time_scale=0.002, poll_interval_s=0.05, boot_timeout_s=60)
-    service = GpuService.from_settings(settings)
-
-    async def setup() -> dict[str, str]:
-        root = service.local_actor("cli")
-        await service.set_user(root, "api:alice", role="member", team="ml")
-        await service.set_user(root, "api:bob", role="member", team="vision")
-        await service.set_user(root, "api:admin", role="admin", team="ops")
-        await service.set_user(root, "api:viewer", role="viewer", team="ml")
-        keys = {}
-        for name in ("alice", "bob", "admin", "viewer"):
-            keys[name] = (await service.create_key(root, f"api:{name}")).key
-        return keys
-
-    keys = asyncio.run(setup())
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with Runtime(service, close_service=False):
-            yield
-
-    app = create_app(service, lifespan=lifespan)
-    app.state.stream_poll_s = 0.1
-    app.state.stream_heartbeat_s = 0.5
-    port = _free_port()
-    server = _Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
-                                    timeout_graceful_shutdown=5))
-    server.app = app
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.02)
-    return LiveServer(url=f"http://127.0.0.1:{port}", service=service, app=app, keys=keys, thread=thread,
-                      server=server)
-
-
-def stop_server(live: LiveServer) -> None:
-    live.server.should_exit = True
-    live.thread.join(timeout=20)
-    assert not live.thread.is_alive(), "the server did not shut down"
-    asyncio.run(live.service.aclose())
+from gpuherd.bot.http.routes_stream import open_streams
+from tests.live_server import LiveServer, start_live, stop_live
 
 
 @pytest.fixture
 def live(tmp_path: Path, db_url: str) -> Iterator[LiveServer]:
-    server = start_server(tmp_path, db_url)
+    server = start_live(tmp_path, db_url, time_scale=0.002, boot_timeout_s=60)
     try:
         yield server
     finally:
-        stop_server(server)
+        stop_live(server)
 
 
 # --- SSE reading -------------------------------------------------------------------------------
