@@ -42,6 +42,18 @@ def _isolated_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _collector_as_it_was() -> Iterator[None]:
+    """A test that runs a serving entry point in-process (the CLI's shell) sets the collector up
+    as a server does (core/collector.py); later tests get CPython's settings back."""
+    import gc
+    before = gc.get_threshold()
+    yield
+    if gc.get_threshold() != before:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
 def _pg_database() -> Iterator[str]:
     """A fresh schema on the CI PostgreSQL for one test, dropped afterwards."""
     assert PG_URL
