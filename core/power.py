@@ -158,13 +158,26 @@ class Power:
         finally:
             self.sync.forget_listings()
 
-    async def _claim(self, claim: Callable[[Session], T]) -> T:
-        for _ in range(CLAIM_TRIES - 1):
+    async def _claim(self, claim: Callable[[Session], T], actor: Actor, key: str | None, action: str,
+                     instance_id: str, model: type[R], guess: str = "") -> T | R:
+        """Run a transition's claim: a lost version race is tried again on a fresh read (see
+        `_Lost`); a claim that still loses answers with the first request's result when the
+        same key is in flight (a double click), else refuses."""
+        for attempt in range(CLAIM_TRIES):
             try:
                 return await self.db.run(claim)
             except _Lost:
-                continue
-        return await self.db.run(claim)
+                if attempt < CLAIM_TRIES - 1:
+                    continue
+                lost: _Changed = _Changed(instance_id)
+            except _Changed as exc:
+                lost = exc
+            break
+        found = await self._first_answer(actor, key, action, instance_id, model)
+        if found is not None:
+            return found
+        raise Conflict(f"{lost.instance_id} changed while you asked{f' {guess}' if guess else ''}; "
+                       "look at its status.")
 
     async def stop(self, actor: Actor, instance_id: str, *, idempotency_key: str | None = None,
                    tell: Tell | None = None) -> StopResult:
@@ -192,14 +205,8 @@ class Power:
             if not self.lifecycle.claim(s, inst, InstanceState.STOPPING, now):
                 raise _Lost(inst.id)
             return inst, previous
-        try:
-            got = await self._claim(claim)
-        except _Changed as exc:
-            found = await self._first_answer(actor, idempotency_key, "stop", instance_id, StopResult)
-            if found is not None:
-                return found
-            raise Conflict(f"{exc.instance_id} changed while you asked (another stop or start?); "
-                           "look at its status.") from None
+        got = await self._claim(claim, actor, idempotency_key, "stop", instance_id, StopResult,
+                                "(another stop or start?)")
         if isinstance(got, StopResult):
             return got
         inst, previous = got
@@ -253,13 +260,7 @@ class Power:
             if not self.lifecycle.claim(s, inst, InstanceState.STARTING, now):
                 raise _Lost(inst.id)
             return inst
-        try:
-            got = await self._claim(claim)
-        except _Changed as exc:
-            found = await self._first_answer(actor, idempotency_key, "start", instance_id, StartResult)
-            if found is not None:
-                return found
-            raise Conflict(f"{exc.instance_id} changed while you asked; look at its status.") from None
+        got = await self._claim(claim, actor, idempotency_key, "start", instance_id, StartResult)
         if isinstance(got, StartResult):
             return got
         inst = got
@@ -311,13 +312,7 @@ class Power:
             if not self.lifecycle.claim(s, inst, InstanceState.DESTROYING, now):
                 raise _Lost(inst.id)
             return inst, previous
-        try:
-            got = await self._claim(claim)
-        except _Changed as exc:
-            found = await self._first_answer(actor, idempotency_key, "destroy", instance_id, DestroyResult)
-            if found is not None:
-                return found
-            raise Conflict(f"{exc.instance_id} changed while you asked; look at its status.") from None
+        got = await self._claim(claim, actor, idempotency_key, "destroy", instance_id, DestroyResult)
         if not isinstance(got, tuple):
             return got
         inst, previous = got
