@@ -69,7 +69,8 @@ class Server:
         async with httpx.AsyncClient() as c:
             while time.monotonic() < until:
                 if self.proc.poll() is not None:
-                    raise SystemExit(f"gpuherd serve exited: {self.proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+                    err = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise SystemExit(f"gpuherd serve exited: {err[-2000:]}")
                 try:
                     if (await c.get(f"{self.base}/health", timeout=1)).status_code == 200:
                         return

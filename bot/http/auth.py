@@ -85,9 +85,8 @@ async def current_actor(request: Request,
     """The caller, resolved from its key; rate-limited per key before anything runs."""
     key = presented_key(bearer_cred, header_key)
     key_id = key_id_of(key)
-    if key_id is None:
-        raise Unauthenticated("That is not a gpuherd API key (they look like ghk_k…_…).")
-    request.app.state.limiter.take(key_id)
+    if key_id is not None:            # a malformed key is refused by core below, before any lookup
+        request.app.state.limiter.take(key_id)
     actor = await get_service(request).actor_for_key(key, source="api")
     request.state.actor = actor
     return actor
