@@ -222,13 +222,23 @@ class Power:
             view = build_views(s, [row], now, actor, self.providers.capabilities())[0]
             result = StopResult(instance=view, session_cost=cost, session_s=seconds,
                                 storage=Money.of(from_micros(row.storage_dph_micros)), simulated=row.simulated)
-            self._remember(s, idempotency_key, "stop", actor, row.id, result)
-            draft = _notice(s, actor, row, result, tell, "stopped", f"session cost {usd(cost)}")
-            if draft is not None:  # a system actor without `tell` reports its own action
-                self.lifecycle.notify(s, now, draft)
-            s.commit()
-            return result, draft
-        result, draft = await self.db.run(finish)
+            return self._settled(s, actor, row, result, idempotency_key, "stop", tell, "stopped",
+                                 f"session cost {usd(cost)}", now)
+        return await self._told(await self.db.run(finish), now)
+
+    def _settled(self, s: Session, actor: Actor, row: Instance, result: R, key: str | None, action: str,
+                 tell: Tell | None, verb: str, cost_words: str, now: datetime) -> tuple[R, NoticeDraft | None]:
+        """The end of a stop or destroy, in its transaction: the answer a repeated key gets, the
+        notice (a system actor without `tell` reports its own action), one commit."""
+        self._remember(s, key, action, actor, row.id, result)
+        draft = _notice(s, actor, row, result, tell, verb, cost_words)
+        if draft is not None:
+            self.lifecycle.notify(s, now, draft)
+        s.commit()
+        return result, draft
+
+    async def _told(self, done: tuple[R, NoticeDraft | None], now: datetime) -> R:
+        result, draft = done
         if draft is not None:
             await self.hub.publish_draft(draft, now)
         return result
@@ -328,16 +338,9 @@ class Power:
             self._end_operations(s, row.id, now)
             view = build_views(s, [row], now, actor, self.providers.capabilities())[0]
             result = DestroyResult(instance=view, total_cost=total, simulated=row.simulated)
-            self._remember(s, idempotency_key, "destroy", actor, row.id, result)
-            draft = _notice(s, actor, row, result, tell, "destroyed", f"total cost {usd(total)}")
-            if draft is not None:  # a system actor without `tell` reports its own action
-                self.lifecycle.notify(s, now, draft)
-            s.commit()
-            return result, draft
-        result, draft = await self.db.run(finish)
-        if draft is not None:
-            await self.hub.publish_draft(draft, now)
-        return result
+            return self._settled(s, actor, row, result, idempotency_key, "destroy", tell, "destroyed",
+                                 f"total cost {usd(total)}", now)
+        return await self._told(await self.db.run(finish), now)
 
     # --- keep / activity -----------------------------------------------------------------
     async def keep(self, actor: Actor, instance_id: str, duration: str | None = None) -> KeepResult:
