@@ -69,7 +69,7 @@ from .sync import InstanceSync
 from .telemetry import TELEMETRY
 from .templates import MASK, Template, TemplateCatalog, is_secret_env, validate_overrides
 from .text import clip
-from .views import build_views
+from .views import build_views, fresh_view
 
 log = logging.getLogger(__name__)
 BOOT_CANDIDATES = 3                    # offers tried in turn when one is taken (capacity error)
@@ -262,12 +262,16 @@ class Booting:
         now = self.clock.now()
 
         def intent(s: Session) -> tuple[Instance, str | None, InstanceView | None]:
-            inst = self.lifecycle.write_intent(s, actor, template, first, key, cleaned, fingerprint, now)
+            inst = self.lifecycle.write_intent(s, actor, template, first, key, cleaned, fingerprint, now,
+                                               commit=not detach)
             if not detach:
                 return inst, None, None
             op = self.operations.open(s, "boot", inst, actor.principal, now)
+            # the answer, built before the commit expires the rows (no re-read, no query)
+            view = fresh_view(inst, self.clock.now(), op.id, actor, self.providers.capabilities())
+            op_id = op.id
             s.commit()
-            return inst, op.id, self._views(s, [inst], actor)[0]   # the answer, in the same unit of work
+            return inst, op_id, view
         try:
             instance, op_id, view = await self.db.run(intent)
         except IntegrityError:

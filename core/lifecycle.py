@@ -127,8 +127,10 @@ class Lifecycle:
 
     # --- boot --------------------------------------------------------------------------------
     def write_intent(self, s: Session, actor: Actor, template: Template, offer: Offer, key: str,
-                     cleaned: dict[str, Any], req_hash: str, now: datetime) -> Instance:
-        """The intent row, committed before the provider is called."""
+                     cleaned: dict[str, Any], req_hash: str, now: datetime, *, commit: bool = True) -> Instance:
+        """The intent row, committed before the provider is called. `commit=False`: the caller
+        commits it together with what it adds (a detached boot's operation), one transaction
+        instead of two and no re-read of the row after the first commit."""
         inst = Instance(id=fresh_id(s), idempotency_key=key, provider=offer.provider,
                         offer_id=offer.offer_id, owner=actor.principal, team=actor.team,
                         template=template.name, state=InstanceState.PENDING.value,
@@ -142,7 +144,8 @@ class Lifecycle:
                         destroy_after_stopped_s=_seconds(template.destroy_after_stopped),
                         created_at=now, updated_at=now)
         s.add(inst)
-        s.commit()
+        if commit:
+            s.commit()
         return inst
 
     def record_created(self, s: Session, actor: Actor, instance_id: str, offer: Offer, pinst: ProviderInstance,

@@ -78,6 +78,14 @@ def build_views(s: Session, rows: Sequence[Instance], now: datetime, actor: Acto
                   caps.get(inst.provider, default)) for inst in rows]
 
 
+def fresh_view(inst: Instance, now: datetime, operation_id: str, actor: Actor | None,
+               caps: dict[str, Capabilities]) -> InstanceView:
+    """The view of an intent written in this unit of work: it has no billing segment yet and its
+    one open operation is known, so neither of `build_views`' queries is needed (a burst of boots
+    answers each 202 sooner)."""
+    return _view(inst, now, Decimal(0), operation_id, actor, caps.get(inst.provider, Capabilities()))
+
+
 def _view(inst: Instance, now: datetime, accrued: Decimal, operation_id: str | None, actor: Actor | None,
           caps: Capabilities) -> InstanceView:
     state = inst.state_enum

@@ -63,3 +63,21 @@ async def test_a_refusal_after_the_answer_ends_the_operation_and_tells_the_team(
     with service.db.session() as s:
         notices = list(s.execute(select(NoticeRecord).where(NoticeRecord.kind == "boot.failed")).scalars())
     assert len(notices) == 1 and notices[0].instance_id == got.instance.id and notices[0].team == member.team
+
+
+async def test_the_answer_of_a_detached_boot_is_the_view_the_database_gives(service, member, sandbox):
+    """The 202's view is built without a query (`views.fresh_view`); it must equal what
+    `build_views` reads back for the same row at the same moment."""
+    from gpuherd.core.views import build_views
+
+    sandbox.latency_s = 0.3
+    got = await service.boot(member, "budget", detach=True)
+    assert isinstance(got, BootResult)
+    with service.db.session() as s:
+        row = s.get(Instance, got.instance.id)
+        assert row is not None
+        read = build_views(s, [row], service.clock.now(), member, service.providers.capabilities())[0]
+    await service.booting.drain()
+    fields = set(type(read).model_fields) - {"uptime_s", "idle_for_s"}
+    assert read.operation_id == got.operation_id
+    assert {f: getattr(got.instance, f) for f in fields} == {f: getattr(read, f) for f in fields}

@@ -193,6 +193,12 @@ class RouteTemplates:
             self._known = [(p, compile_path(p)[0]) for p in sorted(paths)]
         return self._known
 
+    def warm(self) -> None:
+        """Build the template list now (it renders the OpenAPI schema, a few hundred
+        milliseconds of CPU): the server calls this before it accepts requests, so no request
+        pays it on the loop."""
+        self._templates()
+
     def resolve(self, route: object, path: str) -> str:
         own = getattr(route, "path", None)
         if not isinstance(own, str) or not own:

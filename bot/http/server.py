@@ -46,6 +46,7 @@ from gpuherd.core.runtime import Runtime
 from gpuherd.core.service import GpuService
 
 from .app import create_app
+from .metrics import app_metrics
 from .routes_stream import stop_streams
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def make_app(service: GpuService, *, prepare: list[Prepare] | None = None) -> Fa
         runtime = Runtime(service, tune_collector=True)
         for hook in prepare or ():
             hook(runtime)
+        app_metrics(app).routes.warm()     # before the first request, not during it
         async with runtime:
             app.state.runtime = runtime
             log.info("runtime started as %s (%s)", runtime.identity,
