@@ -10,6 +10,7 @@ from sqlmodel import Session
 
 from .errors import InvalidInput, PermissionDenied
 from .models import Instance, Role, User
+from .text import MAX_NAME, clip
 
 SOURCES = ("shell", "cli", "slack", "discord", "api", "notebook", "system")
 
@@ -39,6 +40,30 @@ class Actor:
         return self.role is Role.ADMIN or (self.role is Role.MEMBER and instance.owner == self.principal)
 
 
+MAX_TEAM = 64
+
+
+def check_principal(principal: str) -> str:
+    """A principal that may be stored: 1 to 128 characters, no spaces and no control characters
+    (PostgreSQL refuses NUL; a line break would forge lines in logs and replies). Every way a
+    principal gets into the database (users set, keys create, first sight in chat) passes here."""
+    if not principal or len(principal) > MAX_NAME or not principal.isprintable() \
+            or any(c.isspace() for c in principal):
+        shown = f" ('{clip(principal)}')" if principal else ""
+        raise InvalidInput(f"That user id{shown} cannot be used: name a principal such as api:alice or "
+                           f"slack:U123 (no spaces or control characters, at most {MAX_NAME} characters).")
+    return principal
+
+
+def check_team(team: str) -> str:
+    """A team name that may be stored: 1 to 64 printable characters."""
+    if not team or len(team) > MAX_TEAM or not team.isprintable():
+        shown = f" ('{clip(team)}')" if team else ""
+        raise InvalidInput(f"That team name{shown} cannot be used: 1 to {MAX_TEAM} characters, no control "
+                           "characters.")
+    return team
+
+
 def system_actor(name: str = "system") -> Actor:
     return Actor(principal=f"system:{name}", role=Role.ADMIN, team="*", source="system")
 
@@ -54,8 +79,7 @@ class Directory:
 
     def resolve(self, session: Session, principal: str, *, source: str, now: datetime,
                 display: str = "", role_hint: str | None = None) -> Actor:
-        if not principal or len(principal) > 128:
-            raise InvalidInput("A user id is needed (at most 128 characters).")
+        check_principal(principal)
         user = session.get(User, principal)
         if user is None:
             role = Role(role_hint) if role_hint else self.default_role
@@ -72,8 +96,11 @@ class Directory:
     @staticmethod
     def set_user(session: Session, principal: str, *, role: str | None, team: str | None,
                  now: datetime) -> User:
+        check_principal(principal)
+        if team is not None:
+            check_team(team)
         if role is not None and role not in {r.value for r in Role}:
-            raise InvalidInput(f"Unknown role '{role}': use viewer, member or admin.")
+            raise InvalidInput(f"Unknown role '{clip(role, 20)}': use viewer, member or admin.")
         user = session.get(User, principal) or User(principal=principal, role=Role.MEMBER.value,
                                                     team="default", created_at=now)
         if role:

@@ -34,7 +34,7 @@ from sqlalchemy import select
 from sqlmodel import Session, col
 
 from . import audit as audit_log
-from .auth import Actor, Directory
+from .auth import Actor, Directory, check_principal
 from .clock import Clock, as_utc
 from .db import Database
 from .errors import InvalidInput, NotFound, Unauthenticated
@@ -83,9 +83,7 @@ class KeyStore:
 
     async def create(self, actor: Actor, principal: str, *, role: str | None = None, name: str = "") -> CreatedKey:
         actor.require(Role.ADMIN, "creating API keys")
-        if not principal or len(principal) > 128 or any(c.isspace() for c in principal):
-            raise InvalidInput("Name the user the key is for (a principal such as api:alice; no spaces, "
-                               "at most 128 characters).")
+        check_principal(principal)
         if role is not None and role not in {r.value for r in Role}:
             raise InvalidInput(f"Unknown role '{clip(role, 20)}': use viewer, member or admin.")
         if len(name) > MAX_NAME:

@@ -218,9 +218,10 @@ class PostgresAdvisoryLeadership(Leadership):
                 self._fail("try_acquire", exc)
                 return False
             self._last_error = None
-            if got and not self._held:
-                log.info("guard leadership acquired: %s", self._describe())
+            newly = got and not self._held
             self._held = got
+            if newly:
+                log.info("guard leadership acquired: %s", self._describe())
             return got
 
     def holds(self) -> bool:

@@ -74,6 +74,7 @@ class GuardScheduler:
                 if held:
                     self._lock.release()
         await asyncio.to_thread(self.leadership.release)
+        self.is_leader = False        # /ready and the readiness watcher must not read a released lock as held
         await self.guards.aclose()
 
     def _arm(self, when: datetime) -> None:

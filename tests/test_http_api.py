@@ -323,8 +323,15 @@ def test_no_key_bad_key_and_viewer_boot_change_nothing(live: Live) -> None:
         body = assert_problem(c.get("/instances"), 401, "unauthenticated")
         assert "API key" in body["detail"]
         assert_problem(c.post("/instances", json={"template": "budget"}), 401, "unauthenticated")
+        # a body that is not JSON is refused before FastAPI runs the key check: still 401, and
+        # nothing of what was wrong with the body is told to a caller without a key
+        junk = assert_problem(c.post("/instances", content=b"{not json", headers={"content-type": "application/json"}),
+                              401, "unauthenticated")
+        assert "errors" not in junk
+        assert_problem(c.put("/users/api:carol", json={"role": "owner"}), 401, "unauthenticated")
     with live.client(None, Authorization="Bearer not-a-key") as c:
         assert_problem(c.get("/instances"), 401, "unauthenticated")
+        assert_problem(c.post("/instances", content=b"[", headers={"content-type": "application/json"}), 401)
     with live.client(None, Authorization="Bearer ghk_k00000000_" + "A" * 43) as c:   # the right shape, unknown
         assert_problem(c.get("/statistics"), 401, "unauthenticated")
     with live.client("viewer") as c:

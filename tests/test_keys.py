@@ -9,7 +9,7 @@ import logging
 import re
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 
 from gpuherd.bot import cli
 from gpuherd.core.clock import as_utc
@@ -183,3 +183,26 @@ def test_cli_database_down_is_one_clear_line(capsys: pytest.CaptureFixture[str],
     _, err = capsys.readouterr()
     assert "The database cannot be used" in err and "GPUHERD_DATABASE_URL" in err
     assert "Traceback" not in err and "s3cret-pw" not in err
+
+
+@pytest.mark.parametrize("principal", ["", "a b", "api:al\x00ice", "api:al\nice", "x" * 129])
+async def test_a_principal_that_cannot_be_stored_is_refused_by_core_everywhere(service, admin, principal):
+    """users set, keys create and first sight go through one check (core/auth.check_principal):
+    each refuses with a message naming the rule, and nothing is written."""
+    from gpuherd.core.errors import InvalidInput
+    from gpuherd.core.models import User
+
+    with pytest.raises(InvalidInput, match="cannot be used"):
+        await service.set_user(admin, principal, role="member")
+    with pytest.raises(InvalidInput, match="cannot be used"):
+        await service.create_key(admin, principal)
+    with service.db.session() as s:
+        assert all(u.principal != principal for u in s.execute(select(User)).scalars())
+
+
+@pytest.mark.parametrize("team", ["", "t\x00x", "a\nb", "t" * 65])
+async def test_a_team_that_cannot_be_stored_is_refused(service, admin, team):
+    from gpuherd.core.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="team name"):
+        await service.set_user(admin, "api:ok", team=team)

@@ -4,6 +4,7 @@ SIGKILL it, and measure how long the parent needs to take over."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import select
@@ -192,12 +193,15 @@ def pg_leads() -> Iterator[list[PostgresAdvisoryLeadership]]:
 
 @pytest.mark.postgres
 @needs_pg
-def test_pg_only_one_of_two_in_process_acquires(pg_key: int,
-                                                 pg_leads: list[PostgresAdvisoryLeadership]) -> None:
+def test_pg_only_one_of_two_in_process_acquires(pg_key: int, pg_leads: list[PostgresAdvisoryLeadership],
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     assert PG_URL
     a, b = PostgresAdvisoryLeadership(PG_URL, key=pg_key), PostgresAdvisoryLeadership(PG_URL, key=pg_key)
     pg_leads += [a, b]
-    assert a.try_acquire() is True
+    with caplog.at_level(logging.INFO, logger="gpuherd.core.leader"):
+        assert a.try_acquire() is True
+    said = [r.getMessage() for r in caplog.records if "acquired" in r.getMessage()]
+    assert said and "(held" in said[0], said     # the log line describes the lock as it now is
     assert b.try_acquire() is False
     assert (a.holds(), b.holds()) == (True, False)
     assert a.try_acquire() is True   # re-asking must not stack a second lock on the session

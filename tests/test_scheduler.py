@@ -99,6 +99,7 @@ async def test_a_second_scheduler_on_the_same_home_stands_by(tmp_path):
     assert await second.tick() is None             # file lock held: stands by
     assert first.is_leader and not second.is_leader
     await first.stop()
+    assert not first.is_leader                     # a stopped scheduler no longer claims the lock
     assert await second.tick() is not None         # the first let go: the second takes over
     await second.stop()
     await service.aclose()

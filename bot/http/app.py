@@ -28,7 +28,7 @@ from gpuherd.core.errors import GpuherdError
 from gpuherd.core.service import GpuService
 
 from . import metrics, routes_api, routes_meta, routes_stream
-from .auth import RateLimiter, TooManyRequests
+from .auth import RateLimiter, TooManyRequests, authenticate_late
 from .problems import MEDIA_TYPE, FieldProblem, Problem, from_error, internal, problem, retry_after
 
 Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
@@ -61,6 +61,11 @@ def create_app(service: GpuService, *, lifespan: Lifespan | None = None) -> Fast
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/api/"):
+            try:
+                await authenticate_late(request)      # who you are is answered before what is wrong
+            except GpuherdError as refused:
+                return await _gpuherd_error(request, refused)
         errors = [FieldProblem(field=_field(e.get("loc", ())), message=str(e.get("msg", "invalid")))
                   for e in exc.errors()]
         names = ", ".join(e.field for e in errors[:5]) or "the request"

@@ -93,3 +93,16 @@ async def current_actor(request: Request,
 
 
 CurrentActor = Annotated[Actor, Depends(current_actor)]
+
+
+async def authenticate_late(request: Request) -> None:
+    """Run the key check for a request whose body FastAPI refused before any dependency ran (a
+    body that is not JSON is refused while the request is read): a caller without a valid key
+    hears 401 (or 429), never what was wrong with its body. A request whose key was already
+    checked (`request.state.actor`) is not checked, or rate-limited, twice."""
+    if getattr(request.state, "actor", None) is not None:
+        return
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    bearer_cred = (HTTPAuthorizationCredentials(scheme=scheme, credentials=credentials.strip())
+                   if scheme.lower() == "bearer" and credentials.strip() else None)
+    await current_actor(request, bearer_cred, request.headers.get("x-api-key"))
