@@ -73,6 +73,7 @@ class Operations:
         self.on_timeout: OnTimeout | None = None      # set by the service (it owns stop/destroy)
         self.watched_here = False                      # this process runs the readiness watcher
         self._changed = asyncio.Event()
+        self._listeners: list[Callable[[], None]] = []
 
     # --- records (sync, in the caller's session) -------------------------------------------
     def open(self, s: Session, kind: str, inst: Instance, actor: str, now: datetime) -> OperationRecord:
@@ -127,8 +128,17 @@ class Operations:
         return await self.db.run(lambda s: s.get(OperationRecord, operation_id))
 
     def changed(self) -> None:
-        """Wake followers in this process: an event was just written."""
+        """Wake followers in this process: an event was just written (and committed)."""
         self._changed.set()
+        for fn in list(self._listeners):
+            fn()
+
+    def listen(self, fn: Callable[[], None]) -> Callable[[], None]:
+        """Call `fn` whenever `changed()` is (an event stream reads its feed at once instead of
+        at its next poll; events written by another replica still arrive by that poll). `fn`
+        must be quick and must not raise. Returns the function that unregisters it."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
 
     async def follow(self, operation_id: str, *, drive: bool | None = None,
                      timeout_s: float | None = None) -> AsyncIterator[ProgressEvent]:

@@ -193,6 +193,28 @@ async def test_stream_follows_a_boot_to_healthy_and_resumes(live: LiveServer) ->
         assert r.status_code == 401
 
 
+async def test_a_progress_event_reaches_the_stream_at_once_not_at_the_next_poll(live: LiveServer) -> None:
+    """Events written in this process wake the streams (`Operations.listen`); the poll is only
+    for other replicas. With a 30 s poll, a boot's first event must still arrive in seconds."""
+    live.app.state.stream_poll_s = 30.0
+    live.service.providers.get("sandbox").latency_s = 4.0   # every call, search and create alike
+    ready = asyncio.Event()
+    async with httpx.AsyncClient(base_url=live.url, timeout=30) as c:
+        def accepted(msgs: list[Sse]) -> bool:
+            return any(m.event == "progress" for m in msgs)
+
+        reader = asyncio.create_task(collect(c, live.headers("alice"), accepted, ready=ready, timeout=10))
+        await asyncio.wait_for(ready.wait(), 10)
+        await asyncio.sleep(0.3)          # the stream has read its (empty) feed and waits
+        r = await c.post("/api/v1/instances", json={"template": "budget"},
+                         headers=live.headers("alice", **{"Idempotency-Key": "wake-1"}))
+        answered = time.monotonic()       # the search took 4 s; the provider's create takes 4 more
+        assert r.status_code == 202, r.text
+        msgs = await reader
+        assert time.monotonic() - answered < 2.5, "the stream waited for its poll (or for a notice)"
+        assert _items(msgs, "progress")[0].data["operation_id"] == r.json()["operation_id"]
+
+
 async def test_notice_reaches_the_owner_not_another_team(live: LiveServer) -> None:
     async with httpx.AsyncClient(base_url=live.url, timeout=30) as c:
         r = await c.post("/api/v1/commands", json={"text": "/gpu boot budget"}, headers=live.headers("alice"))

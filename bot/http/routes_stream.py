@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
 
@@ -89,7 +89,7 @@ class _Streams:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=set)
     open: int = 0
-    unsubscribe: Any = None
+    unsubscribe: list[Callable[[], None]] = field(default_factory=list)
 
     def wake_all(self, *_: Any) -> None:
         for loop, event in list(self.waiters):
@@ -102,7 +102,8 @@ def _streams(app: FastAPI) -> _Streams:
     if streams is None:
         streams = app.state.streams = _Streams()
         service: GpuService = app.state.service
-        streams.unsubscribe = service.hub.subscribe(streams.wake_all)   # a notice was just written here
+        # a notice or a progress event was just written in this process: read now, not at the next poll
+        streams.unsubscribe = [service.hub.subscribe(streams.wake_all), service.operations.listen(streams.wake_all)]
     return streams
 
 
@@ -111,6 +112,9 @@ def stop_streams(app: FastAPI) -> None:
     streams = _streams(app)
     streams.stop.set()
     streams.wake_all()
+    for unsubscribe in streams.unsubscribe:   # the service may outlive this app (tests, a restart in-process)
+        unsubscribe()
+    streams.unsubscribe.clear()
 
 
 def open_streams(app: FastAPI) -> int:
