@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="the team server: HTTP API, guards, notices (see README, Team deployment)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (0 picks a free one)")
+    sub.add_parser("slack", help="the Slack app alone, in Socket Mode (SLACK_APP_TOKEN, SLACK_BOT_TOKEN; README, Slack)")
     keys = sub.add_parser("keys", help="API keys for the HTTP API (admin): create, list, revoke")
     key_actions = keys.add_subparsers(dest="keys_action", metavar="<action>", required=True)
     create = key_actions.add_parser("create", help="make a key for a user; the key is shown only once")
@@ -195,6 +196,16 @@ def _serve(host: str, port: int) -> int:
         raise _database_unreachable(exc) from None
 
 
+def _slack() -> int:
+    """`gpuherd slack`: the Slack surface alone, in Socket Mode, with the guards and notices."""
+    try:
+        from .slack.run import run_socket_mode
+    except ImportError as exc:
+        raise GpuherdError(f"gpuherd slack needs the slack extra ({exc.name} is missing): "
+                           "pip install 'gpuherd[slack]'.") from None
+    return asyncio.run(run_socket_mode())
+
+
 def _keys(args: argparse.Namespace) -> int:
     """`gpuherd keys create|list|revoke`, as the local admin. A new key goes alone to stdout
     (`KEY=$(gpuherd keys create --user api:ci)` works); what to do with it goes to stderr."""
@@ -267,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chat = _split_chat_command(argv)
     args = parser.parse_args(chat[0] + [chat[1]] if chat else argv)
-    _setup_logging(args.verbose or args.cmd == "serve")   # a server logs to stderr (journald, containers)
+    _setup_logging(args.verbose or args.cmd in ("serve", "slack"))   # a server logs to stderr (journald, containers)
     console = Console(stderr=True)
     try:
         if args.cmd is None:
@@ -287,6 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _serve(args.host, args.port)
         if args.cmd == "keys":
             return _keys(args)
+        if args.cmd == "slack":
+            return _slack()
         assert chat is not None
         words = chat[2]
         if words in (["--help"], ["-h"]):

@@ -28,6 +28,8 @@ from gpuherd.core.results import (
     InstanceCost,
     InstanceView,
     KeepResult,
+    Phase,
+    ProgressEvent,
     ReconcileResult,
     SearchResult,
     StartResult,
@@ -286,6 +288,21 @@ def cancelled_reply(r: Cancelled) -> Reply:
                       r.simulated)
 
 
+def progress_reply(event: ProgressEvent, view: InstanceView | None, *, verb: str = "Booting") -> Reply:
+    """A long operation while it moves (one message a chat surface edits in place): where it is,
+    how long it has taken, what it costs an hour."""
+    fields = [ReplyField(label="phase", value=event.phase.value),
+              ReplyField(label="elapsed", value=duration(event.elapsed_s))]
+    title = f"{verb} {event.instance_id}"
+    if view is not None:
+        title += f" ({view.template})"
+        fields += [ReplyField(label="machine", value=f"{view.gpu_name} x{view.num_gpus} on {view.provider}"),
+                   ReplyField(label="rate", value=rate(view.dph))]
+    level: Level = "error" if event.phase is Phase.FAILED else "success" if event.final else "info"
+    return _simulated(Reply(title=title, text=event.text, level=level, fields=fields),
+                      bool(view and view.simulated))
+
+
 def start_reply(r: StartResult) -> Reply:
     v = r.instance
     text = (f"{v.id} is running and healthy after {duration(r.waited_s)}; billing {rate(v.dph)}." if r.ready
@@ -343,6 +360,18 @@ def status_reply(r: StatusResult, single: bool = False) -> Reply:
     for failure in r.stale:
         reply = reply.with_note(f"⚠ states may be out of date: {failure.message}")
     return _simulated(reply, r.simulated)
+
+
+def machines_reply(r: StatusResult, *, per_machine: int = 8) -> Reply:
+    """A person's own machines with a row of buttons for each (an App Home, a panel): the status
+    table, and each machine's actions named with its id ("Stop g-7f3a")."""
+    reply = status_reply(r).model_copy(update={"title": f"Your machines · {len(r.instances)} · "
+                                                        f"{rate(sum((v.current_dph for v in r.instances), Decimal(0)))}"})
+    actions = [a.model_copy(update={"label": f"{a.label} {v.id}"})
+               for v in r.instances[:per_machine] for a in instance_actions(v)]
+    if len(r.instances) > per_machine:
+        reply = reply.with_note(f"Buttons for the newest {per_machine}; /gpu status <id> for the others.")
+    return reply.model_copy(update={"actions": actions})
 
 
 def _next(v: InstanceView) -> str:

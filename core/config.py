@@ -124,10 +124,51 @@ class Settings(BaseSettings):
     guard_leader_retry_s: float = Field(default=15.0, gt=0, le=60,
                                         description="how often a standby process tries to take over the guards")
 
+    # Slack (bot/slack): Socket Mode when the app and bot tokens are set, HTTP mode at /slack/events
+    # when the signing secret is; the variable names are Slack's own
+    slack_bot_token: SecretStr | None = Field(default=None, validation_alias=_env("slack_bot_token", "SLACK_BOT_TOKEN"),
+                                              description="the bot token (xoxb-…)")
+    slack_app_token: SecretStr | None = Field(default=None, validation_alias=_env("slack_app_token", "SLACK_APP_TOKEN"),
+                                              description="the app-level token (xapp-…) for Socket Mode")
+    slack_signing_secret: SecretStr | None = Field(
+        default=None, validation_alias=_env("slack_signing_secret", "SLACK_SIGNING_SECRET"),
+        description="verifies HTTP-mode requests at /slack/events")
+    slack_api_url: str = Field(default="https://slack.com/api/", description="Slack Web API base URL (a proxy or a test server)")
+    slack_channels: dict[str, str] = Field(default_factory=dict,
+                                           description="team -> Slack channel id for the team's notices, e.g. {ml = 'C0123'}")
+    slack_admin_channel: str | None = Field(default=None, description="channel id for notices to admins")
+    slack_admins: list[str] = Field(default_factory=list, description="Slack user ids that are always admin (U…)")
+
     # the team server (`gpuherd serve`)
     api_rate_per_minute: int = Field(default=600, ge=1, le=1_000_000,
                                      description="requests a minute each API key may make, per replica")
     api_burst: int = Field(default=120, ge=1, le=100_000, description="requests an API key may make at once")
+
+    @field_validator("slack_api_url")
+    @classmethod
+    def _slash(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL")
+        return value if value.endswith("/") else value + "/"   # slack_sdk joins method names onto it
+
+    @field_validator("slack_admins")
+    @classmethod
+    def _slack_ids(cls, value: list[str]) -> list[str]:
+        for uid in value:
+            if not (uid[:1] in ("U", "W") and uid[1:].isalnum() and uid.isupper() and 3 <= len(uid) <= 32):
+                raise ValueError(f"'{uid[:40]}' is not a Slack user id (U… or W…)")
+        return value
+
+    @property
+    def slack_configured(self) -> bool:
+        """A bot token and a way in (Socket Mode's app token or HTTP mode's signing secret)."""
+        return self.slack_bot_token is not None and (self.slack_app_token is not None
+                                                     or self.slack_signing_secret is not None)
+
+    @property
+    def all_admins(self) -> list[str]:
+        """`admins` plus the Slack user ids of `slack_admins` as principals."""
+        return [*self.admins, *(f"slack:{uid}" for uid in self.slack_admins)]
 
     @field_validator("home", mode="before")
     @classmethod

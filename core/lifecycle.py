@@ -85,7 +85,8 @@ def earlier_use(s: Session, actor: Actor, key: str, *, action: str, instance_id:
         return None
     owner = booted.owner if booted is not None else record.actor if record is not None else None
     if owner != actor.principal:
-        raise PermissionDenied("This idempotency key was used by someone else; use a new key.")
+        raise PermissionDenied("Someone else already made this request (the same idempotency key, or the same "
+                               "button pressed first); nothing was done for you. A new request needs a new key.")
     if booted is not None:
         if action != "boot":
             raise Conflict(f"This idempotency key was already used to boot {booted.id}; use a new key for a new request.")

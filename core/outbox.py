@@ -49,6 +49,11 @@ delivered mark leaves the row claimed; when the lease runs out any deliverer cla
 again. That one notice may go twice; with sends one at a time, at most one notice per killed
 deliverer. Unsent rows of a killed deliverer's batch wait for their lease, then go once.
 
+Slowing down. A send that raises `RetryLater(seconds)` (a platform's 429 with Retry-After)
+counts an attempt like any failure, but its next attempt waits at least that long, the rest of
+the round's batch is released unsent, and the deliverer itself pauses that long before its next
+round: hammering a rate-limited platform only lengthens the wait.
+
 Waking. `Deliverer.run(stop)` polls every `poll_s` and wakes at once on `nudge()` (thread-safe;
 `Outbox.wake_on_commit(deliverer.nudge)` calls it after each commit of a session that added a
 notice, so a notice written in this process goes out at once). `run` logs and continues on any
@@ -65,6 +70,7 @@ import json
 import logging
 import random
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -156,7 +162,8 @@ def audience(actor: Actor) -> set[str]:
 class SurfaceRoute(BaseModel):
     """Which destinations a surface takes and how long a delivery there stays worth sending.
     `principal_prefix` (e.g. `slack:`) limits `user:` destinations to principals the surface
-    can reach; None takes every user."""
+    can reach; None takes every user. `teams` limits `team:` destinations to the teams that have
+    a channel there (a delivery nobody can send would only wait to expire)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -164,6 +171,7 @@ class SurfaceRoute(BaseModel):
     target_kinds: tuple[TargetKind, ...] = TARGET_KINDS
     ttl: timedelta = CHAT_TTL
     principal_prefix: str | None = None
+    teams: frozenset[str] | None = None     # the teams with a channel on this surface; None: every team
 
     @classmethod
     def shell(cls) -> SurfaceRoute:
@@ -175,6 +183,8 @@ class SurfaceRoute(BaseModel):
             return False
         if kind == "user" and self.principal_prefix is not None:
             return target[len("user:"):].startswith(self.principal_prefix)
+        if kind == "team" and self.teams is not None:
+            return target[len("team:"):] in self.teams
         return True
 
 
@@ -284,6 +294,17 @@ class DeliveredNotice(BaseModel):
 
 
 Send = Callable[[DeliveredNotice], Awaitable[None]]
+
+
+class RetryLater(Exception):
+    """Raised by a surface's send when the platform asked to be left alone for `seconds` (HTTP
+    429 with Retry-After): the delivery and the rest of the round wait that long."""
+
+    def __init__(self, seconds: float, message: str = "rate limited") -> None:
+        super().__init__(f"{message} (retry after {seconds:g} s)")
+        self.seconds = max(0.0, float(seconds))
+
+
 Targets = AbstractSet[str] | Callable[[], AbstractSet[str]]
 
 
@@ -338,7 +359,7 @@ def describe_error(exc: BaseException) -> str:
 
 
 class Deliverer:
-    def __init__(self, db: Database, clock: Clock, *, surface: str, targets: Targets, send: Send,
+    def __init__(self, db: Database, clock: Clock, *, surface: str, targets: Targets | None, send: Send,
                  identity: str, recipient: str | None = None, collapse: bool = False,
                  lease_s: float = 30, poll_s: float = 0.5, batch: int = 50, max_attempts: int = 8,
                  backoff_base_s: float = 1, backoff_cap_s: float = 300,
@@ -368,6 +389,11 @@ class Deliverer:
         self._wake = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: int | None = None
+        self.paused_until = 0.0            # monotonic time before which `run` starts no round (RetryLater)
+
+    @staticmethod
+    def _monotonic() -> float:
+        return time.monotonic()
 
     # --- waking ---------------------------------------------------------------------------
     def nudge(self) -> None:
@@ -378,7 +404,11 @@ class Deliverer:
         else:
             self._wake.set()
 
-    def current_targets(self) -> list[str]:
+    def current_targets(self) -> list[str] | None:
+        """The destinations served this round; None: every destination of the surface (a chat
+        surface reaches all its users; its route already chose what is written for it)."""
+        if self._targets is None:
+            return None
         chosen = self._targets() if callable(self._targets) else self._targets
         return sorted(chosen)
 
@@ -406,6 +436,14 @@ class Deliverer:
             try:
                 async with asyncio.timeout(self.send_timeout_s):
                     await self._send(notice)
+            except RetryLater as exc:
+                await self.db.run(partial(self._failed, rows, batch.until, describe_error(exc), notice,
+                                          at_least_s=exc.seconds))
+                rest = [r.id for _, rs in batch.groups[i + 1:] for r in rs]
+                if rest:
+                    await self.db.run(partial(self._release, rest, batch.until))
+                self.paused_until = self._monotonic() + exc.seconds
+                break
             except Exception as exc:
                 await self.db.run(partial(self._failed, rows, batch.until, describe_error(exc), notice))
                 continue
@@ -417,7 +455,7 @@ class Deliverer:
         d = NoticeDelivery
         return [col(d.id).in_(sorted(ids)), col(d.claimed_by) == self.identity, col(d.claimed_until) == until]
 
-    def _claim(self, wanted: list[str], s: Session) -> _Batch:
+    def _claim(self, wanted: list[str] | None, s: Session) -> _Batch:
         d = NoticeDelivery
         now = as_utc(self.clock.now())
         until = now + self.lease
@@ -428,9 +466,11 @@ class Deliverer:
         s.execute(update(d).where(col(d.id).in_(select(stale.c.id)), *open_, free, expired)
                   .values(gave_up_at=now, last_error=EXPIRED).execution_options(synchronize_session=False))
         ids: list[int] = []
-        if wanted:
-            due = [*open_, free, col(d.target).in_(wanted), col(d.next_attempt_at) <= now,
+        if wanted is None or wanted:
+            due = [*open_, free, col(d.next_attempt_at) <= now,
                    or_(col(d.expires_at).is_(None), col(d.expires_at) >= now)]
+            if wanted is not None:
+                due.append(col(d.target).in_(wanted))
             pick = _picked(select(col(d.id)).where(*due).order_by(col(d.next_attempt_at), col(d.id))
                            .limit(self.batch), "due")
             ids = list(s.execute(update(d).where(col(d.id).in_(select(pick.c.id)), *due)
@@ -485,7 +525,8 @@ class Deliverer:
                   .execution_options(synchronize_session=False))
         s.commit()
 
-    def _failed(self, rows: list[_Row], until: datetime, error: str, notice: DeliveredNotice, s: Session) -> None:
+    def _failed(self, rows: list[_Row], until: datetime, error: str, notice: DeliveredNotice, s: Session, *,
+                at_least_s: float = 0.0) -> None:
         now = as_utc(self.clock.now())
         for row in sorted(rows, key=lambda r: r.id):
             failures = row.attempts + 1
@@ -494,7 +535,7 @@ class Deliverer:
             if failures >= self.max_attempts:
                 values["gave_up_at"] = now
             else:
-                values["next_attempt_at"] = now + self.backoff(failures)
+                values["next_attempt_at"] = now + max(self.backoff(failures), timedelta(seconds=at_least_s))
             matched = s.execute(update(NoticeDelivery).where(*self._mine([row.id], until)).values(**values)
                                 .returning(col(NoticeDelivery.id))
                                 .execution_options(synchronize_session=False)).first() is not None
@@ -522,13 +563,19 @@ class Deliverer:
                 errors += 1
                 log.exception("%s: notice delivery failed (%d in a row)", self.identity, errors)
                 wait = min(30.0, self.poll_s * 2 ** min(errors, 10))
+            pause = self.paused_until - self._monotonic()
+            if pause > 0:                   # the platform asked for quiet: not even a nudge wakes us
+                await self._idle(stop, pause, nudges=False)
+                continue
             if wait:
                 await self._idle(stop, wait)
             else:
                 await asyncio.sleep(0)
 
-    async def _idle(self, stop: asyncio.Event, timeout: float) -> None:
-        waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self._wake.wait())]
+    async def _idle(self, stop: asyncio.Event, timeout: float, *, nudges: bool = True) -> None:
+        waits = [asyncio.ensure_future(stop.wait())]
+        if nudges:
+            waits.append(asyncio.ensure_future(self._wake.wait()))
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:

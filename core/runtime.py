@@ -41,7 +41,7 @@ Send = Callable[[DeliveredNotice], Awaitable[None]]
 class _Surface:
     surface: str
     send: Send
-    targets: set[str]
+    targets: set[str] | None
     recipient: str | None
     collapse: bool
     lease_s: float = 30.0
@@ -63,11 +63,12 @@ class Runtime:
     _unsubscribe: list[Callable[[], None]] = field(default_factory=list)
     scheduler: GuardScheduler | None = None
 
-    def deliver(self, surface: str, send: Send, *, targets: set[str], recipient: str | None = None,
+    def deliver(self, surface: str, send: Send, *, targets: set[str] | None, recipient: str | None = None,
                 collapse: bool = False, lease_s: float = 30.0) -> None:
-        """Deliver the notices addressed to `targets` on `surface` through `send` while the
-        runtime runs (register before entering it). `lease_s` is how long a claimed delivery is
-        this process's: after a crash, what it had claimed waits that long to be sent again."""
+        """Deliver the notices addressed to `targets` (None: every destination written for the
+        surface) on `surface` through `send` while the runtime runs (register before entering
+        it). `lease_s` is how long a claimed delivery is this process's: after a crash, what it
+        had claimed waits that long to be sent again."""
         self._surfaces.append(_Surface(surface, send, targets, recipient, collapse, lease_s))
 
     def deliver_to_person(self, surface: str, actor: Actor, send: Send) -> None:

@@ -24,7 +24,7 @@ from decimal import Decimal
 from typing import Any, TypeVar, cast
 
 from pydantic import BaseModel, TypeAdapter
-from sqlalchemy import func, select
+from sqlalchemy import ColumnElement, func, select
 from sqlmodel import Session, col
 
 from . import audit as audit_log
@@ -51,7 +51,7 @@ from .models import (
 from .money import from_micros
 from .notify import NotifierHub
 from .operations import Operations
-from .outbox import Outbox, SurfaceRoute
+from .outbox import Outbox, SurfaceRoute, TargetKind
 from .power import Power, Tell
 from .providers.base import Capabilities
 from .providers.registry import ProviderRegistry, build_registry
@@ -123,9 +123,15 @@ _ANSWERS: TypeAdapter[BootResult | DestroyResult | Confirmation] = TypeAdapter(
 
 
 def default_routes(settings: Settings) -> list[SurfaceRoute]:
-    """Where notices go: the shell always (the terminal of whoever runs one); chat surfaces add
-    their routes when configured (later issues)."""
-    return [SurfaceRoute.shell()]
+    """Where notices go: the shell always (the terminal of whoever runs one); Slack when it is
+    configured: DMs to Slack users, the channel of each team that has one, the admins' channel
+    when there is one."""
+    routes = [SurfaceRoute.shell()]
+    if settings.slack_configured:
+        kinds: tuple[TargetKind, ...] = ("user", "team", "admins") if settings.slack_admin_channel else ("user", "team")
+        routes.append(SurfaceRoute(surface="slack", target_kinds=kinds, principal_prefix="slack:",
+                                   teams=frozenset(settings.slack_channels)))
+    return routes
 
 
 class GpuService:
@@ -140,7 +146,7 @@ class GpuService:
         self.clock = clock or Clock()
         self.hub = hub or NotifierHub()
         self.outbox = outbox or Outbox(default_routes(settings))
-        self.directory = Directory(settings.default_role, settings.default_team, settings.admins)
+        self.directory = Directory(settings.default_role, settings.default_team, settings.all_admins)
         self._sleep = sleep
         self.lifecycle = Lifecycle(self.outbox)
         self.confirmations = ConfirmationStore(Sealer.from_settings(settings), self.clock)
@@ -411,27 +417,29 @@ class GpuService:
 
     async def status(self, actor: Actor, instance_id: str | None = None, *, include_ended: bool = False,
                      refresh: bool = True, limit: int = 100, cursor: str | None = None,
-                     share: bool = False) -> StatusResult:
-        """Instances, newest first, one page. `instance_id` asks the provider for that one only.
+                     share: bool = False, mine: bool = False) -> StatusResult:
+        """Instances, newest first, one page. `instance_id` asks the provider for that one only;
+        `mine` keeps the asker's own (an App Home, the notebook's Instances tab).
         `share` (an API polled by dashboards and panels): the same page asked by the same person
         within `STATUS_SHARE_S` is built once and answered to all of them; any change made
         through this service forgets the shared pages, another replica's change shows within
         that window."""
         actor.require(Role.VIEWER, "viewing status")
         if share and instance_id is None:
-            key = (actor.principal, actor.role, actor.team, include_ended, refresh, limit, cursor)
+            key = (actor.principal, actor.role, actor.team, include_ended, refresh, limit, cursor, mine)
             return await self._pages.get(key, lambda: self._status(actor, None, include_ended=include_ended,
-                                                                   refresh=refresh, limit=limit, cursor=cursor),
+                                                                   refresh=refresh, limit=limit, cursor=cursor,
+                                                                   mine=mine),
                                          STATUS_SHARE_S)
         return await self._status(actor, instance_id, include_ended=include_ended, refresh=refresh, limit=limit,
-                                  cursor=cursor)
+                                  cursor=cursor, mine=mine)
 
     def changed(self) -> None:
         """Something was changed through this service: shared status pages are out of date."""
         self._pages.clear()
 
     async def _status(self, actor: Actor, instance_id: str | None, *, include_ended: bool, refresh: bool,
-                      limit: int, cursor: str | None) -> StatusResult:
+                      limit: int, cursor: str | None, mine: bool = False) -> StatusResult:
         if not 1 <= limit <= MAX_PAGE:
             raise InvalidInput(f"Show between 1 and {MAX_PAGE} instances a page, not {limit}.")
         after = _read_cursor(cursor)
@@ -439,7 +447,9 @@ class GpuService:
         def rows(s: Session) -> tuple[list[Instance], int]:
             if instance_id:
                 return [get_instance(s, instance_id)], 1
-            where = [] if include_ended else [col(Instance.state).not_in(FINAL_STATES)]
+            where: list[ColumnElement[bool]] = [] if include_ended else [col(Instance.state).not_in(FINAL_STATES)]
+            if mine:
+                where.append(col(Instance.owner) == actor.principal)
             total = int(s.execute(select(func.count()).select_from(Instance).where(*where)).scalar_one())
             stmt = select(Instance).where(*where)
             if after is not None:

@@ -529,3 +529,71 @@ def test_a_killed_deliverer_process_loses_nothing(database: Database, tmp_path: 
     assert sorted(counts) == ids                           # every notice at least once
     twice = [i for i, c in counts.items() if c > 1]
     assert len(twice) <= 1 and max(counts.values()) <= 2, counts.most_common(3)
+
+
+# --- what chat surfaces need: Retry-After, every destination of a surface, teams with a channel ---
+
+async def test_retry_later_waits_what_the_platform_asked_and_pauses_the_round(database: Database,
+                                                                             clock: VirtualClock) -> None:
+    from gpuherd.core.outbox import RetryLater
+
+    outbox = Outbox([SHELL])
+    write(database, outbox, clock, draft(), draft(kind="instance.stopped"), draft(kind="budget.warning"))
+
+    def limited(_: DeliveredNotice) -> None:
+        if send.calls == 1:
+            raise RetryLater(120, "Slack rate limit")
+
+    send = Recorder(limited)
+    d = deliverer(database, clock, send, backoff_base_s=1, backoff_cap_s=5)
+    assert await d.deliver_once() == 0 and send.calls == 1, "the rest of the round is not sent into a 429"
+    rows = [r for r in deliveries(database) if r.target.startswith("user:")]
+    first = rows[0]
+    assert first.attempts == 1 and first.last_error and "retry after 120" in first.last_error
+    assert as_utc(first.next_attempt_at) - clock.now() >= timedelta(seconds=120), "Retry-After beats the backoff"
+    assert all(r.claimed_by is None and r.attempts == 0 for r in rows[1:]), "the others were released unsent"
+    assert d.paused_until > time.monotonic() + 100
+
+    assert await d.deliver_once() == 2, "the released rows go at the next round"
+    clock.advance(timedelta(seconds=121))
+    assert await d.deliver_once() == 1 and sorted(n.kind for n in send.sent) == [
+        "budget.warning", "instance.ready", "instance.stopped"]
+
+
+async def test_a_deliverer_for_every_destination_of_its_surface(database: Database, clock: VirtualClock) -> None:
+    outbox = Outbox([SHELL, SLACK])
+    write(database, outbox, clock, draft(owner="slack:U1", team="ml"), draft(owner="slack:U2", team="cv"))
+    send = Recorder()
+    d = Deliverer(database, clock, surface="slack", targets=None, send=send, identity="slack-1")
+    assert d.current_targets() is None
+    assert await d.deliver_once() == 4
+    assert sorted(t for n in send.sent for t in n.targets) == ["team:cv", "team:ml", "user:slack:U1", "user:slack:U2"]
+    assert all(r.delivered_at is not None for r in deliveries(database) if r.surface == "slack")
+    assert any(r.delivered_at is None for r in deliveries(database) if r.surface == "shell"), "other surfaces untouched"
+
+
+def test_a_route_takes_only_the_teams_that_have_a_channel() -> None:
+    route = SurfaceRoute(surface="slack", target_kinds=("user", "team"), principal_prefix="slack:",
+                         teams=frozenset({"ml"}))
+    assert route.takes("team:ml") and not route.takes("team:cv")
+    assert route.takes("user:slack:U1") and not route.takes("user:local:bob") and not route.takes(ADMINS)
+
+
+def test_slack_settings_make_a_slack_route(tmp_path: Path) -> None:
+    from gpuherd.core.config import Settings
+    from gpuherd.core.errors import ConfigError
+    from gpuherd.core.service import default_routes
+
+    plain = Settings(home=tmp_path)
+    assert [r.surface for r in default_routes(plain)] == ["shell"] and not plain.slack_configured
+    s = Settings(home=tmp_path, slack_bot_token="xoxb-1", slack_app_token="xapp-1", slack_channels={"ml": "C1"},
+                 slack_admins=["U0ADMIN"], slack_api_url="http://127.0.0.1:9/api")
+    [_, slack] = default_routes(s)
+    assert slack.surface == "slack" and slack.teams == frozenset({"ml"}) and "admins" not in slack.target_kinds
+    assert s.slack_api_url.endswith("/api/") and "slack:U0ADMIN" in s.all_admins
+    with_admins = Settings(home=tmp_path, slack_bot_token="xoxb-1", slack_signing_secret="s", slack_admin_channel="C9")
+    assert "admins" in default_routes(with_admins)[1].target_kinds
+    from gpuherd.core.config import load_settings
+
+    with pytest.raises(ConfigError, match="SLACK_ADMINS"):
+        load_settings(home=tmp_path, slack_admins=["alice"])

@@ -34,8 +34,8 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any, Protocol
 
 import uvicorn
 from fastapi import FastAPI
@@ -55,17 +55,48 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 Prepare = Callable[[Runtime], None]
 
 
-def make_app(service: GpuService, *, prepare: list[Prepare] | None = None) -> FastAPI:
+class Hosted(Protocol):
+    """A chat surface the server hosts (Slack; Discord later): it registers its notice deliverer
+    (`prepare`, before the Runtime starts), runs its connections inside the Runtime (`around`),
+    and may add its own routes (`mount`, e.g. Slack's /slack/events)."""
+
+    def prepare(self, runtime: Runtime) -> None: ...
+
+    def around(self, runtime: Runtime) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+    def mount(self, app: FastAPI) -> None: ...
+
+
+def hosted_surfaces(service: GpuService) -> list[Hosted]:
+    """The chat surfaces configured for this server (none without their tokens)."""
+    out: list[Hosted] = []
+    if service.settings.slack_bot_token is not None:
+        try:
+            from gpuherd.bot.slack.run import SlackRunner
+        except ImportError as exc:
+            raise ConfigError(f"Slack is configured but its extra is missing ({exc.name}): "
+                              "pip install 'gpuherd[slack]'.") from None
+        out.append(SlackRunner(service))
+    return out
+
+
+def make_app(service: GpuService, *, prepare: list[Prepare] | None = None,
+             hosted: Sequence[Hosted] = ()) -> FastAPI:
     """The app with the Runtime in its lifespan. `prepare` hooks see the Runtime before it is
-    entered (a chat surface registers its notice deliverer there with `runtime.deliver`)."""
+    entered (a chat surface registers its notice deliverer there with `runtime.deliver`);
+    `hosted` surfaces also run inside it and may mount routes."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = Runtime(service, tune_collector=True)
         for hook in prepare or ():
             hook(runtime)
+        for surface in hosted:
+            surface.prepare(runtime)
         app_metrics(app).routes.warm()     # before the first request, not during it
-        async with runtime:
+        async with runtime, contextlib.AsyncExitStack() as stack:
+            for surface in hosted:
+                await stack.enter_async_context(surface.around(runtime))
             app.state.runtime = runtime
             log.info("runtime started as %s (%s)", runtime.identity,
                      runtime.scheduler.leadership.describe() if runtime.scheduler else "no guards")
@@ -75,7 +106,10 @@ def make_app(service: GpuService, *, prepare: list[Prepare] | None = None) -> Fa
                 log.info("leaving the runtime: guards stop, the guard lock is released")
         log.info("runtime stopped")
 
-    return create_app(service, lifespan=lifespan)
+    app = create_app(service, lifespan=lifespan)
+    for surface in hosted:
+        surface.mount(app)
+    return app
 
 
 class Server(uvicorn.Server):
@@ -131,9 +165,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def build_server(service: GpuService, sock: socket.socket, *, graceful_s: float = GRACEFUL_S,
-                 prepare: list[Prepare] | None = None, **config: Any) -> Server:
+                 prepare: list[Prepare] | None = None, hosted: Sequence[Hosted] = (), **config: Any) -> Server:
     host, port = sock.getsockname()[:2]
-    app = make_app(service, prepare=prepare)
+    app = make_app(service, prepare=prepare, hosted=hosted)
     cfg = uvicorn.Config(app, host=host, port=port, lifespan="on", log_config=None, access_log=False,
                          server_header=False, timeout_graceful_shutdown=int(graceful_s) or 1, **config)
     return Server(cfg, app)
@@ -149,7 +183,12 @@ def serve(host: str = "127.0.0.1", port: int = 8080, settings: Settings | None =
     except BaseException:
         sock.close()
         raise
-    server = build_server(service, sock, graceful_s=graceful_s)
+    try:
+        hosted = hosted_surfaces(service)
+    except BaseException:
+        sock.close()
+        raise
+    server = build_server(service, sock, graceful_s=graceful_s, hosted=hosted)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info("gpuherd serving on http://%s:%d (API /api/v1, docs /docs)", shown, bound_port)

@@ -1,0 +1,1 @@
+"""Slack: the `/gpu` slash command, buttons, notices and the App Home on slack-bolt's AsyncApp."""
