@@ -170,6 +170,16 @@ async def test_a_command_is_acked_at_once_and_its_result_follows(slack: SlackSer
     assert boot_buttons and all("/gpu" not in b["value"] for b in boot_buttons), "buttons carry refs, not lines"
 
 
+async def test_tables_show_display_names_and_text_shows_mentions(slack: SlackServer) -> None:
+    await _boot_as(slack, "U2")
+    _, name, _ = await slack.command("status")
+    [reply] = await slack.replies(name)
+    tables = [b["text"]["text"] for b in reply["blocks"] if b.get("type") == "section"
+              and b.get("text", {}).get("text", "").startswith("```")]
+    assert tables and "bobby" in tables[0] and "slack:U2" not in tables[0], "users.info's display name in the table"
+    assert slack.fake.calls_to("users.info"), "names come from Slack"
+
+
 async def test_help_and_errors_are_ephemeral(slack: SlackServer) -> None:
     _, name, _ = await slack.command("frobnicate")
     [err] = await slack.replies(name)

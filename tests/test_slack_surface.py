@@ -192,3 +192,21 @@ def test_gpuherd_slack_says_what_is_missing(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("SLACK_APP_TOKEN", "xoxb-wrong-kind")
     assert main(["slack"]) == 2
     assert "xapp-" in capsys.readouterr().err
+
+
+async def test_each_destination_finds_its_slack_channel_or_says_why_not(service: GpuService, fake: FakeSlack) -> None:
+    from gpuherd.bot.slack.deliver import Undeliverable
+    from gpuherd.core.outbox import ADMINS
+
+    surface = SlackSurface(service)
+    notices = SlackNotices(surface)
+    assert await notices.channel_for("user:slack:U1") == "DU1"
+    assert await notices.channel_for("user:slack:U1") == "DU1"
+    assert len(fake.calls_to("conversations.open")) == 1, "a DM channel is opened once per process"
+    assert await notices.channel_for("team:ml") == "CML"
+    for target in ("team:vision", ADMINS, "user:local:bob"):
+        with pytest.raises(Undeliverable):
+            await notices.channel_for(target)
+    surface.settings = surface.settings.model_copy(update={"slack_admin_channel": "CADM"})
+    assert await notices.channel_for(ADMINS) == "CADM"
+    await surface.aclose()
