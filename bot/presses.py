@@ -23,7 +23,7 @@ import hashlib
 from gpuherd.core.actions import Action, Op
 from gpuherd.core.errors import GpuherdError
 
-from . import grammar, replies
+from . import replies
 from .replies import Reply
 
 
@@ -48,10 +48,3 @@ def parse(ref: str) -> Action | Reply:
     except GpuherdError as exc:
         return replies.error(exc.message, exc.hint)
 
-
-async def press(ctx: grammar.Context, ref: str, *, confirmed: bool = False) -> Reply:
-    """Run the action a pressed button carries, as `ctx.actor` (checked by core)."""
-    action = parse(ref)
-    if isinstance(action, Reply):
-        return action
-    return await grammar.dispatch(ctx, command_for(action, confirmed=confirmed))

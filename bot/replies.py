@@ -365,8 +365,8 @@ def status_reply(r: StatusResult, single: bool = False) -> Reply:
 def machines_reply(r: StatusResult, *, per_machine: int = 8) -> Reply:
     """A person's own machines with a row of buttons for each (an App Home, a panel): the status
     table, and each machine's actions named with its id ("Stop g-7f3a")."""
-    reply = status_reply(r).model_copy(update={"title": f"Your machines · {len(r.instances)} · "
-                                                        f"{rate(sum((v.current_dph for v in r.instances), Decimal(0)))}"})
+    reply = status_reply(r).model_copy(update={"title": f"Your machines · {r.total} · spending "
+                                                        f"{rate(r.run_rate.per_hour)}"})
     actions = [a.model_copy(update={"label": f"{a.label} {v.id}"})
                for v in r.instances[:per_machine] for a in instance_actions(v)]
     if len(r.instances) > per_machine:

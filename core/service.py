@@ -419,7 +419,8 @@ class GpuService:
                      refresh: bool = True, limit: int = 100, cursor: str | None = None,
                      share: bool = False, mine: bool = False) -> StatusResult:
         """Instances, newest first, one page. `instance_id` asks the provider for that one only;
-        `mine` keeps the asker's own (an App Home, the notebook's Instances tab).
+        `mine` keeps the asker's own (an App Home, the notebook's Instances tab), and its run-rate
+        is theirs too.
         `share` (an API polled by dashboards and panels): the same page asked by the same person
         within `STATUS_SHARE_S` is built once and answered to all of them; any change made
         through this service forgets the shared pages, another replica's change shows within
@@ -471,7 +472,7 @@ class GpuService:
         def views(s: Session) -> tuple[list[InstanceView], Decimal]:
             from .ledger import Ledger
             return (build_views(s, [synced.rows[r.id] for r in page], now, actor, self.capabilities()),
-                    Ledger.run_rate(s))
+                    Ledger.run_rate(s, user=actor.principal) if mine else Ledger.run_rate(s))
         shown, run_rate = await self.db.run(views)
         last = page[-1] if page else None
         return StatusResult(instances=shown, total=total, run_rate=Money.of(run_rate), include_ended=include_ended,

@@ -24,6 +24,7 @@ from gpuherd.bot.http.server import make_app
 from gpuherd.bot.slack.run import SlackRunner
 from gpuherd.core.config import Settings
 from gpuherd.core.models import AuditEvent, Instance
+from gpuherd.core.money import rate
 from gpuherd.core.results import BootResult
 from gpuherd.core.service import GpuService
 from tests.fakes.slack_fake import (
@@ -322,6 +323,7 @@ async def test_a_button_from_before_a_restart_still_works(slack: SlackServer, tm
 
 async def test_the_app_home_shows_the_viewers_machines_and_costs(slack: SlackServer) -> None:
     iid = await _boot_as(slack, "U1")
+    theirs = await _boot_as(slack, "U2")
     body = json.dumps(app_home_opened_event("U1")).encode()
     async with httpx.AsyncClient() as c:
         r = await c.post(slack.url + "/slack/events", content=body,
@@ -332,6 +334,10 @@ async def test_the_app_home_shows_the_viewers_machines_and_costs(slack: SlackSer
     assert home is not None and home["type"] == "home"
     blob = json.dumps(home["blocks"])
     assert iid in blob and "Costs" in blob and f"stop|{iid}" in blob
+    mine = await slack.service.view(await slack.service.resolve_actor("slack:U1", source="slack"), iid)
+    assert not [b for b in _buttons(home["blocks"]) if theirs in b["value"]], "buttons for the viewer's own only"
+    assert home["blocks"][0]["text"]["text"] == f"Your machines · 1 · spending {rate(mine.current_dph)}", \
+        "with their own run-rate, not the fleet's"
     # a press on the Home answers in a DM and refreshes the Home
     _, _ = await slack.press(f"stop|{iid}", "gpuherd:stop:1", container_type="view", response_url=None)
     dm = await slack.fake.wait_for("chat.postMessage", 1, where=lambda c: c.params.get("channel") == "DU1")
