@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (0 picks a free one)")
     sub.add_parser("slack", help="the Slack app alone, in Socket Mode (SLACK_APP_TOKEN, SLACK_BOT_TOKEN; README, Slack)")
+    panel = sub.add_parser("panel", help="the notebook panel as a standalone page, served by Voila (README, Jupyter)")
+    panel.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (the page has no login of its own: keep it on 127.0.0.1 "
+                            "or behind a proxy that authenticates)")
+    panel.add_argument("--port", type=int, default=8866, help="port to listen on")
+    panel.add_argument("--open", action="store_true", help="open it in the default browser")
     keys = sub.add_parser("keys", help="API keys for the HTTP API (admin): create, list, revoke")
     key_actions = keys.add_subparsers(dest="keys_action", metavar="<action>", required=True)
     create = key_actions.add_parser("create", help="make a key for a user; the key is shown only once")
@@ -245,6 +251,40 @@ def _keys(args: argparse.Namespace) -> int:
         raise _database_unreachable(exc) from None
 
 
+def panel_command(host: str, port: int, *, open_browser: bool = False) -> list[str]:
+    """The Voila command line that serves the panel page (`notebook_ext/page/panel.ipynb`)."""
+    from importlib import resources
+
+    page = resources.files("gpuherd.notebook_ext.page").joinpath("panel.ipynb")
+    return [sys.executable, "-m", "voila", str(page), f"--Voila.ip={host}", f"--Voila.port={port}",
+            "--Voila.port_retries=0", "--theme=light", "--VoilaConfiguration.show_tracebacks=False",
+            *([] if open_browser else ["--no-browser"])]
+
+
+def _panel(host: str, port: int, *, open_browser: bool) -> int:
+    """`gpuherd panel`: Voila in a child process, the panel's kernel inheriting this environment
+    (GPUHERD_SERVER and GPUHERD_API_KEY pick the team server, as in a notebook)."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("voila") is None or importlib.util.find_spec("ipywidgets") is None:
+        raise GpuherdError("The panel page needs Voila and ipywidgets: pip install 'gpuherd[panel]'.")
+    if not 0 < port < 65536:
+        raise GpuherdError(f"--port takes a port number between 1 and 65535, not {port}.")
+    shown = f"[{host}]" if ":" in host else host
+    print(f"gpuherd panel: http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
+    child = subprocess.Popen(panel_command(host, port, open_browser=open_browser))
+    try:
+        return child.wait()
+    except KeyboardInterrupt:
+        child.terminate()
+        try:
+            child.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            child.kill()
+        return 130
+
+
 def _split_chat_command(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
     """(global options, command, its words) when argv runs a /gpu command one-shot. The words are
     taken verbatim: argparse would read `gpuherd search -o dph` as an unknown option `-o`."""
@@ -300,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keys(args)
         if args.cmd == "slack":
             return _slack()
+        if args.cmd == "panel":
+            return _panel(args.host, args.port, open_browser=args.open)
         assert chat is not None
         words = chat[2]
         if words in (["--help"], ["-h"]):

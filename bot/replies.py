@@ -121,6 +121,8 @@ class Reply(BaseModel):
     notes: list[str] = Field(default_factory=list)      # footer lines (simulated label, price age)
     ephemeral: bool = False                              # only the asker sees it (errors, help)
     confirmation: Action | None = None                   # set when the command waits for a yes
+    instance_id: str | None = None                       # the machine this reply is about (boot, start)
+    operation_id: str | None = None                      # its boot or start still in progress: follow it
 
     def with_note(self, note: str) -> Reply:
         return self.model_copy(update={"notes": [*self.notes, note]})
@@ -255,7 +257,8 @@ def boot_reply(r: BootResult) -> Reply:
     else:
         status = "is up and healthy" if r.ready else f"is {v.state.value}; its health check follows"
         title, text = f"Booted {v.id} ({v.template})", f"{v.id} {status}; billing {rate(v.dph)} from now."
-    reply = Reply(title=title, text=text, level="success", fields=instance_fields(v), actions=instance_actions(v))
+    reply = Reply(title=title, text=text, level="success", fields=instance_fields(v), actions=instance_actions(v),
+                  instance_id=v.id, operation_id=None if r.ready else r.operation_id)
     if r.overrides:
         reply.fields.append(ReplyField(label="overrides", value=", ".join(f"{k}={x}" for k, x in r.overrides.items()),
                                        inline=False))
@@ -308,7 +311,8 @@ def start_reply(r: StartResult) -> Reply:
     text = (f"{v.id} is running and healthy after {duration(r.waited_s)}; billing {rate(v.dph)}." if r.ready
             else f"{v.id} is {v.state.value}; billing {rate(v.dph)}. /gpu status {v.id} to follow it.")
     return _simulated(Reply(title=f"Started {v.id}", text=text, level="success" if r.ready else "warning",
-                            fields=instance_fields(v), actions=instance_actions(v)), r.simulated)
+                            fields=instance_fields(v), actions=instance_actions(v), instance_id=v.id,
+                            operation_id=None if r.ready else r.operation_id), r.simulated)
 
 
 def stop_reply(r: StopResult) -> Reply:

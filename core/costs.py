@@ -22,7 +22,17 @@ from .lifecycle import BILLED_AS_COMPUTE, get_instance
 from .models import Budget, Instance, InstanceState, Role
 from .money import from_micros, to_decimal, to_micros, usd
 from .providers.base import Capabilities
-from .results import BudgetResult, BudgetScope, BudgetUse, CostGroup, CostReport, GroupBy, InstanceCost, Money
+from .results import (
+    BudgetResult,
+    BudgetScope,
+    BudgetUse,
+    CostGroup,
+    CostReport,
+    DailySpend,
+    GroupBy,
+    InstanceCost,
+    Money,
+)
 from .shared import SharedCalls
 from .text import clip
 from .views import build_views
@@ -126,6 +136,7 @@ class Costs:
                               groups=[CostGroup(key=k, amount=v) for k, v in groups],
                               running=running, running_count=len(billing), run_rate=Money.of(run_rate), month_to_date=mtd,
                               projected_month_end=Ledger.projection(mtd, run_rate, now), budgets=uses,
+                              daily=[DailySpend(day=d, amount=a) for d, a in Ledger.daily(s, span.start, span.end, now)],
                               simulated=any(v.simulated for v in running))
         return await self.db.run(work)
 

@@ -10,7 +10,7 @@ actor. `simulated` is set whenever the sandbox is involved so every reply can sa
 from __future__ import annotations
 
 import enum
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Literal
 
@@ -102,6 +102,15 @@ class InstanceView(BaseModel):
     activity_detail: str | None = None
     operation_id: str | None = None         # a boot or start still in progress
     actions: list[Action] = Field(default_factory=list)   # what the asking actor may do with it
+    observed_at: datetime | None = None     # when `accrued`, `uptime_s` and `idle_for_s` were true
+
+    def accrued_at(self, when: datetime) -> Decimal:
+        """What it will have cost by `when` if its current rate holds (a panel's ticking cost):
+        the ledger's figure at `observed_at` plus the current rate for the time since."""
+        if self.observed_at is None or self.current_dph <= 0:
+            return self.accrued
+        seconds = max(0, int((when - self.observed_at).total_seconds()))
+        return self.accrued + self.current_dph * Decimal(seconds) / 3600
 
 
 class PriceSource(BaseModel):
@@ -151,6 +160,15 @@ class TemplateSummary(BaseModel):
     max_dph: Decimal | None
     idle_minutes: float
     source: str = "built-in"
+    openai_api: bool = False        # a vLLM server: its endpoint answers the OpenAI API under /v1
+
+
+def openai_base_url(endpoint: str | None) -> str | None:
+    """The base URL an OpenAI client takes for a vLLM machine's endpoint (vLLM serves the
+    OpenAI-compatible API under `/v1` of its API port)."""
+    if not endpoint:
+        return None
+    return endpoint.rstrip("/") + "/v1"
 
 
 class OverrideHelp(BaseModel):
@@ -308,6 +326,11 @@ class CostGroup(BaseModel):
     amount: Decimal
 
 
+class DailySpend(BaseModel):
+    day: date                       # a UTC day of the report's period
+    amount: Decimal
+
+
 class CostReport(BaseModel):
     kind: Literal["costs"] = "costs"
     period: str
@@ -322,6 +345,7 @@ class CostReport(BaseModel):
     month_to_date: Decimal
     projected_month_end: Decimal
     budgets: list[BudgetUse]
+    daily: list[DailySpend] = Field(default_factory=list)   # spend per UTC day of the period, up to today
     simulated: bool = False
 
 

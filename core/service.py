@@ -37,7 +37,7 @@ from .confirmations import ConfirmationStore, Pending, Replayed, Sealer
 from .costs import Costs
 from .db import Database
 from .errors import InvalidInput, NotFound, PermissionDenied
-from .feed import FeedPage, read_page
+from .feed import FeedEntry, FeedPage, read_page
 from .keys import KeyStore
 from .lifecycle import FINAL_STATES, Lifecycle, get_instance
 from .models import (
@@ -240,6 +240,10 @@ class GpuService:
             return UserView(principal=user.principal, role=user.role, team=user.team)
         return await self.db.run(work)
 
+    async def whoami(self, actor: Actor) -> UserView:
+        """Who the caller is to gpuherd (a notebook or a script says which key it uses)."""
+        return UserView(principal=actor.principal, role=actor.role.value, team=actor.team)
+
     async def users(self, actor: Actor) -> list[UserView]:
         """Every known principal (admins)."""
         actor.require(Role.ADMIN, "listing users")
@@ -361,6 +365,36 @@ class GpuService:
         can serve a person's event stream (see core.feed)."""
         actor.require(Role.VIEWER, "following events")
         return await self.db.run(lambda s: read_page(s, actor, after, limit))
+
+    async def watch(self, actor: Actor, after: str | None = None, *, poll_s: float = 1.0) -> AsyncIterator[FeedEntry]:
+        """`feed` as a live stream for an in-process surface (a notebook on the local core): woken
+        at once by notices and progress events written in this process, polling every `poll_s`
+        for those other processes write (the guards of a `gpuherd serve` on the same database).
+        Runs until the caller stops iterating."""
+        cursor = after if after is not None else (await self.feed(actor, None, limit=1)).cursor
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+
+        def nudge(*_: Any) -> None:
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(wake.set)
+        unsubscribe = [self.hub.subscribe(nudge), self.operations.listen(nudge)]
+        try:
+            while True:
+                wake.clear()
+                page = await self.feed(actor, cursor)
+                for entry in page.entries:
+                    yield entry
+                cursor = page.cursor
+                if page.more:
+                    continue
+                try:
+                    await asyncio.wait_for(wake.wait(), timeout=poll_s)
+                except TimeoutError:
+                    pass
+        finally:
+            for off in unsubscribe:
+                off()
 
     async def _waited(self, actor: Actor, result: Waited) -> Waited:
         op_id = result.operation_id
@@ -624,5 +658,5 @@ def _read_cursor(cursor: str | None) -> tuple[datetime, str] | None:
 def _summary(t: Template) -> TemplateSummary:
     return TemplateSummary(name=t.name, description=t.description, model=t.model, min_gpu_ram=t.min_gpu_ram,
                            num_gpus=t.num_gpus, max_dph=t.max_dph, idle_minutes=t.idle_minutes,
-                           source="built-in" if t.source == "builtin" else t.source)
+                           source="built-in" if t.source == "builtin" else t.source, openai_api=t.is_vllm)
 

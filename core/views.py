@@ -113,5 +113,5 @@ def _view(inst: Instance, now: datetime, accrued: Decimal, operation_id: str | N
         next_action=nxt.text if nxt else None, next_action_at=nxt.at if nxt else None,
         guards=[GuardInfo(name=g.name, armed=g.armed, detail=g.detail) for g in gp.guards],
         guard_error=inst.guard_error, activity=inst.activity_status, activity_detail=inst.activity_detail,
-        operation_id=operation_id,
+        operation_id=operation_id, observed_at=now,
         actions=actions_for(actor, inst, caps) if actor is not None else [])

@@ -150,3 +150,18 @@ async def test_remote_shell(live: LiveServer) -> None:  # noqa: F811
                             stdin=io.StringIO("/gpu boot budget\n"), interactive=False, ready_timeout_s=1)
     assert code == 1 and "ghk_knothing_x" not in out2.getvalue()
     assert await live.service.instance_count() == 1
+
+
+def test_me_and_my_own_machines(live: LiveServer) -> None:  # noqa: F811
+    """A notebook says who its key is, and its Instances tab lists only the caller's machines."""
+    with Client(live.url, live.keys["alice"]) as alice, Client(live.url, live.keys["bob"]) as bob:
+        me = alice.me()
+        assert (me.principal, me.role, me.team) == ("api:alice", "member", "ml")
+        mine = alice.boot("budget").instance.id
+        theirs = bob.boot("budget").instance.id
+        own = alice.status(mine=True)
+        assert mine in {v.id for v in own.instances} and theirs not in {v.id for v in own.instances}
+        assert all(v.owner == "api:alice" for v in own.instances)
+        assert own.run_rate.per_hour == sum((v.current_dph for v in own.instances), start=own.run_rate.per_hour * 0)
+        everyone = alice.status()
+        assert theirs in {v.id for v in everyone.instances}, "without mine, a member sees the team's machines"

@@ -222,10 +222,10 @@ class _Calls:
                                 json={k: v for k, v in body.items() if v is not None}, headers=headers))
 
     def status(self, *, include_ended: bool | None = None, refresh: bool | None = None, limit: int | None = None,
-               cursor: str | None = None) -> Any:
+               cursor: str | None = None, mine: bool | None = None) -> Any:
         return self._send(_Call("GET", "/instances", _as(StatusResult),
                                 {"include_ended": _q(include_ended), "refresh": _q(refresh), "limit": limit,
-                                 "cursor": cursor}))
+                                 "cursor": cursor, "mine": _q(mine)}))
 
     def instance(self, instance_id: str) -> Any:
         return self._send(_Call("GET", f"/instances/{_seg(instance_id)}", _as(InstanceView)))
@@ -281,6 +281,10 @@ class _Calls:
 
     def clear_budget(self, scope: str, name: str) -> Any:
         return self._send(_Call("DELETE", f"/budgets/{_seg(scope)}/{_seg(name)}", _as(BudgetResult)))
+
+    def me(self) -> Any:
+        """Who this key is (principal, role, team)."""
+        return self._send(_Call("GET", "/me", _as(UserView)))
 
     def users(self) -> Any:
         return self._send(_Call("GET", "/users", _list_of(UserView)))

@@ -53,6 +53,7 @@ from gpuherd.core.results import (
     StopResult,
     TemplateDetail,
     TemplateList,
+    UserView,
 )
 
 from . import routes_admin
@@ -135,6 +136,12 @@ async def search_offers(
     return await get_service(request).search(actor, text, limit=limit, cursor=cursor)
 
 
+@router.get("/me", response_model=UserView, responses=RESPONSES, tags=["administration"],
+            summary="Who this API key is: principal, role and team")
+async def whoami(request: Request, actor: CurrentActor) -> UserView:
+    return await get_service(request).whoami(actor)
+
+
 @router.get("/templates", response_model=TemplateList, responses=RESPONSES, tags=["templates"],
             summary="Every template, built-in and the team's")
 async def list_templates(request: Request, actor: CurrentActor) -> TemplateList:
@@ -176,11 +183,13 @@ async def list_instances(request: Request, actor: CurrentActor,
                          limit: Annotated[int, Query(ge=1, le=500)] = 100, cursor: Cursor = None,
                          include_ended: Annotated[bool, Query(description="destroyed and failed too")] = False,
                          refresh: Annotated[bool, Query(description="ask the providers for the page's "
-                                                                    "states first")] = True) -> Any:
+                                                                    "states first")] = True,
+                         mine: Annotated[bool, Query(description="only the caller's own machines (and their "
+                                                                 "run-rate)")] = False) -> Any:
     """Shared (core's `status(share=True)`): a page polled by many of one person's clients at
     once is built once a second; its JSON is rendered once per page built."""
     result = await get_service(request).status(actor, include_ended=include_ended, refresh=refresh, limit=limit,
-                                               cursor=cursor, share=True)
+                                               cursor=cursor, share=True, mine=mine)
     return Response(_rendered(result), media_type="application/json")
 
 

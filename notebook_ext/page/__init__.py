@@ -1,0 +1,1 @@
+"""The standalone page (`gpuherd panel`): a one-cell notebook Voila serves."""
