@@ -9,9 +9,10 @@
               Yes/No row with what a yes costs.
     Offers    query (the shared query language) · template picker · sort · a row per offer with
               Boot where the offer fits the chosen template and core lets this user boot.
-    Instances the user's own machines (`backend.status`, mine=True): state, $/h, a cost that ticks
-              every second (`InstanceView.accrued_at`), idle for, next guard action, and core's
-              buttons for each; "Use in this notebook" on a running one (`gpu.use`).
+    Instances the user's own machines (`backend.status`, mine=True; a page of them at a time):
+              state, $/h, a cost that ticks every second (`InstanceView.accrued_at`), idle for,
+              next guard action, and core's buttons for each; "Use in this notebook" on a running
+              one (`gpu.use`) and which machine this notebook keeps alive.
     Costs     period and grouping pickers -> `backend.costs`: run-rate, projection, budget bars,
               daily spend as CSS bars.
 
@@ -42,8 +43,11 @@ Decisions:
   process's monotonic clock remotely, so a notebook whose clock differs from the server's ticks
   from the right figure.
 - Rows are kept across refreshes: a refresh updates the HTML of a machine's row and rebuilds its
-  buttons only when core's actions changed, so 100 machines refresh without re-creating 700
-  widgets (`bench/bench_panel.py`).
+  buttons only when core's actions changed. A row is seven widgets (~2.5 ms to build, and as
+  many views for the front end to draw), so the tab shows `PAGE_ROWS` machines at a time with a
+  page picker beyond (the header's light and the run-rate still count them all), new rows are
+  built `ROW_CHUNK` at a time with the loop let go in between, and rows, buttons and cells share
+  their Layout and Style widgets (`bench/bench_panel.py` has the figures).
 - No traceback reaches the user: a GpuherdError shows its message and hint in the status line;
   anything else a short sentence, with the details logged at INFO (Python's last-resort handler
   would print WARNING and up, traceback included, into the cell).
@@ -474,15 +478,15 @@ class GpuPanel(w.VBox):
         last = loop.time()
         while not self._closed:
             await asyncio.sleep(step)
-            self.tick()
-            if loop.time() - last >= self.refresh_s:
-                last = loop.time()
-                try:
+            try:
+                self.tick()
+                if loop.time() - last >= self.refresh_s:
+                    last = loop.time()
                     await self.refresh_instances()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self._error(exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:        # said once a period; the ticker goes on (the server may be back)
+                self._error(exc)
 
     # --- the status line ------------------------------------------------------------------------------
     def _say(self, text: str, level: str = "info") -> None:

@@ -76,7 +76,8 @@ def check_cells(nb: NotebookNode) -> None:
     check = outputs(nb, "import sys")
     assert "shadowed: []" in check
     assert "user packages: the user's own core the user's own bot" in check
-    assert "/work/main/core/__init__.py" in check or "site-packages/gpuherd/core" in check
+    repo_core = str(Path(__file__).resolve().parents[1] / "core" / "__init__.py")
+    assert repo_core in check or "site-packages/gpuherd/core" in check, check
 
 
 def test_quickstart_on_the_local_core(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
