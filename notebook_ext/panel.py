@@ -108,7 +108,7 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0
 MAX_NOTICES = 10
 PAGE_ROWS = 20              # machines shown at once in the Instances tab (a page picker beyond)
-ROW_CHUNK = 8               # new machine rows built before the loop is let go
+ROW_CHUNK = 5               # new machine rows built before the loop is let go
 TITLES = ("Offers", "Instances", "Costs")
 SORTS = (("$/h", "dph"), ("GPU", "gpu"), ("GPU RAM", "gpu_ram"), ("reliability", "reliability"),
          ("location", "location"))
@@ -758,10 +758,11 @@ class GpuPanel(w.VBox):
         while missing and render == self._render and not self._closed:
             await asyncio.sleep(0)
             if render == self._render:
-                missing = self._place(ROW_CHUNK)
+                missing = self._place(ROW_CHUNK, update=False)
 
-    def _place(self, build: int) -> int:
-        """Update the shown page's rows, build at most `build` new ones; how many are left to build."""
+    def _place(self, build: int, *, update: bool = True) -> int:
+        """Update the shown page's rows (unless `update` is False: a later chunk of the same
+        render), build at most `build` new ones; how many are left to build."""
         first = (self.page.value or 0) * self.page_rows
         ids = [i for i in self._order[first:first + self.page_rows] if i in self._views]
         keep = set(ids)
@@ -770,7 +771,8 @@ class GpuPanel(w.VBox):
         left = 0
         for i in ids:
             if i in self.instance_rows:
-                self._put_row(self._views[i], self._received)
+                if update:
+                    self._put_row(self._views[i], self._received)
             elif build > 0:
                 self._put_row(self._views[i], self._received)
                 build -= 1
