@@ -54,7 +54,7 @@ from pathlib import Path
 
 import _path  # noqa: F401
 from _loop_fleet import Heartbeat, nearest_rank
-from sqlalchemy import create_engine, text
+from bench_loop_lag import pg_schema
 
 from gpuherd.core.auth import Actor
 from gpuherd.core.clock import Clock
@@ -89,17 +89,8 @@ def database_url(kind: str, home: Path, pg_url: str) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{home / 'gpuherd.db'}"
         return
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(pg_url)
-    with admin.begin() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    sep = "&" if "?" in pg_url else "?"
-    try:
-        yield f"{pg_url}{sep}options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
+    with pg_schema(pg_url) as url:
+        yield url
 
 
 def make_service(url: str, home: Path) -> tuple[GpuService, SandboxProvider]:

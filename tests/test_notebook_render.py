@@ -22,7 +22,7 @@ from gpuherd.core.providers.base import CreateRequest
 from gpuherd.core.providers.sandbox import SandboxProvider
 from gpuherd.core.service import GpuService
 from gpuherd.notebook_ext.render_html import PER_ROW, RichReply, button_actions, reply_html, reply_widget
-from tests.test_slack_blocks import SCRIPT, command_of, price_confirmation, synthetic_extremes
+from tests.test_slack_blocks import SCRIPT, command_of, price_confirmation, remember, synthetic_extremes
 
 EVIL = "<script>alert('x')</script> & \"q\""
 WIDGET_VIEW = "application/vnd.jupyter.widget-view+json"
@@ -258,17 +258,7 @@ async def test_every_reply_of_the_scripted_session_renders(service: GpuService, 
         name = command_of(line)
         if name and reply.level != "error":
             used.add(name)
-        if reply.title.startswith("Booted g-") and "run" not in values:
-            values["run"] = reply.title.split()[1]
-        elif reply.title.startswith("Booted g-") and "stopped" not in values:
-            values["stopped"] = reply.title.split()[1]
-        if reply.confirmation is not None:
-            token = reply.confirmation.command.split()[-1]
-            cancel = next(a for a in reply.actions if a.command.startswith("/gpu cancel "))
-            if line.startswith("/gpu destroy"):
-                values["destroy_yes"] = token
-            else:
-                values["yes"], values["no"] = token, cancel.command.split()[-1]
+        remember(line, reply, values)
     assert used == {c.name for c in REGISTRY.all()}
     rendered += [(f"synthetic {r.title[:30]!r}", r) for r in synthetic_extremes()]
 

@@ -539,6 +539,22 @@ SCRIPT: list[tuple[str, str, str]] = [
 ]
 
 
+def remember(line: str, reply: Reply, values: dict[str, str]) -> None:
+    """What a reply of the script tells its later lines: the machines it booted, the tokens of
+    the questions it asked."""
+    if reply.title.startswith("Booted g-") and "run" not in values:
+        values["run"] = reply.title.split()[1]
+    elif reply.title.startswith("Booted g-") and "stopped" not in values:
+        values["stopped"] = reply.title.split()[1]
+    if reply.confirmation is not None:
+        token = reply.confirmation.command.split()[-1]
+        cancel = next(a for a in reply.actions if a.command.startswith("/gpu cancel "))
+        if line.startswith("/gpu destroy"):
+            values["destroy_yes"] = token
+        else:
+            values["yes"], values["no"] = token, cancel.command.split()[-1]
+
+
 def command_of(line: str) -> str | None:
     words = grammar.strip_prefix(line).split()
     try:
@@ -607,17 +623,7 @@ async def test_every_reply_the_suite_can_produce_renders_within_the_limits(
         name = command_of(line)
         if name:
             (refused if is_error else used).add(name)
-        if reply.title.startswith("Booted g-") and "run" not in values:
-            values["run"] = reply.title.split()[1]
-        elif reply.title.startswith("Booted g-") and "stopped" not in values:
-            values["stopped"] = reply.title.split()[1]
-        if reply.confirmation is not None:
-            token = reply.confirmation.command.split()[-1]
-            cancel = next(a for a in reply.actions if a.command.startswith("/gpu cancel "))
-            if line.startswith("/gpu destroy"):
-                values["destroy_yes"] = token
-            else:
-                values["yes"], values["no"] = token, cancel.command.split()[-1]
+        remember(line, reply, values)
     assert not problems, "\n".join(problems)
     names = {c.name for c in REGISTRY.all()}
     assert used == names and refused == names
