@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (0 picks a free one)")
     sub.add_parser("slack", help="the Slack app alone, in Socket Mode (SLACK_APP_TOKEN, SLACK_BOT_TOKEN; README, Slack)")
+    discord_p = sub.add_parser("discord", help="the Discord bot alone (DISCORD_BOT_TOKEN; README, Discord); "
+                                               "`gpuherd discord sync` registers /gpu")
+    discord_p.add_argument("discord_action", nargs="?", choices=["run", "sync", "commands"], default="run",
+                           help="run the bot (default), sync the /gpu commands to Discord, or print their JSON")
+    discord_p.add_argument("--guild", type=int, help="sync to this server only (instant; for trying it out)")
     panel = sub.add_parser("panel", help="the notebook panel as a standalone page, served by Voila (README, Jupyter)")
     panel.add_argument("--host", default="127.0.0.1",
                        help="address to listen on (the page has no login of its own: keep it on 127.0.0.1 "
@@ -212,6 +217,28 @@ def _slack() -> int:
     return asyncio.run(run_socket_mode())
 
 
+def _discord(action: str, guild: int | None) -> int:
+    """`gpuherd discord [run|sync|commands]`: the bot alone, or its command registration."""
+    try:
+        from .discord import commands, run
+    except ImportError as exc:
+        raise GpuherdError(f"gpuherd discord needs the discord extra ({exc.name} is missing): "
+                           "pip install 'gpuherd[discord]'.") from None
+    if action == "commands":
+        import json
+
+        print(json.dumps(commands.payload(), indent=2, ensure_ascii=False))
+        return 0
+    if action == "sync":
+        from gpuherd.core.config import load_settings
+
+        names = asyncio.run(run.sync(load_settings(), guild))
+        where = f"server {guild}" if guild else "every server (global commands take up to an hour to appear)"
+        print(f"Registered /{', /'.join(names)} in {where}.")
+        return 0
+    return asyncio.run(run.run_gateway())
+
+
 def _keys(args: argparse.Namespace) -> int:
     """`gpuherd keys create|list|revoke`, as the local admin. A new key goes alone to stdout
     (`KEY=$(gpuherd keys create --user api:ci)` works); what to do with it goes to stderr."""
@@ -318,7 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chat = _split_chat_command(argv)
     args = parser.parse_args(chat[0] + [chat[1]] if chat else argv)
-    _setup_logging(args.verbose or args.cmd in ("serve", "slack"))   # a server logs to stderr (journald, containers)
+    _setup_logging(args.verbose or args.cmd in ("serve", "slack")
+                   or (args.cmd == "discord" and args.discord_action == "run"))   # a server logs to stderr (journald, containers)
     console = Console(stderr=True)
     try:
         if args.cmd is None:
@@ -340,6 +368,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _keys(args)
         if args.cmd == "slack":
             return _slack()
+        if args.cmd == "discord":
+            return _discord(args.discord_action, args.guild)
         if args.cmd == "panel":
             return _panel(args.host, args.port, open_browser=args.open)
         assert chat is not None

@@ -11,6 +11,7 @@ import shlex
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from gpuherd.core.auth import Actor
 from gpuherd.core.errors import GpuherdError, InvalidInput
@@ -78,6 +79,33 @@ class Args:
         raise InvalidInput(f"{name}= takes yes or no, not '{value}'.")
 
 
+ParamKind = Literal["text", "integer", "number", "duration", "choice", "flag"]
+Complete = Literal["template", "instance", "gpu", "period", "duration", "command"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One typed argument of a command, as a form-shaped surface asks for it (Discord's options,
+    a panel's inputs). The grammar still reads the line; `line_for` writes the line a form's
+    values stand for, so a typed option and a typed word go through one parser.
+
+    `option` names the `key=` of the grammar (None: a positional word, in the order of the
+    params); `rest` is the free text after everything else (a search query, boot overrides);
+    a `flag` is `key=yes` or `key=no` when given (a budget's hard_cap=no means something). `complete` says which suggestions fit
+    (template names, the asker's instance ids, GPU models, periods)."""
+
+    name: str
+    description: str
+    kind: ParamKind = "text"
+    required: bool = False
+    option: str | None = None
+    rest: bool = False
+    choices: tuple[str, ...] = ()
+    complete: Complete | None = None
+    min_value: int | None = None
+    max_value: int | None = None
+
+
 @dataclass(frozen=True)
 class Command:
     name: str
@@ -91,6 +119,7 @@ class Command:
     max_positional: int = 0
     free_text: bool = False                # the rest of the line is one argument (search queries)
     aliases: tuple[str, ...] = ()
+    params: tuple[Param, ...] = ()         # the typed arguments a form asks for (see Param)
 
 
 class Registry:
@@ -189,6 +218,51 @@ def parse_args(cmd: Command, rest: str) -> Args:
     return args
 
 
+def _word(value: str) -> str:
+    return shlex.quote(value) if value == "" or any(c.isspace() or c in "\"'\\" for c in value) else value
+
+
+def line_for(name: str, values: dict[str, Any]) -> str:
+    """The `/gpu` line a form's values stand for (Discord's options): positional params in
+    their order, `key=value` options, flags as `key=yes|no`, then the free text. Values are quoted
+    as the grammar reads them, so a value with spaces stays one word; unknown names are
+    refused, never dropped."""
+    cmd = REGISTRY.find(name)
+    known = {p.name: p for p in cmd.params}
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise InvalidInput(f"`/gpu {cmd.name}` has no option '{clip(unknown[0])}'.")
+    words: list[str] = []
+    options: list[str] = []
+    rest = ""
+    for param in cmd.params:
+        value = values.get(param.name)
+        if value is None or value == "":
+            continue
+        if param.kind == "flag":
+            options.append(f"{param.option or param.name}={'yes' if value else 'no'}")
+            continue
+        text = format(value, "f").rstrip("0").rstrip(".") if isinstance(value, float) else str(value)
+        if param.rest:
+            rest = text
+        elif param.option:
+            options.append(f"{param.option}={_word(text)}")
+        else:
+            words.append(_word(text))
+    return " ".join(part for part in ("/gpu", cmd.name, *words, *options, rest) if part)
+
+
+def check(line: str) -> None:
+    """Parse a line without running it: raises InvalidInput for what `dispatch` would refuse
+    before calling core (an unknown command or option, a bad quote, an over-long word). Pure
+    and fast, so a surface can answer bad input at once instead of deferring."""
+    bounded(line, MAX_LINE, "command line", stop="=")
+    text = strip_prefix(line)
+    if text:
+        name, _, rest = text.partition(" ")
+        parse_args(REGISTRY.find(name), rest.strip())
+
+
 async def dispatch(ctx: Context, line: str) -> Reply:
     """Run one command line; always returns a Reply, never raises, never leaks a traceback."""
     try:
@@ -219,6 +293,9 @@ def help_reply(name: str | None = None) -> Reply:
         text = cmd.summary + (f"\n\n{cmd.details}" if cmd.details else "")
         fields = [replies.ReplyField(label="usage", value=cmd.usage, inline=False),
                   replies.ReplyField(label="who", value=f"{cmd.role.value} and up", inline=False)]
+        if cmd.params:
+            fields.append(replies.ReplyField(label="options", inline=False, value="\n".join(
+                f"{p.name}{'' if p.required else ' (optional)'}: {p.description}" for p in cmd.params)))
         if cmd.examples:
             fields.append(replies.ReplyField(label="examples", value="\n".join(cmd.examples), inline=False))
         return Reply(title=f"/gpu {cmd.name}", text=text, fields=fields, ephemeral=True)
@@ -228,7 +305,8 @@ def help_reply(name: str | None = None) -> Reply:
 
 
 @REGISTRY.command("help", summary="Usage of every command, or of one", usage="/gpu help [command]",
-                  max_positional=1)
+                  max_positional=1,
+                  params=(Param("command", "the command to explain", complete="command"),))
 async def _help(ctx: Context, args: Args) -> Reply:
     return help_reply(args.positional[0] if args.positional else None)
 
@@ -238,6 +316,8 @@ async def _help(ctx: Context, args: Args) -> Reply:
 @REGISTRY.command(
     "search", summary="Live offers from every configured provider, cheapest first",
     usage="/gpu search [query]", free_text=True,
+    params=(Param("query", "e.g. 4090 <$0.5, a100 x2 reliability>0.98, gpu_ram>=48 -o dph", rest=True,
+                  complete="gpu"),),
     details=("vast.ai query syntax (gpu_ram>=24 num_gpus=1 reliability>0.98 gpu_name=RTX_4090 dph<0.6; "
              "operators = == != > >= < <= in notin; field=any drops a default; -o dph / order=dph- sorts) "
              "plus shorthands: 4090, a100, h100 x2, 24gb, <$0.5, provider=sandbox, limit=10. "
@@ -248,7 +328,8 @@ async def _search(ctx: Context, args: Args) -> Reply:
 
 
 @REGISTRY.command("templates", summary="List templates, or show one in full", usage="/gpu templates [name]",
-                  max_positional=1, aliases=("template",))
+                  max_positional=1, aliases=("template",),
+                  params=(Param("name", "show this template in full", complete="template"),))
 async def _templates(ctx: Context, args: Args) -> Reply:
     if args.positional:
         return replies.template_reply(await ctx.service.show_template(ctx.actor, args.positional[0]))
@@ -259,6 +340,10 @@ async def _templates(ctx: Context, args: Args) -> Reply:
     "boot", role=Role.MEMBER, summary="Start an instance from a template (cheapest matching offer)",
     usage="/gpu boot <template> [offer=<provider>:<id>] [provider=<name>] [key=value …]",
     options=("*",), max_positional=1,
+    params=(Param("template", "the template to boot", required=True, complete="template"),
+            Param("offer", "a given offer (provider:id, from /gpu search)", option="offer"),
+            Param("provider", "only this provider's offers", option="provider"),
+            Param("overrides", "template settings, e.g. max_model_len=4096 idle=45m", rest=True)),
     details=("Overrides are checked against the template (see /gpu templates <name>). Above the template's "
              "max $/h you are asked to confirm, with the cost per hour, day and month; the yes holds for that "
              "price only."),
@@ -295,6 +380,7 @@ async def _answer(ctx: Context, result: BootResult | DestroyResult | Confirmatio
 
 @REGISTRY.command("confirm", role=Role.VIEWER, summary="Say yes to a question gpuherd asked (its token)",
                   usage="/gpu confirm <token>", max_positional=1,
+                  params=(Param("token", "the question's token", required=True),),
                   details="The price and the budget are checked again: if the price rose, you are asked again.")
 async def _confirm(ctx: Context, args: Args) -> Reply:
     if not args.positional:
@@ -303,7 +389,8 @@ async def _confirm(ctx: Context, args: Args) -> Reply:
 
 
 @REGISTRY.command("cancel", role=Role.VIEWER, summary="Say no to a question gpuherd asked (its token)",
-                  usage="/gpu cancel <token>", max_positional=1)
+                  usage="/gpu cancel <token>", max_positional=1,
+                  params=(Param("token", "the question's token", required=True),))
 async def _cancel(ctx: Context, args: Args) -> Reply:
     if not args.positional:
         raise InvalidInput("Which question? Usage: /gpu cancel <token>")
@@ -317,7 +404,8 @@ def _instance_arg(args: Args, cmd: str) -> str:
 
 
 @REGISTRY.command("start", role=Role.MEMBER, summary="Resume a stopped instance and wait for its health check",
-                  usage="/gpu start <id>", max_positional=1, options=("key",))
+                  usage="/gpu start <id>", max_positional=1, options=("key",),
+                  params=(Param("instance", "the stopped instance", required=True, complete="instance"),))
 async def _start(ctx: Context, args: Args) -> Reply:
     r: StartResult = await ctx.service.start(ctx.actor, _instance_arg(args, "start"),
                                              idempotency_key=args.options.get("key") or ctx.key("start"))
@@ -331,7 +419,8 @@ async def _start(ctx: Context, args: Args) -> Reply:
 
 
 @REGISTRY.command("stop", role=Role.MEMBER, summary="Stop (disk kept, storage still billed); reports the session's cost",
-                  usage="/gpu stop <id>", max_positional=1, options=("key",))
+                  usage="/gpu stop <id>", max_positional=1, options=("key",),
+                  params=(Param("instance", "the running instance", required=True, complete="instance"),))
 async def _stop(ctx: Context, args: Args) -> Reply:
     r = await ctx.service.stop(ctx.actor, _instance_arg(args, "stop"),
                                idempotency_key=args.options.get("key") or ctx.key("stop"))
@@ -339,7 +428,8 @@ async def _stop(ctx: Context, args: Args) -> Reply:
 
 
 @REGISTRY.command("destroy", role=Role.MEMBER, summary="Destroy (no further charges); asks for confirmation",
-                  usage="/gpu destroy <id>", max_positional=1, options=("confirm", "key"))
+                  usage="/gpu destroy <id>", max_positional=1, options=("confirm", "key"),
+                  params=(Param("instance", "the instance to destroy", required=True, complete="instance"),))
 async def _destroy(ctx: Context, args: Args) -> Reply:
     r = await ctx.service.destroy(ctx.actor, _instance_arg(args, "destroy"), confirmed=args.flag("confirm"),
                                   idempotency_key=args.options.get("key") or ctx.key("destroy"))
@@ -348,6 +438,9 @@ async def _destroy(ctx: Context, args: Args) -> Reply:
 
 @REGISTRY.command("status", summary="Instances: owner, state, $/h, accrued, idle for, next guard action",
                   usage="/gpu status [id] [all=yes] [--guards]", max_positional=1, options=("all", "guards"),
+                  params=(Param("instance", "one instance in full", complete="instance"),
+                          Param("all", "include destroyed instances", kind="flag", option="all"),
+                          Param("guards", "the guard scheduler instead", kind="flag", option="guards")),
                   aliases=("list", "ls"))
 async def _status(ctx: Context, args: Args) -> Reply:
     if args.flag("guards"):
@@ -365,7 +458,10 @@ async def _guards(ctx: Context, args: Args) -> Reply:
 
 
 @REGISTRY.command("keep", role=Role.MEMBER, summary="Postpone idle shutdown (default 1 h, at most 7 days)",
-                  usage="/gpu keep <id> [duration]", max_positional=2, examples=("/gpu keep g-7f3a 2h",))
+                  usage="/gpu keep <id> [duration]", max_positional=2, examples=("/gpu keep g-7f3a 2h",),
+                  params=(Param("instance", "the instance to keep", required=True, complete="instance"),
+                          Param("duration", "how long, e.g. 2h or 1d (default 1h, at most 7 days)", kind="duration",
+                                complete="duration")))
 async def _keep(ctx: Context, args: Args) -> Reply:
     iid = _instance_arg(args, "keep")
     return replies.keep_reply(await ctx.service.keep(ctx.actor, iid, args.positional[1] if len(args.positional) > 1 else None))
@@ -375,6 +471,8 @@ async def _keep(ctx: Context, args: Args) -> Reply:
     "costs", summary="Spend, budget use, run-rate and month-end projection; or one instance's cost",
     usage="/gpu costs [today|week|month|YYYY-MM|<id>] [by=user|team|template|provider]",
     max_positional=1, options=("by",), aliases=("cost",),
+    params=(Param("period", "today, week, month, YYYY-MM, or an instance id", complete="period"),
+            Param("by", "group by", kind="choice", option="by", choices=("user", "team", "template", "provider"))),
     examples=("/gpu costs", "/gpu costs week by=template", "/gpu costs 2026-10 by=provider", "/gpu costs g-7f3a"))
 async def _costs(ctx: Context, args: Args) -> Reply:
     what = args.positional[0] if args.positional else None
@@ -384,7 +482,9 @@ async def _costs(ctx: Context, args: Args) -> Reply:
 
 
 @REGISTRY.command("audit", role=Role.ADMIN, summary="Recent audit events (who did what, what it cost)",
-                  usage="/gpu audit [n] [id]", max_positional=2)
+                  usage="/gpu audit [n] [id]", max_positional=2,
+                  params=(Param("count", "how many events (default 20)", kind="integer", min_value=1, max_value=500),
+                          Param("instance", "only this instance's events", complete="instance")))
 async def _audit(ctx: Context, args: Args) -> Reply:
     n, iid = 20, None
     for word in args.positional:
@@ -401,6 +501,11 @@ async def _audit(ctx: Context, args: Args) -> Reply:
     "budget", summary="Show budgets; admins set or clear them",
     usage="/gpu budget [set team=<team>|user=<user> <USD> [hard_cap=yes]] [clear team=<team>|user=<user>]",
     max_positional=2, options=("team", "user", "hard_cap"),
+    params=(Param("action", "change a budget (admins)", kind="choice", choices=("set", "clear")),
+            Param("amount", "USD per month (set)", kind="number", min_value=0),
+            Param("team", "the team's budget", option="team"),
+            Param("user", "a user's budget (their principal)", option="user"),
+            Param("hard_cap", "stop machines when it is reached (set)", kind="flag", option="hard_cap")),
     examples=("/gpu budget", "/gpu budget set team=ml 500", "/gpu budget set user=local:alice 100 hard_cap=yes",
               "/gpu budget clear team=ml"))
 async def _budget(ctx: Context, args: Args) -> Reply:
@@ -428,6 +533,10 @@ async def _budget(ctx: Context, args: Args) -> Reply:
     "attach", role=Role.ADMIN, summary="Put a machine created elsewhere under gpuherd's guards and ledger",
     usage="/gpu attach <provider>:<id> [template=<name>] [idle=<duration>] [owner=<principal>]",
     max_positional=1, options=("template", "idle", "owner"),
+    params=(Param("machine", "provider:id of the machine", required=True),
+            Param("template", "guard settings of this template", option="template", complete="template"),
+            Param("idle", "idle timeout, e.g. 2h", kind="duration", option="idle", complete="duration"),
+            Param("owner", "whose machine it is (a principal)", option="owner")),
     details=("The machine keeps running; from now on the idle guard watches it and the ledger bills it. "
              "A template gives it that template's guard settings. SURF Research Cloud workspaces are "
              "attached this way (gpuherd cannot create them)."),

@@ -3,6 +3,7 @@ and a team; every service call carries an `Actor` and the service, not the surfa
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -64,6 +65,18 @@ def check_team(team: str) -> str:
     return team
 
 
+def granted_role(mapping: dict[str, str], held: Iterable[str]) -> Role | None:
+    """The highest gpuherd role a platform's roles map to (config `discord_roles`: role name or
+    id -> viewer|member|admin; names compare case-insensitively), or None."""
+    lowered = {k.casefold(): Role(v) for k, v in mapping.items()}
+    best: Role | None = None
+    for name in held:
+        role = lowered.get(str(name).casefold())
+        if role is not None and (best is None or role.rank > best.rank):
+            best = role
+    return best
+
+
 def system_actor(name: str = "system") -> Actor:
     return Actor(principal=f"system:{name}", role=Role.ADMIN, team="*", source="system")
 
@@ -78,7 +91,10 @@ class Directory:
         self.admins = set(admins)
 
     def resolve(self, session: Session, principal: str, *, source: str, now: datetime,
-                display: str = "", role_hint: str | None = None) -> Actor:
+                display: str = "", role_hint: str | None = None, grant: Role | None = None) -> Actor:
+        """`role_hint` is the role of a principal first seen (stored); `grant` a role the
+        platform vouches for on this request only (a mapped Discord role): the actor has the
+        higher of the stored role and the grant, and losing the platform role loses the grant."""
         check_principal(principal)
         user = session.get(User, principal)
         if user is None:
@@ -90,6 +106,8 @@ class Directory:
             session.add(user)
             session.commit()
         role = Role.ADMIN if principal in self.admins else Role(user.role)
+        if grant is not None and grant.rank > role.rank:
+            role = grant
         return Actor(principal=principal, role=role, team=user.team, source=source,
                      display=display or user.display_name)
 

@@ -139,6 +139,26 @@ class Settings(BaseSettings):
     slack_admin_channel: str | None = Field(default=None, description="channel id for notices to admins")
     slack_admins: list[str] = Field(default_factory=list, description="Slack user ids that are always admin (U…)")
 
+    # Discord (bot/discord): the gateway bot when the bot token is set; the variable name is the
+    # one discord.py's examples use; the base URLs let a proxy or a test server stand in
+    discord_bot_token: SecretStr | None = Field(default=None,
+                                                validation_alias=_env("discord_bot_token", "DISCORD_BOT_TOKEN"),
+                                                description="the bot token from the Developer Portal")
+    discord_api_url: str = Field(default="https://discord.com/api/v10",
+                                 description="Discord REST API base URL (a proxy or a test server)")
+    discord_gateway_url: str = Field(default="wss://gateway.discord.gg/",
+                                     description="Discord gateway URL (a proxy or a test server)")
+    discord_guilds: list[int] = Field(default_factory=list,
+                                      description="servers (guild ids) the bot answers in; empty = every server it is in")
+    discord_channels: dict[str, int] = Field(default_factory=dict,
+                                             description="team -> Discord channel id for the team's notices and "
+                                                         "for owners whose DMs are closed, e.g. {ml = 1234…}")
+    discord_admin_channel: int | None = Field(default=None, description="channel id for notices to admins")
+    discord_admins: list[int] = Field(default_factory=list, description="Discord user ids that are always admin")
+    discord_roles: dict[str, str] = Field(default_factory=dict,
+                                          description="Discord role name -> gpuherd role held while the member has "
+                                                      "it, e.g. {gpu-admin = 'admin'}")
+
     # the team server (`gpuherd serve`)
     api_rate_per_minute: int = Field(default=600, ge=1, le=1_000_000,
                                      description="requests a minute each API key may make, per replica")
@@ -150,6 +170,22 @@ class Settings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL")
         return value if value.endswith("/") else value + "/"   # slack_sdk joins method names onto it
+
+    @field_validator("discord_api_url", "discord_gateway_url")
+    @classmethod
+    def _discord_url(cls, value: str, info: Any) -> str:
+        schemes = ("ws://", "wss://") if info.field_name == "discord_gateway_url" else ("http://", "https://")
+        if not value.startswith(schemes):
+            raise ValueError(f"must be a {schemes[0].rstrip(':/')}(s) URL")
+        return value.rstrip("/") if info.field_name == "discord_api_url" else value
+
+    @field_validator("discord_roles")
+    @classmethod
+    def _discord_roles(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, role in value.items():
+            if role not in ("viewer", "member", "admin"):
+                raise ValueError(f"Discord role '{name[:40]}' maps to '{role[:20]}': use viewer, member or admin")
+        return value
 
     @field_validator("slack_admins")
     @classmethod
@@ -166,9 +202,14 @@ class Settings(BaseSettings):
                                                      or self.slack_signing_secret is not None)
 
     @property
+    def discord_configured(self) -> bool:
+        return self.discord_bot_token is not None
+
+    @property
     def all_admins(self) -> list[str]:
-        """`admins` plus the Slack user ids of `slack_admins` as principals."""
-        return [*self.admins, *(f"slack:{uid}" for uid in self.slack_admins)]
+        """`admins` plus the chat user ids of `slack_admins` and `discord_admins` as principals."""
+        return [*self.admins, *(f"slack:{uid}" for uid in self.slack_admins),
+                *(f"discord:{uid}" for uid in self.discord_admins)]
 
     @field_validator("home", mode="before")
     @classmethod

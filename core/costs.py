@@ -42,7 +42,7 @@ MAX_BUDGET = Decimal("10000000")       # USD/month; anything above is a typo, no
 RUNNING_SHOWN = 25                     # instances billing now listed in a cost report, costliest first
 
 
-def _current_micros(inst: Instance) -> int:
+def current_micros(inst: Instance) -> int:
     """What the row bills per hour right now (compute while up, storage while stopped)."""
     state = inst.state_enum
     if state in BILLED_AS_COMPUTE:
@@ -124,8 +124,8 @@ class Costs:
             mtd = sum((amount for _, amount in month_rows), Decimal(0))
             running_rows = list(s.execute(select(Instance).where(
                 col(Instance.state).in_([st.value for st in BILLED_AS_COMPUTE | {InstanceState.STOPPED}]))).scalars())
-            billing = [r for r in running_rows if _current_micros(r) > 0]
-            billing.sort(key=lambda r: (-_current_micros(r), r.id))
+            billing = [r for r in running_rows if current_micros(r) > 0]
+            billing.sort(key=lambda r: (-current_micros(r), r.id))
             # the costliest few in full; a team with thousands running gets the count, not a
             # thousand views built for a report that shows a screenful
             running = build_views(s, billing[:RUNNING_SHOWN], now, actor, caps)

@@ -27,6 +27,7 @@ from .auth import Actor, system_actor
 from .booting import confirmation
 from .clock import Clock, as_utc
 from .confirmations import ConfirmationStore
+from .costs import current_micros
 from .db import Database
 from .errors import Conflict, GpuherdError, InvalidInput, PermissionDenied, ProviderError
 from .guard_plan import replan
@@ -314,10 +315,13 @@ class Power:
                                                    args={"key": idempotency_key or ""}, secrets=None,
                                                    accepted_dph=None, instance_id=inst.id)
                 s.commit()
+                billing = Money.of(from_micros(current_micros(inst)))
+                ends = (f"billing of {usd(billing.per_hour, 3)}/h ({usd(billing.per_day)}/day, "
+                        f"{usd(billing.per_month)}/month) ends" if billing.per_hour > 0 else "nothing is billed now")
                 return confirmation(
                     issued.token, issued.expires_at, "destroy", ConfirmReason.DESTROY, f"Destroy {inst.id}?",
                     f"Destroy {inst.id} ({inst.template}, {inst.gpu_name} x{inst.num_gpus} on {inst.provider})? "
-                    "Its disk and everything on it are deleted; billing ends.", inst.id, None, inst.simulated)
+                    f"Its disk and everything on it are deleted; {ends}.", inst.id, billing, inst.simulated)
             previous = inst.state
             if not self.lifecycle.claim(s, inst, InstanceState.DESTROYING, now):
                 raise _Lost(inst.id)

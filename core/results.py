@@ -208,7 +208,7 @@ class Confirmation(BaseModel):
     token: str
     expires_at: datetime
     instance_id: str | None = None
-    cost: Money | None = None       # what a yes starts paying
+    cost: Money | None = None       # the money at stake: what a boot's yes starts paying, a destroy's ends
     actions: list[Action] = Field(default_factory=list)
     simulated: bool = False
 

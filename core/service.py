@@ -18,7 +18,7 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, TypeVar, cast
@@ -29,7 +29,7 @@ from sqlmodel import Session, col
 
 from . import audit as audit_log
 from .actions import Op, Style, act
-from .auth import Actor, Directory
+from .auth import Actor, Directory, granted_role
 from .booting import Accepted, Booting
 from .clock import Clock, as_utc
 from .config import Settings, load_settings
@@ -123,14 +123,18 @@ _ANSWERS: TypeAdapter[BootResult | DestroyResult | Confirmation] = TypeAdapter(
 
 
 def default_routes(settings: Settings) -> list[SurfaceRoute]:
-    """Where notices go: the shell always (the terminal of whoever runs one); Slack when it is
-    configured: DMs to Slack users, the channel of each team that has one, the admins' channel
-    when there is one."""
+    """Where notices go: the shell always (the terminal of whoever runs one); Slack and Discord
+    when configured: DMs to their users, the channel of each team that has one there, the
+    admins' channel when there is one."""
     routes = [SurfaceRoute.shell()]
     if settings.slack_configured:
         kinds: tuple[TargetKind, ...] = ("user", "team", "admins") if settings.slack_admin_channel else ("user", "team")
         routes.append(SurfaceRoute(surface="slack", target_kinds=kinds, principal_prefix="slack:",
                                    teams=frozenset(settings.slack_channels)))
+    if settings.discord_configured:
+        kinds = ("user", "team", "admins") if settings.discord_admin_channel else ("user", "team")
+        routes.append(SurfaceRoute(surface="discord", target_kinds=kinds, principal_prefix="discord:",
+                                   teams=frozenset(settings.discord_channels)))
     return routes
 
 
@@ -216,10 +220,12 @@ class GpuService:
                                           display=display, role_hint=role_hint)
 
     async def resolve_actor(self, principal: str, *, source: str, display: str = "",
-                            role_hint: str | None = None) -> Actor:
-        """Who is asking: the principal's role and team (first seen: the default role)."""
+                            role_hint: str | None = None, platform_roles: Iterable[str] = ()) -> Actor:
+        """Who is asking: the principal's role and team (first seen: the default role), raised
+        for this request by the platform roles it holds that config maps (`discord_roles`)."""
+        grant = granted_role(self.settings.discord_roles, platform_roles) if source == "discord" else None
         return await self.db.run(lambda s: self.directory.resolve(
-            s, principal, source=source, now=self.clock.now(), display=display, role_hint=role_hint))
+            s, principal, source=source, now=self.clock.now(), display=display, role_hint=role_hint, grant=grant))
 
     def local_actor(self, source: str = "shell") -> Actor:
         """The person at this terminal: `local:<user>`, with the configured local role."""

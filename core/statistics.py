@@ -8,7 +8,7 @@ Decisions:
   starting, stopping, error). One definition, shared with the ledger, so the active count and
   the run-rate in a cost report never disagree.
 - A group's `dph` is what its instances cost per hour *now*: compute while active, storage
-  while stopped, nothing once ended (the same rule as `costs._current_micros`). `average_dph` is
+  while stopped, nothing once ended (the same rule as `costs.current_micros`). `average_dph` is
   the mean compute $/h of the active instances.
 - One SQL statement groups the instances by (state, GPU model, provider) and sums in SQL; the
   three distributions and the totals are rolled up from those few grouped rows (at most

@@ -78,7 +78,7 @@ def test_dockerfile_is_non_root_with_the_server_as_entry_point() -> None:
     entry = [ln for ln in lines if ln.startswith("ENTRYPOINT")]
     assert entry == ['ENTRYPOINT ["gpuherd", "serve", "--host", "0.0.0.0"]']
     assert lines.index(next(ln for ln in lines if ln.startswith("USER "))) < lines.index(entry[0])
-    assert re.search(r'pip install "\.\[server,postgres\]"', text)
+    assert re.search(r'pip install "\.\[server,postgres,slack,discord\]"', text), "the image runs every chat surface"
     assert "HEALTHCHECK" in text and "/health" in text
     assert re.search(r"^VOLUME .*/var/lib/gpuherd", text, re.M) and "GPUHERD_HOME=/var/lib/gpuherd" in text
 

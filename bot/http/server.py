@@ -56,7 +56,7 @@ Prepare = Callable[[Runtime], None]
 
 
 class Hosted(Protocol):
-    """A chat surface the server hosts (Slack; Discord later): it registers its notice deliverer
+    """A chat surface the server hosts (Slack, Discord): it registers its notice deliverer
     (`prepare`, before the Runtime starts), runs its connections inside the Runtime (`around`),
     and may add its own routes (`mount`, e.g. Slack's /slack/events)."""
 
@@ -77,6 +77,13 @@ def hosted_surfaces(service: GpuService) -> list[Hosted]:
             raise ConfigError(f"Slack is configured but its extra is missing ({exc.name}): "
                               "pip install 'gpuherd[slack]'.") from None
         out.append(SlackRunner(service))
+    if service.settings.discord_bot_token is not None:
+        try:
+            from gpuherd.bot.discord.run import DiscordRunner
+        except ImportError as exc:
+            raise ConfigError(f"Discord is configured but its extra is missing ({exc.name}): "
+                              "pip install 'gpuherd[discord]'.") from None
+        out.append(DiscordRunner(service))
     return out
 
 

@@ -1,0 +1,1 @@
+"""The Discord surface (discord.py): see app.py."""
