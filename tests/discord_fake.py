@@ -1,10 +1,14 @@
-"""A loopback stand-in for Discord's REST API (v10), for tests that drive a discord.py bot through
-discord.py's own HTTP client: point `discord.http.Route.BASE` at `fake.api_url`, feed interactions
-as raw payloads (tests/discord_payloads.py) and read back what the bot sent.
+"""A loopback stand-in for Discord's REST API (v10) and its gateway, for tests that drive a
+discord.py bot through discord.py's own HTTP and websocket clients: point `discord.http.Route.BASE`
+at `fake.api_url` (and `DiscordWebSocket.DEFAULT_GATEWAY` at `yarl.URL(fake.gateway_url)`, or
+gpuherd's `GPUHERD_DISCORD_API_URL` / `GPUHERD_DISCORD_GATEWAY_URL`), feed interactions as raw
+payloads (tests/discord_payloads.py) over the gateway or straight into the client, and read back
+what the bot sent.
 
 It is an aiohttp.web application on 127.0.0.1 (a free port) running on the test's own event loop
 (`async with FakeDiscord() as fake:`); a delayed answer sleeps with asyncio.sleep, so it never
-blocks the loop the bot runs on.
+blocks the loop the bot runs on. A bot in another process (`gpuherd serve`) works too, as long as
+the test never blocks that loop (poll with asyncio.sleep; blocking waits go to a thread).
 
 What Discord documents and the fake does (developers/docs: reference, topics/rate-limits,
 interactions/receiving-and-responding, resources/{user,channel,message,webhook,application},
@@ -62,8 +66,46 @@ shown in a repr), the monotonic arrival time and, once answered, the status and 
 
 Interactions: `fake.dispatch(client, payload)` tells the fake about a payload
 (`register_interaction`: its type, channel and, for a button, its message) and hands it to
-`client._connection.parse_interaction_create`. A callback or webhook call for an interaction the
-fake was not told about is still accepted (no type check, messages without a channel).
+`client._connection.parse_interaction_create` (in-process, no gateway); `await
+fake.send_interaction(payload)` registers it likewise and sends it as an INTERACTION_CREATE over
+every gateway session (any process). A callback or webhook call for an interaction the fake was
+not told about is still accepted (no type check, messages without a channel).
+
+Gateway (developers/events/gateway.mdx, gateway-events.mdx, topics/opcodes-and-status-codes.mdx),
+a websocket at `fake.gateway_url` (ws://127.0.0.1:PORT/gateway) on the same app; GET /gateway and
+GET /gateway/bot answer that URL (AutoShardedClient connects where /gateway/bot says: the real
+`wss://gateway.discord.gg` there would take a test online).
+- On connect: HELLO (op 10, `heartbeat_interval` = `heartbeat_interval_ms`, Discord's 41250 by
+  default). `?v=` other than 10 closes 4012; `encoding` other than json closes 4002.
+- Op 1 HEARTBEAT is answered with op 11 at once (also before IDENTIFY, as discord.py sends its
+  first one right after HELLO); each heartbeat's `d` is kept in `conn.heartbeats`.
+- Op 2 IDENTIFY (kept in `fake.identified` as an `Identify`, whose repr hides the token; compare
+  with `has_token`): a wrong token closes 4004, intents missing or with undefined bits 4013, a
+  privileged intent (members, presences, message content) not switched on in
+  `fake.privileged_intents` 4014, a second IDENTIFY 4005. Otherwise a session: READY (`v`, `user`
+  = the bot user, `guilds` = [fake.guild_id unavailable], `session_id`, `resume_gateway_url` =
+  fake.gateway_url, `application` {id, flags}, `shard` when asked), then — only with the GUILDS
+  intent, as on Discord — GUILD_CREATE for fake.guild_id (`discord_payloads.guild_create` with
+  `fake.guild_roles`, the channels the fake knows in that guild, and the bot's own member).
+- Any other op before IDENTIFY closes 4003; an unknown op 4001; binary or non-JSON frames 4002.
+  Presence updates, voice states and member requests are accepted and ignored.
+- Dispatches carry the session's sequence numbers (1 for READY); `dispatch_event(name, data)`
+  sends any event. A session whose connection closed with a code that does not end it (4000,
+  `disconnect()`'s default, unlike 1000/1001 and the 4004/4009-4014 refusals) keeps its events:
+  op 6 RESUME with its id, the token and a seq replays what came after that seq, then RESUMED;
+  an unknown or ended session gets op 9 INVALID_SESSION `false`. `request_reconnect()` sends op 7.
+- Frames: discord.py asks `compress=zlib-stream` (zstd-stream when a zstd module is importable)
+  and inflates only *binary* frames, reading text frames as they are, so both work. The fake
+  honours zlib-stream (one zlib stream per connection, each message ended by a Z_SYNC_FLUSH,
+  00 00 ff ff, one binary frame per message) and sends text frames for anything else (no
+  compress, zstd-stream) or when `fake.gateway_compression` is False. The `compress: true` of
+  discord.py's IDENTIFY (per-payload compression) is ignored: transport compression replaces it.
+- Not done: heartbeat timeouts (a silent client is never dropped), the 120 events / 60 s send
+  limit (4008), sharding checks (4010/4011), ETF encoding, messages split across frames.
+- `fake.connections` holds every `GatewayConnection` (query, compression, ops received, when it
+  was ready, who closed it with which code); `await fake.wait_connected(timeout)` returns the
+  latest ready one, `wait_disconnected` waits until none is open. Leaving the `async with`
+  closes open connections with 1001.
 """
 
 from __future__ import annotations
@@ -86,6 +128,7 @@ from aiohttp import WSMsgType, web
 
 from tests.discord_payloads import (
     APP_ID,
+    CHANNEL_ID,
     GUILD_ID,
     dm_channel_object,
     guild_create,
@@ -398,6 +441,70 @@ class FakeDiscord:
         (`client._connection.parse_interaction_create`: private API, pinned discord.py)."""
         self.register_interaction(payload)
         client._connection.parse_interaction_create(payload)
+
+    # --- gateway controls ------------------------------------------------------------------
+    @property
+    def application_flags(self) -> int:
+        """The application's flags: the *_LIMITED flag of each privileged intent switched on."""
+        return sum(flag for intent, flag in _LIMITED_FLAGS.items() if self.privileged_intents & intent)
+
+    async def send_interaction(self, payload: dict[str, Any]) -> float:
+        """`register_interaction(payload)`, then an INTERACTION_CREATE dispatch to every gateway
+        session (`dispatch_event`). Returns `time.monotonic()` taken just before the first frame
+        was written. AssertionError when no client has a session (sent into the void)."""
+        self.register_interaction(payload)
+        return await self.dispatch_event("INTERACTION_CREATE", payload)
+
+    async def dispatch_event(self, name: str, data: Any) -> float:
+        """A dispatch (op 0, `t` = name) to every live session, each with its next sequence number;
+        a session whose connection dropped (not with a session-ending code) keeps it for its
+        RESUME, as Discord does. Returns the monotonic time just before the first write;
+        AssertionError when there is no live session (nothing would ever receive it)."""
+        live = [s for s in self.sessions.values() if not s.ended]
+        if not live:
+            raise AssertionError(f"no gateway connection to send {name} to; connections: {self.connections!r}")
+        sent_at = time.monotonic()
+        for session in live:
+            await self._dispatch(session, name, data)
+        return sent_at
+
+    async def wait_connected(self, timeout: float = 5.0, count: int = 1) -> GatewayConnection:
+        """The latest connection once `count` open connections have had their READY (or RESUMED);
+        AssertionError listing the connections after `timeout` seconds."""
+        def ready() -> list[GatewayConnection]:
+            return [c for c in self.connections if c.open and c.ready_at is not None]
+        await self._wait_until(lambda: len(ready()) >= count, timeout, f"{count} ready gateway connection(s)")
+        return ready()[-1]
+
+    async def wait_disconnected(self, timeout: float = 5.0) -> list[GatewayConnection]:
+        """Every connection, once none is open any more."""
+        await self._wait_until(lambda: bool(self.connections) and not any(c.open for c in self.connections),
+                               timeout, "every gateway connection to close")
+        return list(self.connections)
+
+    async def disconnect(self, code: int = 4000, reason: str = "Unknown error.") -> None:
+        """Close every open gateway connection with `code` (4000: Discord's "unknown error", after
+        which a client RESUMEs; a code of SESSION_ENDING_CLOSES also ends the session)."""
+        for conn in [c for c in self.connections if c.open]:
+            await self._close(conn, code, reason)
+
+    async def request_reconnect(self) -> None:
+        """Send op 7 RECONNECT to every open connection (the client should reconnect and RESUME)."""
+        for conn in [c for c in self.connections if c.open]:
+            await self._write(conn, {"op": OP_RECONNECT, "d": None, "s": None, "t": None})
+
+    async def _wait_until(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not condition():
+            changed = self._changed
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise AssertionError(f"no {what} within {timeout}s; connections: {self.connections!r}")
+            try:
+                await asyncio.wait_for(changed.wait(), remaining)
+            except TimeoutError:
+                pass
 
     # --- reading back ----------------------------------------------------------------------
     def callbacks(self) -> list[Callback]:
@@ -861,3 +968,180 @@ class FakeDiscord:
             stored.append(command)
         self.commands[guild] = stored
         return _Answer(200, copy.deepcopy(stored))
+
+    # --- gateway (websocket) ----------------------------------------------------------------
+    async def _gateway(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(autoping=True, max_msg_size=4 * 1024 * 1024)
+        await ws.prepare(request)
+        wanted = request.query.get("compress")
+        conn = GatewayConnection(number=len(self.connections) + 1, query=dict(request.query),
+                                 compress="zlib-stream" if self.gateway_compression and wanted == "zlib-stream" else None,
+                                 opened_at=time.monotonic(), ws=ws)
+        if conn.compress:
+            conn._zlib = zlib.compressobj()
+        self.connections.append(conn)
+        self._notify()
+        try:
+            if request.query.get("v", GATEWAY_VERSION) != GATEWAY_VERSION:
+                await self._close(conn, 4012, "Invalid API version.")
+            elif request.query.get("encoding", "json") != "json":
+                await self._close(conn, 4002, "Error while decoding payload (the fake speaks JSON only).")
+            else:
+                await self._write(conn, {"op": OP_HELLO, "d": {"heartbeat_interval": self.heartbeat_interval_ms},
+                                         "s": None, "t": None})
+                async for msg in ws:
+                    if msg.type is WSMsgType.TEXT:
+                        await self._gateway_message(conn, msg.data)
+                    elif msg.type is WSMsgType.BINARY:        # clients send JSON text; Discord does not inflate
+                        await self._close(conn, 4002, "Error while decoding payload.")
+                    if not conn.open:
+                        break
+        finally:
+            if conn.closed_at is None:
+                conn.closed_at = time.monotonic()
+                conn.close_code = ws.close_code
+                conn.closed_by = "client"
+            session = conn.session
+            if session is not None and session.connection is conn:
+                session.connection = None
+                if conn.close_code in SESSION_ENDING_CLOSES:
+                    session.ended = True
+            self._notify()
+        return ws
+
+    async def _gateway_message(self, conn: GatewayConnection, text: str) -> None:
+        try:
+            frame = json.loads(text)
+            op = frame["op"]
+            data = frame.get("d")
+        except (ValueError, KeyError, TypeError):
+            await self._close(conn, 4002, "Error while decoding payload.")
+            return
+        conn.ops.append(op)
+        if op == OP_HEARTBEAT:
+            conn.heartbeats.append(data)
+            await self._write(conn, {"op": OP_HEARTBEAT_ACK, "d": None, "s": None, "t": None})
+        elif op not in CLIENT_OPS:
+            await self._close(conn, 4001, "Unknown opcode.")
+        elif op == OP_IDENTIFY:
+            await self._identify(conn, data)
+        elif op == OP_RESUME:
+            await self._resume(conn, data)
+        elif conn.session is None:
+            await self._close(conn, 4003, "Not authenticated.")
+        # presence updates, voice states and member requests are accepted and ignored
+
+    async def _identify(self, conn: GatewayConnection, data: Any) -> None:
+        if not isinstance(data, dict) or not isinstance(data.get("properties"), dict):
+            await self._close(conn, 4002, "Error while decoding payload.")
+            return
+        identify = Identify(copy.deepcopy(data))
+        self.identified.append(identify)              # every IDENTIFY received, refused ones too
+        if conn.session is not None:
+            await self._close(conn, 4005, "Already authenticated.")
+            return
+        conn.identify = identify
+        intents = data.get("intents")
+        if not identify.has_token(self.token):
+            await self._close(conn, 4004, "Authentication failed.")
+            return
+        if not isinstance(intents, int) or isinstance(intents, bool) or intents < 0 or intents & ~ALL_INTENTS:
+            await self._close(conn, 4013, "Invalid intent(s).")
+            return
+        if intents & PRIVILEGED_INTENTS & ~self.privileged_intents:
+            await self._close(conn, 4014, "Disallowed intent(s).")
+            return
+        session = _Session(id=secrets.token_hex(16), intents=intents, connection=conn)
+        self.sessions[session.id] = session
+        conn.session = session
+        ready: dict[str, Any] = {
+            "v": int(GATEWAY_VERSION), "user": copy.deepcopy(self.bot_user),
+            "guilds": [{"id": self.guild_id, "unavailable": True}],
+            "session_id": session.id, "resume_gateway_url": self.gateway_url,
+            "application": {"id": self.app_id, "flags": self.application_flags},
+        }
+        if isinstance(data.get("shard"), list):
+            ready["shard"] = data["shard"]
+        await self._dispatch(session, "READY", ready)
+        conn.ready_at = time.monotonic()
+        if intents & INTENT_GUILDS:
+            await self._dispatch(session, "GUILD_CREATE", self._guild_create())
+        self._notify()
+
+    async def _resume(self, conn: GatewayConnection, data: Any) -> None:
+        if conn.session is not None:
+            await self._close(conn, 4005, "Already authenticated.")
+            return
+        data = data if isinstance(data, dict) else {}
+        session = self.sessions.get(str(data.get("session_id")))
+        if not secrets.compare_digest(str(data.get("token", "")), self.token):
+            await self._close(conn, 4004, "Authentication failed.")
+            return
+        if session is None or session.ended or (session.connection is not None and session.connection.open):
+            await self._write(conn, {"op": OP_INVALID_SESSION, "d": False, "s": None, "t": None})
+            return
+        seq = data.get("seq") if isinstance(data.get("seq"), int) else 0
+        if seq > session.seq:
+            await self._close(conn, 4007, "Invalid seq.")
+            return
+        conn.session, conn.resumed = session, session.id
+        async with conn.lock:
+            # attached and snapshotted at once: later dispatches queue behind the replay on the lock
+            session.connection = conn
+            missed = [frame for s, frame in session.events if s > seq]
+            for frame in missed:
+                await self._send_text(conn, frame)
+        await self._dispatch(session, "RESUMED", {})
+        conn.ready_at = time.monotonic()
+        self._notify()
+
+    def _guild_create(self) -> dict[str, Any]:
+        channels = [CHANNEL_ID, *(cid for cid, c in self.channels.items()
+                                          if c.get("guild_id") == self.guild_id and c.get("type") == 0)]
+        payload = guild_create(self.guild_id, self.guild_roles, name=self.guild_name,
+                               channels=list(dict.fromkeys(channels)))
+        payload["members"] = [{   # Discord includes the bot's own member (discord.py's guild.me)
+            "user": user_object(self.bot_user_id, self.bot_user["username"], bot=True), "roles": [],
+            "joined_at": payload["joined_at"], "premium_since": None, "nick": None, "avatar": None,
+            "deaf": False, "mute": False, "pending": False, "flags": 0, "communication_disabled_until": None,
+        }]
+        return payload
+
+    async def _dispatch(self, session: _Session, name: str, data: Any) -> None:
+        session.seq += 1
+        frame = json.dumps({"op": OP_DISPATCH, "d": data, "s": session.seq, "t": name}, separators=(",", ":"))
+        session.events.append((session.seq, frame))
+        del session.events[:-1000]
+        conn = session.connection
+        if conn is not None and conn.open:
+            async with conn.lock:     # taken with no await since the seq: frames leave in seq order
+                await self._send_text(conn, frame)
+
+    async def _write(self, conn: GatewayConnection, frame: dict[str, Any]) -> None:
+        async with conn.lock:
+            await self._send_text(conn, json.dumps(frame, separators=(",", ":")))
+
+    async def _send_text(self, conn: GatewayConnection, text: str) -> None:
+        """One gateway message: a text frame, or with zlib-stream a binary frame holding the
+        message deflated on the connection's one zlib stream up to a Z_SYNC_FLUSH (00 00 ff ff)."""
+        if conn.ws.closed:
+            return
+        try:
+            if conn._zlib is not None:
+                await conn.ws.send_bytes(conn._zlib.compress(text.encode()) + conn._zlib.flush(zlib.Z_SYNC_FLUSH))
+            else:
+                await conn.ws.send_str(text)
+        except (ConnectionError, RuntimeError):
+            pass                       # the client went away mid-send; the handler records the close
+
+    async def _close(self, conn: GatewayConnection, code: int, reason: str) -> None:
+        if conn.closed_at is not None:
+            return
+        conn.closed_at, conn.close_code, conn.closed_by = time.monotonic(), code, "fake"
+        session = conn.session
+        if session is not None and session.connection is conn:
+            session.connection = None
+            if code in SESSION_ENDING_CLOSES:
+                session.ended = True
+        self._notify()
+        await conn.ws.close(code=code, message=reason.encode()[:123])

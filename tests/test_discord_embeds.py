@@ -535,6 +535,8 @@ def rows_shown(pages: list[DiscordMessage]) -> list[str]:
     return [line for p in pages for block in code_blocks(desc(p)) for line in block[2:]]
 
 
+# a renderer test: the replies do not depend on the database, so SQLite only (suite time)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_every_reply_the_suite_can_produce_renders_within_the_limits(
         service: GpuService, sandbox: SandboxProvider, admin: Actor, discord_member: Actor) -> None:
     actors = {"admin": admin, "member": discord_member}

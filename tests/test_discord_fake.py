@@ -151,7 +151,7 @@ async def test_login_fetches_the_bot_user_and_the_application(fake: FakeDiscord,
     assert all(c.headers["Authorization"] == f"Bot {TOKEN}" and c.status == 200 for c in fake.calls)
     assert "test-token" not in repr(fake.calls[0])
     shards, url, limits = await client.http.get_bot_gateway()
-    assert (shards, url, limits["max_concurrency"]) == (1, "wss://gateway.discord.gg", 1)
+    assert (shards, url, limits["max_concurrency"]) == (1, fake.gateway_url, 1)
 
 
 async def test_a_wrong_token_is_a_login_failure(fake: FakeDiscord) -> None:

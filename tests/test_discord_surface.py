@@ -419,3 +419,81 @@ async def test_closed_dms_fall_back_to_the_team_channel_and_429_waits(
         pending = s.execute(text("SELECT count(*) FROM notice_deliveries WHERE surface = 'discord' "
                                  "AND delivered_at IS NULL AND gave_up_at IS NULL")).scalar()
     assert pending == 0, "the closed DM's delivery is done (the team's channel carries it), not retried"
+
+
+# --- every command -------------------------------------------------------------------------------
+
+def _every_command(iid: str, stopped: str) -> list[tuple[str, dict[str, Any], str]]:
+    """(subcommand, options, what its answer says): one typical use of each registry command."""
+    return [
+        ("help", {}, "gpuherd commands"),
+        ("search", {"query": "24gb <$2"}, "offer"),
+        ("templates", {}, "budget"),
+        ("templates", {"name": "budget"}, "budget"),
+        ("status", {}, iid),
+        ("status", {"instance": iid}, iid),
+        ("status", {"guards": True}, "uard"),
+        ("guards", {}, "uard"),
+        ("keep", {"instance": iid, "duration": "2h"}, iid),
+        ("costs", {}, "month"),
+        ("costs", {"period": "week", "by": "template"}, "week"),
+        ("costs", {"period": iid}, iid),
+        ("start", {"instance": stopped}, stopped),
+        ("stop", {"instance": stopped}, stopped),
+        ("confirm", {"token": "c_not-a-token"}, "question"),
+        ("cancel", {"token": "c_not-a-token"}, "question"),
+        ("destroy", {"instance": iid}, f"Destroy {iid}"),
+        ("audit", {"count": 5}, "Audit"),
+        ("budget", {}, "udget"),
+        ("budget", {"action": "set", "amount": 250.0, "team": "ml"}, "250"),
+        ("attach", {"machine": "sandbox:sb-404"}, "sb-404"),
+        ("reconcile", {}, "econcil"),
+        ("boot", {"template": "budget", "provider": "sandbox"}, "Booted g-"),
+    ]
+
+
+async def test_every_command_runs_through_discord(fake: FakeDiscord, surface: DiscordSurface,
+                                                  service: GpuService) -> None:
+    from gpuherd.bot.grammar import REGISTRY
+
+    await service.set_user(service.local_actor(), f"discord:{ALICE}", role="admin", team="ml")
+    iid, _ = await boot(fake, surface)
+    stopped, _ = await boot(fake, surface)
+    await service.stop(await service.resolve_actor(f"discord:{ALICE}", source="discord"), stopped)
+    plan = _every_command(iid, stopped)
+    assert {sub for sub, _, _ in plan} == {c.name for c in REGISTRY.all()}, "one use of every command"
+    for sub, options, needle in plan:
+        payload = P.command("gpu", sub, options, user_id=ALICE)
+        fake.dispatch(surface.client, payload)
+        token = payload["token"]
+
+        def answered(token: str = token, needle: str = needle) -> bool:
+            bodies = [c.json for c in fake.calls if token in c.path and 200 <= c.status < 300 and c.method != "DELETE"]
+            return any(needle in json.dumps(b) for b in bodies) and not any(
+                "Internal error" in json.dumps(b) for b in bodies)
+        try:
+            await until(answered)
+        except AssertionError:
+            seen = [json.dumps(c.json)[:300] for c in fake.calls if token in c.path]
+            raise AssertionError(f"/gpu {sub} {options}: {needle!r} not answered; saw {seen}") from None
+        assert (await until(callback_of(fake, payload))).type in (4, 5)
+
+
+async def test_a_discord_outage_delays_a_notice_and_it_arrives_once(
+        fake: FakeDiscord, surface: DiscordSurface, service: GpuService, clock: VirtualClock) -> None:
+    iid, _ = await boot(fake, surface)
+    deliver = _deliverer(service, clock, DiscordNotices(surface))
+    await deliver.deliver_once()
+    await _warned(service, clock, iid)
+    dm = fake.dm_channel_id(ALICE)
+    fake.fail("POST", rf"^/channels/{dm}/messages$", 503, times=1)
+    await deliver.deliver_once()
+    assert not [m for m in fake.dm_messages(ALICE) if "idle" in json.dumps(m)], "Discord answered 503"
+    with service.db.session() as s:
+        from sqlalchemy import text
+        errors = s.execute(text("SELECT last_error FROM notice_deliveries WHERE surface = 'discord' "
+                                "AND target = :t AND delivered_at IS NULL"), {"t": f"user:discord:{ALICE}"}).scalars().all()
+    assert any("503" in (e or "") for e in errors), "the outbox keeps the reason and retries"
+    clock.advance(10)
+    await deliver.deliver_once()
+    assert len([m for m in fake.dm_messages(ALICE) if "idle" in json.dumps(m)]) == 1

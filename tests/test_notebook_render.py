@@ -11,6 +11,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import ipywidgets as w
+import pytest
 
 from gpuherd.bot import replies
 from gpuherd.bot.grammar import REGISTRY, Context, dispatch
@@ -241,6 +242,8 @@ def check_rendering(what: str, reply: Reply) -> list[str]:
     return problems
 
 
+# a renderer test: the replies do not depend on the database, so SQLite only (suite time)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_every_reply_of_the_scripted_session_renders(service: GpuService, sandbox: SandboxProvider,
                                                            admin: Actor, member: Actor) -> None:
     actors = {"admin": admin, "member": member}

@@ -640,7 +640,7 @@ def test_arbitrary_text_parses_or_raises_query_error(text):
     _parse_or_error(text)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(QUERIES)
 def test_grammar_shaped_text_parses_or_raises_query_error(text):
     q = _parse_or_error(text)
@@ -650,7 +650,7 @@ def test_grammar_shaped_text_parses_or_raises_query_error(text):
         assert q.limit is None or 1 <= q.limit <= 1000
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(QUERIES, OFFERS)
 def test_parsed_queries_apply_to_any_offers(text, offers):
     q = _parse_or_error(text)

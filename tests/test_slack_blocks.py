@@ -600,6 +600,8 @@ def synthetic_extremes() -> list[Reply]:
     ]
 
 
+# a renderer test: the replies do not depend on the database, so SQLite only (suite time)
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 async def test_every_reply_the_suite_can_produce_renders_within_the_limits(
         service: GpuService, sandbox: SandboxProvider, admin: Actor, member: Actor) -> None:
     actors = {"admin": admin, "member": member}

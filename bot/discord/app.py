@@ -408,7 +408,7 @@ class DiscordSurface:
             return [(f"{t.name} — {t.description}" if getattr(t, "description", "") else t.name, t.name)
                     for t in listed.templates if low in t.name.lower()]
         if kind == "instance":
-            mine = await self.service.status(actor, refresh=False, mine=actor.role.value != "admin", limit=100)
+            mine = await self.service.status(actor, refresh=False, mine=True, limit=100)
             out = []
             for v in mine.instances:
                 if low and low not in v.id.lower() and low not in (v.template or "").lower():

@@ -67,12 +67,15 @@ class DiscordRunner:
         try:
             yield
         finally:
-            with contextlib.suppress(Exception):
-                await client.close()
+            # the connection's task first, then the client: closed the other way round,
+            # discord.py's receive loop closes the gateway with 4000 (a drop Discord keeps
+            # resumable, the bot shown online) instead of 1000 (a logout)
             if self._task is not None:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._task
+            with contextlib.suppress(Exception):
+                await client.close()
 
     async def _connect(self, logged_in: bool) -> None:
         """Log in (when start-up could not) and hold the gateway connection; discord.py

@@ -88,14 +88,16 @@ def hosted_surfaces(service: GpuService) -> list[Hosted]:
 
 
 def make_app(service: GpuService, *, prepare: list[Prepare] | None = None,
-             hosted: Sequence[Hosted] = ()) -> FastAPI:
+             hosted: Sequence[Hosted] = (), tune_collector: bool = False) -> FastAPI:
     """The app with the Runtime in its lifespan. `prepare` hooks see the Runtime before it is
     entered (a chat surface registers its notice deliverer there with `runtime.deliver`);
-    `hosted` surfaces also run inside it and may mount routes."""
+    `hosted` surfaces also run inside it and may mount routes. `tune_collector` is for the
+    serving process (`serve`): an app started inside another process (a test) keeps its
+    collector as it is."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime(service, tune_collector=True)
+        runtime = Runtime(service, tune_collector=tune_collector)
         for hook in prepare or ():
             hook(runtime)
         for surface in hosted:
@@ -172,9 +174,10 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def build_server(service: GpuService, sock: socket.socket, *, graceful_s: float = GRACEFUL_S,
-                 prepare: list[Prepare] | None = None, hosted: Sequence[Hosted] = (), **config: Any) -> Server:
+                 prepare: list[Prepare] | None = None, hosted: Sequence[Hosted] = (), tune_collector: bool = False,
+                 **config: Any) -> Server:
     host, port = sock.getsockname()[:2]
-    app = make_app(service, prepare=prepare, hosted=hosted)
+    app = make_app(service, prepare=prepare, hosted=hosted, tune_collector=tune_collector)
     cfg = uvicorn.Config(app, host=host, port=port, lifespan="on", log_config=None, access_log=False,
                          server_header=False, timeout_graceful_shutdown=int(graceful_s) or 1, **config)
     return Server(cfg, app)
@@ -195,7 +198,7 @@ def serve(host: str = "127.0.0.1", port: int = 8080, settings: Settings | None =
     except BaseException:
         sock.close()
         raise
-    server = build_server(service, sock, graceful_s=graceful_s, hosted=hosted)
+    server = build_server(service, sock, graceful_s=graceful_s, hosted=hosted, tune_collector=True)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     log.info("gpuherd serving on http://%s:%d (API /api/v1, docs /docs)", shown, bound_port)
