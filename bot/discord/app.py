@@ -71,6 +71,7 @@ TOKEN_S = 14 * 60.0          # interaction tokens last 15 minutes; leave a margi
 EDIT_EVERY_S = 1.0
 MAX_PAGED = 500
 NAME_TTL_S = 3600.0
+NAME_WAIT_S = 2.0
 DURATIONS = ("30m", "1h", "2h", "4h", "8h", "12h", "1d", "3d", "7d")
 _MENTION = re.compile(r"discord:(\d{15,21})")
 _STYLES = {"primary": discord.ButtonStyle.primary, "secondary": discord.ButtonStyle.secondary,
@@ -205,21 +206,22 @@ class DiscordSurface:
         """Display names of the Discord users a reply shows (tables, where mentions do not
         render). Cached an hour; a failed lookup shows the id."""
         blob = reply if isinstance(reply, str) else reply.model_dump_json()
-        out: dict[str, str] = {}
         now = time.monotonic()
-        for raw in list(dict.fromkeys(_MENTION.findall(blob)))[:20]:
-            uid = int(raw)
-            cached = self._names.get(uid)
-            if cached is None or now - cached[0] > NAME_TTL_S:
-                user = self.client.get_user(uid)
-                name = user.display_name if user is not None else raw
-                if user is None:
-                    with contextlib.suppress(Exception):
-                        name = (await asyncio.wait_for(self.client.fetch_user(uid), 2.0)).display_name
-                cached = (now, name)
-                self._names[uid] = cached
-            out[principal(raw)] = cached[1]
-        return out
+        wanted = [int(raw) for raw in list(dict.fromkeys(_MENTION.findall(blob)))[:20]]
+
+        async def lookup(uid: int) -> None:
+            user = self.client.get_user(uid)
+            name = user.display_name if user is not None else str(uid)
+            if user is None:
+                with contextlib.suppress(Exception):
+                    name = (await self.client.fetch_user(uid)).display_name
+            self._names[uid] = (now, name)
+
+        stale = [uid for uid in wanted if uid not in self._names or now - self._names[uid][0] > NAME_TTL_S]
+        if stale:                       # all at once, and never more than NAME_WAIT_S for a reply
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(lookup(uid) for uid in stale)), NAME_WAIT_S)
+        return {principal(uid): self._names[uid][1] if uid in self._names else str(uid) for uid in wanted}
 
     async def render(self, reply: Reply) -> list[DiscordMessage]:
         return render(reply, await self.names(reply))
@@ -295,8 +297,9 @@ class DiscordSurface:
         first, ephemeral = pages[0], reply.ephemeral or reply.level == "error"
         if not interaction.response.is_done():
             await interaction.response.send_message(ephemeral=ephemeral, **self.send_kwargs(first))
-            with contextlib.suppress(Exception):
-                self.remember((await interaction.original_response()).id, pages)
+            if len(pages) > 1:
+                with contextlib.suppress(discord.HTTPException):
+                    self.remember((await interaction.original_response()).id, pages)
             return
         sent = await interaction.followup.send(ephemeral=ephemeral, wait=True, **self.send_kwargs(first))
         self.remember(sent.id, pages)
