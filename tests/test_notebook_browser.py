@@ -43,7 +43,9 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> No
         if proc.poll() is not None:
             raise AssertionError(f"voila exited with {proc.returncode}")
         try:
-            if httpx.get(url, timeout=2).status_code < 500:
+            # Voila's server API, not the page: a GET of the page renders the notebook in a kernel
+            # of its own (seconds, and a second panel running beside the browser's)
+            if httpx.get(url + "api", timeout=2).status_code < 500:
                 return
         except httpx.HTTPError:
             pass
