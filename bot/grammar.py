@@ -488,7 +488,7 @@ async def _costs(ctx: Context, args: Args) -> Reply:
 async def _audit(ctx: Context, args: Args) -> Reply:
     n, iid = 20, None
     for word in args.positional:
-        if word.isdigit():
+        if word.isascii() and word.isdigit():     # not '²' or '١٠': str.isdigit takes those
             n = int(word)
         elif word.lower().startswith("g-"):
             iid = word

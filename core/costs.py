@@ -20,7 +20,7 @@ from .errors import InvalidInput, NotFound
 from .ledger import COMPUTE, STORAGE, Ledger, month_of, parse_period
 from .lifecycle import BILLED_AS_COMPUTE, get_instance
 from .models import Budget, Instance, InstanceState, Role
-from .money import from_micros, to_decimal, to_micros, usd
+from .money import from_micros, parse_amount, to_micros, usd
 from .providers.base import Capabilities
 from .results import (
     BudgetResult,
@@ -176,7 +176,7 @@ class Costs:
         if not name or len(name) > 128:
             raise InvalidInput("Name the team or user the budget is for (at most 128 characters).")
         try:
-            value = to_decimal(amount)
+            value = parse_amount(amount)
         except ValueError:
             raise InvalidInput(f"'{clip(str(amount), 20)}' is not an amount in USD (e.g. 500 or 1250.50).") from None
         if value <= 0:

@@ -3,6 +3,7 @@ exact and fast in both SQLite and PostgreSQL (SQLite has no true decimal column)
 
 from __future__ import annotations
 
+import re
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation
 
 MICRO = 1_000_000
@@ -28,6 +29,22 @@ def to_decimal(value: object) -> Decimal:
     if not result.is_finite():
         raise ValueError(f"{value!r} is not an amount")
     return result
+
+
+_TYPED_AMOUNT = re.compile(r"^\$?-?[0-9]{1,15}(\.[0-9]{1,12})?$")
+
+
+def parse_amount(text: str | Decimal) -> Decimal:
+    """An amount a person typed: ASCII digits with an optional `$` and decimal point, at most 15
+    digits before it. No exponent (`1e309`), digit separators (`4_096`), signs other than `-`,
+    or non-ASCII digits (`١٠٠`, `²`): Python's Decimal reads all of those, and a typo should be
+    refused, not read as something else. Provider prices (floats, exponents) use `to_decimal`."""
+    if isinstance(text, Decimal):
+        return to_decimal(text)
+    raw = str(text).strip()
+    if not _TYPED_AMOUNT.match(raw):
+        raise ValueError(f"{raw[:40]!r} is not an amount")
+    return Decimal(raw.lstrip("$"))
 
 
 def to_micros(amount: Decimal | str | int) -> int:
