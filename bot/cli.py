@@ -26,10 +26,21 @@ def _epilog() -> str:
     return "\n".join(lines)
 
 
+def _version() -> str:
+    """The installed distribution's version (a checkout not installed says so)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gpuherd")
+    except PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpuherd", description="Rent cloud GPUs from chat and notebooks without wasting money.",
         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"gpuherd {_version()}")
     parser.add_argument("--yes", "-y", action="store_true", help="accept confirmations (for scripts)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log to stderr")
     parser.add_argument("--no-wait", action="store_true", dest="global_no_wait",

@@ -184,7 +184,7 @@ def search_reply(r: SearchResult) -> Reply:
                  for v in r.offers if v.actions for a in v.actions[:1]][:3],
     )
     if r.total_matches > len(r.offers):
-        reply = reply.with_note(f"Showing the cheapest {len(r.offers)}; add limit=N for more.")
+        reply = reply.with_note(f"Showing the first {len(r.offers)} of {r.total_matches} in that order; add limit=N for more.")
     for failure in r.failures:
         reply = reply.with_note(f"⚠ {failure.provider} did not answer: {failure.message}")
     ages = ", ".join(f"{name} {duration(r.provider_ages[name])} ago" for name in r.providers

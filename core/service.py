@@ -14,6 +14,7 @@ provider calls are awaited. A process starts what it needs around this façade w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -228,9 +229,13 @@ class GpuService:
             s, principal, source=source, now=self.clock.now(), display=display, role_hint=role_hint, grant=grant))
 
     def local_actor(self, source: str = "shell") -> Actor:
-        """The person at this terminal: `local:<user>`, with the configured local role."""
-        return self.actor(f"local:{self.settings.local_user}", source=source,
-                          display=self.settings.local_user, role_hint=self.settings.local_role)
+        """The person at this terminal: `local:<user>`, with the configured local role — every
+        time, not only when first seen: whoever edits the configuration decides what the
+        terminal may do (set to viewer, an admin's terminal can no longer boot)."""
+        actor = self.actor(f"local:{self.settings.local_user}", source=source,
+                           display=self.settings.local_user, role_hint=self.settings.local_role)
+        role = Role(self.settings.local_role)
+        return actor if actor.role is role else dataclasses.replace(actor, role=role)
 
     @_changes
     async def set_user(self, actor: Actor, principal: str, *, role: str | None = None,

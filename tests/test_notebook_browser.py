@@ -84,6 +84,9 @@ def test_panel_page_search_boot_progress_stop(tmp_path: Path) -> None:
             query.wait_for(timeout=120_000)
             query.fill("4090")
             page.locator(".gpuherd-search").first.click()
+            # the panel lists offers as it opens; wait for the list of this search (its title names
+            # the query), or the click could land on a row of the first list as it is replaced
+            page.locator(".gpuherd-offers-note", has_text="gpu=4090").wait_for(timeout=60_000)
             boot = page.locator("button.gpuherd-boot:not([disabled])").first
             boot.wait_for(timeout=60_000)
             boot.click()

@@ -219,6 +219,9 @@ def test_cli_help_and_db_upgrade(cli_env: dict[str, str], tmp_path: Path) -> Non
     assert "gpuherd shell" in proc.stdout
     one = cli(cli_env, "stop", "--help", cwd=tmp_path)
     assert one.returncode == 0 and re.search(r"usage +/gpu stop <id>", one.stdout), one.stdout + one.stderr
+    from importlib.metadata import version
+    shown = cli(cli_env, "--version", cwd=tmp_path)
+    assert shown.returncode == 0 and shown.stdout.strip() == f"gpuherd {version('gpuherd')}", shown.stdout
 
     db = cli(cli_env, "db", "upgrade", cwd=tmp_path)
     assert db.returncode == 0, db.stderr
