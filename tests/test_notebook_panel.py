@@ -279,7 +279,7 @@ async def test_boot_above_the_price_limit_asks_with_its_cost(panel: GpuPanel, se
 async def test_a_viewer_gets_no_boot_and_no_stop(service: GpuService, admin: Actor) -> None:
     booted = await service.boot(admin, "budget", wait=True)
     assert isinstance(booted, BootResult)
-    await service.set_user(admin, "local:alice", role="viewer")
+    service.settings = service.settings.model_copy(update={"local_role": "viewer"})   # the configured local role
     gpu = await _connect(service)
     panel = gpu_panel(gpu, refresh_s=60)
     try:
