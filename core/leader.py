@@ -336,3 +336,15 @@ def leadership_for(database_url: str, home: Path, name: str = "gpuherd-guards") 
     if is_postgres_url(database_url):
         return PostgresAdvisoryLeadership(database_url, key=derive_key(name))
     return FileLeadership(Path(home) / GUARDS_LOCK_FILE)
+
+
+def guards_held_elsewhere(database_url: str, home: Path, name: str = "gpuherd-guards") -> bool:
+    """Whether another process runs the guards for this database right now: the lock cannot be
+    taken. Used to tell a one-shot `gpuherd boot` (which runs no guards itself) and a user leaving
+    the shell whether the idle and budget guards are watching their machines. Synchronous (one
+    lock attempt, released at once if won); call it off the loop."""
+    with leadership_for(database_url, home, name) as probe:
+        won = probe.try_acquire()
+        if won:
+            probe.release()
+        return not won

@@ -21,6 +21,7 @@ from conftest import PG_SKIP, PG_URL
 from sqlalchemy import create_engine, text
 
 from gpuherd.core.leader import (
+    guards_held_elsewhere,
     GUARDS_LOCK_KEY,
     FileLeadership,
     Leadership,
@@ -110,6 +111,16 @@ def test_leadership_for_picks_the_mechanism(tmp_path: Path) -> None:
         assert pg.url.drivername == "postgresql+psycopg"
         assert pg.describe().startswith(f"PostgreSQL advisory lock {GUARDS_LOCK_KEY} on db.invalid")
         assert "(not held" in pg.describe()
+
+
+def test_guards_held_elsewhere_sees_another_holder_and_leaves_the_lock_free(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    assert guards_held_elsewhere(url, tmp_path) is False
+    with FileLeadership(tmp_path / "guards.lock") as holder:
+        assert holder.try_acquire()
+        assert guards_held_elsewhere(url, tmp_path) is True
+    with FileLeadership(tmp_path / "guards.lock") as after:
+        assert after.try_acquire()          # the probe did not keep the lock
 
 
 def test_postgres_key_out_of_range_is_refused() -> None:
