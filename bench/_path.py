@@ -1,5 +1,5 @@
 """Lets bench scripts import the test fakes (tests/ is never installed); gpuherd itself comes from
-the venv that `./run test` makes: `.venv/bin/python bench/bench_x.py`."""
+the venv that `./run test` makes: `.venv-test/bin/python bench/bench_x.py`."""
 
 import sys
 from pathlib import Path

@@ -16,7 +16,7 @@ includes any delay of that loop (as in bench_slack.py, where the HTTP client sha
 server's log goes to a file in its temporary home (a pipe nobody reads could fill and block it).
 Exits 1 if any interaction got no callback or any result is missing.
 
-    .venv/bin/python bench/bench_discord.py [--interactions 100] [--over 1.0] [--latency 2.0]"""
+    .venv-test/bin/python bench/bench_discord.py [--interactions 100] [--over 1.0] [--latency 2.0]"""
 
 from __future__ import annotations
 

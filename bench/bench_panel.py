@@ -1,7 +1,7 @@
 """The Jupyter panel (notebook_ext/panel.py) with 100 running machines: how long its first render
 and an Instances refresh take, and how late the panel's loop wakes while a boot runs through it.
 
-    .venv/bin/python bench/bench_panel.py [--machines 100] [--refreshes 20] [--renders 5]
+    .venv-test/bin/python bench/bench_panel.py [--machines 100] [--refreshes 20] [--renders 5]
                                           [--time-scale 0.06] [--refresh-s 1.0] [--db sqlite|postgres]
                                           [--gc default|freeze] [--pg-url URL]
 

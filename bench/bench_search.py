@@ -1,6 +1,6 @@
 """Search speed: parse + filter + sort over 10,000 realistic offers.
 
-    .venv/bin/python bench/bench_search.py [--offers N] [--repeat R]
+    .venv-test/bin/python bench/bench_search.py [--offers N] [--repeat R]
 
 Prints median and p95 milliseconds per query; the target is under 50 ms each."""
 

@@ -8,7 +8,7 @@ different users (first seen: the default member role). A search or a status is d
 reply reaches the command's response_url; a boot when its live message was edited to show the
 endpoint.
 
-    .venv/bin/python bench/bench_slack.py [--commands 100] [--over 1.0] [--latency 2.0]"""
+    .venv-test/bin/python bench/bench_slack.py [--commands 100] [--over 1.0] [--latency 2.0]"""
 
 from __future__ import annotations
 

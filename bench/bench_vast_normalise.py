@@ -1,7 +1,7 @@
 """vast.ai offer normalisation: raw offer objects, as `POST /api/v0/bundles/` returns them, to
 gpuherd's `Offer` list.
 
-    .venv/bin/python bench/bench_vast_normalise.py [--offers N] [--repeat R]
+    .venv-test/bin/python bench/bench_vast_normalise.py [--offers N] [--repeat R]
 
 Prints the median (and best/worst) milliseconds of R runs with cold and with warm caches; the
 target is a cold median under 100 ms for 10,000 offers. JSON decoding is not included (httpx
