@@ -17,13 +17,15 @@ surface (`gpuherd serve`, Slack, Discord, the notebook) enter it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .auth import Actor
 from .collector import tune_for_serving
@@ -133,3 +135,30 @@ class Runtime:
             if spec.deliverer is not None:
                 sent += await spec.deliverer.deliver_once()
         return sent
+
+
+class Guest(Protocol):
+    """A surface that runs inside a Runtime (Slack's and Discord's runners): it registers its
+    notice deliverer before the runtime starts (`prepare`) and holds its connections while the
+    runtime runs (`around`)."""
+
+    def prepare(self, runtime: Runtime) -> None: ...
+
+    def around(self, runtime: Runtime) -> contextlib.AbstractAsyncContextManager[None]: ...
+
+
+async def run_until_signalled(service: GpuService, guest: Guest, name: str) -> int:
+    """Run one surface alone (`gpuherd slack`, `gpuherd discord`) with the core runtime until
+    SIGINT or SIGTERM, then leave in order (the guest's connections first, then the runtime,
+    which releases the guard lock). The same sequence for every standalone surface."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    runtime = Runtime(service, tune_collector=True)
+    guest.prepare(runtime)
+    async with runtime, guest.around(runtime):
+        log.info("gpuherd %s running (Ctrl-C to stop)", name)
+        await stop.wait()
+    return 0

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,7 +24,7 @@ import discord
 
 from gpuherd.core.config import Settings
 from gpuherd.core.errors import ConfigError
-from gpuherd.core.runtime import Runtime
+from gpuherd.core.runtime import Runtime, run_until_signalled
 from gpuherd.core.service import GpuService
 
 from .app import DiscordSurface, DiscordUnreachable, login
@@ -113,17 +112,7 @@ async def run_gateway(settings: Settings | None = None) -> int:
     """`gpuherd discord`: the bot with the core runtime, until SIGINT or SIGTERM."""
     service = GpuService.from_settings(settings)
     runner = DiscordRunner(service)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    runtime = Runtime(service, tune_collector=True)
-    runner.prepare(runtime)
-    async with runtime, runner.around(runtime):
-        log.info("gpuherd discord running (Ctrl-C to stop)")
-        await stop.wait()
-    return 0
+    return await run_until_signalled(service, runner, "discord")
 
 
 async def sync(settings: Settings, guild: int | None = None) -> list[str]:

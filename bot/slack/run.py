@@ -7,16 +7,14 @@ so it connects after recovery and the guards have started and disconnects before
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
 from gpuherd.core.config import Settings
 from gpuherd.core.errors import ConfigError
-from gpuherd.core.runtime import Runtime
+from gpuherd.core.runtime import Runtime, run_until_signalled
 from gpuherd.core.service import GpuService
 
 from .app import SlackSurface
@@ -114,14 +112,4 @@ async def run_socket_mode(settings: Settings | None = None) -> int:
     if not runner.socket_mode:
         raise ConfigError("gpuherd slack runs Socket Mode: set SLACK_APP_TOKEN (xapp-…). HTTP mode runs inside "
                           "gpuherd serve at /slack/events.")
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    runtime = Runtime(service, tune_collector=True)
-    runner.prepare(runtime)
-    async with runtime, runner.around(runtime):
-        log.info("gpuherd slack running (Ctrl-C to stop)")
-        await stop.wait()
-    return 0
+    return await run_until_signalled(service, runner, "slack")
