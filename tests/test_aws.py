@@ -5,6 +5,7 @@ errors mapped to typed gpuherd errors, and the settings that decide whether AWS 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import re
 import shutil
@@ -65,7 +66,7 @@ EBS = Decimal("0.08")
 TABLE_DATE = "2025-07-01"
 PRICING_FILTERS = [{"Type": "TERM_MATCH", "Field": f, "Value": v} for f, v in (
     ("regionCode", REGION), ("instanceFamily", "GPU instance"), ("operatingSystem", "Linux"),
-    ("tenancy", "Shared"), ("preInstalledSw", "NA"), ("capacitystatus", "Used"))]
+    ("tenancy", "Shared"), ("preInstalledSw", "NA"), ("capacitystatus", "Used"), ("marketoption", "OnDemand"))]
 
 
 @pytest.fixture(autouse=True)
@@ -205,6 +206,7 @@ async def test_pricing_api_price_is_exact_and_cached(provider, clock, monkeypatc
     stub = Stubber(provider.pricing_client)
     expected = {"ServiceCode": "AmazonEC2", "Filters": PRICING_FILTERS, "FormatVersion": "aws_v1"}
     stub.add_response("get_products", {"FormatVersion": "aws_v1", "PriceList": [
+        price_list_item("g5.xlarge", "5.6400000000", market="CapacityBlock"),   # first, and not $0
         price_list_item("g5.xlarge", "1.0060000000"), price_list_item("g4dn.xlarge", "0.5260000000")]},
         expected)
     with stub:
@@ -233,9 +235,33 @@ async def test_pricing_api_price_is_exact_and_cached(provider, clock, monkeypatc
 
 
 def test_price_list_parsing_reads_on_demand_hours_only():
-    prices = parse_price_list([price_list_item("g5.xlarge", "1.0060000000"), "{not json",
-                               price_list_item("g6.xlarge", "0.0000000000")])
-    assert prices == {"g5.xlarge": Decimal("1.0060000000")}   # the Reserved term's 0.01 is not read
+    prices = parse_price_list([price_list_item("p5.48xlarge", "31.4640000000", market="CapacityBlock"),
+                               price_list_item("g5.xlarge", "1.0060000000"), "{not json",
+                               price_list_item("g6.xlarge", "0.0000000000"),
+                               price_list_item("p5.48xlarge", "55.0400000000")])
+    # the Reserved term's 0.01 is not read, nor the Capacity Block SKU listed before the on-demand one
+    assert prices == {"g5.xlarge": Decimal("1.0060000000"), "p5.48xlarge": Decimal("55.0400000000")}
+
+
+async def test_pricing_filter_asks_for_on_demand_only_so_capacity_blocks_never_price_an_offer(proxy, clock):
+    pricing = MotoProxy(moto_url()).start()
+    pricing.prices[(REGION, "g5.xlarge")] = "1.1000000000"
+    pricing.capacity_block_prices[(REGION, "g5.xlarge")] = "6.2500000000"     # a real, non-zero SKU
+    p = build(proxy, clock, pricing_endpoint_url=pricing.url)
+    try:
+        offers = by_id(await p.search())
+        sent = {f["Field"]: f["Value"] for f in pricing.pricing_filters}
+        # what a client without the marketoption filter gets from the same data: both SKUs
+        old = [f for f in pricing.pricing_filters if f["Field"] != "marketoption"]
+        both = p.pricing_client.get_products(ServiceCode="AmazonEC2", Filters=old, FormatVersion="aws_v1")
+    finally:
+        await p.aclose()
+        pricing.stop()
+    assert sent["marketoption"] == "OnDemand" and sent["capacitystatus"] == "Used"
+    g5 = offers["g5.xlarge@us-east-1"]
+    assert g5.price_source == "AWS Pricing API" and g5.dph == quote(Decimal("1.1"), EBS)
+    markets = [json.loads(i)["product"]["attributes"]["marketoption"] for i in both["PriceList"]]
+    assert markets == ["CapacityBlock", "OnDemand"], "the fake filters server-side as AWS does"
 
 
 async def test_unreachable_pricing_api_falls_back_to_the_table(proxy, clock, caplog):
@@ -330,9 +356,27 @@ def test_wants_spot_reads_the_query():
     assert wants_spot(parse_query("interruptible"))
     assert wants_spot(parse_query("interruptible!=false"))
     assert wants_spot(parse_query("interruptible in true,false"))
+    assert wants_spot(parse_query("interruptible notin false"))
+    assert wants_spot(parse_query("interruptible=any")), "no interruptible filter left: spot matches"
     assert not wants_spot(parse_query("interruptible=false"))
+    assert not wants_spot(parse_query("interruptible!=true"))
     assert not wants_spot(parse_query("a100 x2"))
     assert not wants_spot(None)
+
+
+@pytest.mark.parametrize("text", ["", "a10g", "interruptible", "interruptible=any", "interruptible=false",
+                                  "interruptible!=true a10g", "interruptible in true,false dph<3",
+                                  "gpu_ram>=20 interruptible notin false", "num_gpus>=4 interruptible=any"])
+async def test_what_aws_is_asked_never_drops_an_offer_the_query_keeps(provider, proxy, text):
+    proxy.spot_prices[(REGION, "g5.xlarge")] = ["0.4523", "0.3919"]
+    proxy.spot_prices[(REGION, "g6.xlarge")] = ["0.3100"]
+    query = parse_query(text)
+    narrowed = query.apply(await provider.search(query))
+    everything = query.apply(await provider.search(parse_query("interruptible")))   # spot fetched too
+    assert everything, "a query that keeps nothing would prove nothing"
+    assert [o.offer_id for o in narrowed] == [o.offer_id for o in everything]
+    if text in ("interruptible=any", "num_gpus>=4 interruptible=any", "interruptible"):
+        assert any(o.interruptible for o in narrowed) or "num_gpus" in text, "spot offers kept"
 
 
 # ------------------------------------------------------------------------------ create

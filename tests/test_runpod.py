@@ -30,7 +30,8 @@ from tests.fakes.runpod_fake import INPUTS, OBJECTS, SOMETHING_WRONG, FakeRunPod
 
 KEY = "rp_test_9f8e7d6c5b4a3210"
 RTX = "NVIDIA GeForce RTX 4090"
-IN_STOCK = {RTX, "NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"}
+A5000 = "NVIDIA RTX A5000"       # sold out on the Secure Cloud only
+IN_STOCK = {RTX, "NVIDIA A100 80GB PCIe", "NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", A5000}
 
 
 class Sleeps:
@@ -105,7 +106,9 @@ async def test_every_call_is_a_graphql_post_with_a_bearer_key_and_no_key_in_the_
         assert r.headers["Authorization"] == f"Bearer {KEY}"
         assert "api_key" not in r.raw.decode() and KEY not in r.raw.decode()
     query = last_call(fake, "search")["query"]
-    assert "gpuTypes" in query and "lowestPrice(input: {gpuCount: 1})" in query
+    assert "gpuTypes" in query
+    assert "secureStock: lowestPrice(input: {gpuCount: 1, secureCloud: true})" in query
+    assert "communityStock: lowestPrice(input: {gpuCount: 1, secureCloud: false})" in query
     assert "secureSpotPrice" in query and "communitySpotPrice" in query and "stockStatus" in query
 
 
@@ -123,8 +126,9 @@ async def test_search_skips_the_unknown_pseudo_type_and_types_without_stock(rp):
     assert all("unknown" not in o.offer_id.lower() for o in offers)
     by_id = {o.offer_id: o for o in offers}
     # RTX 4090: 2 clouds x (on-demand, spot) x counts [1,2,4,8]; A100 PCIe: 2 x 2 x [1,2];
-    # H100: secure only, counts from maxGpuCount; A100 SXM: secure, on-demand only, [1,2,4]
-    assert len(offers) == 16 + 8 + 8 + 3 == len(by_id)
+    # H100: secure only, counts from maxGpuCount; A100 SXM: secure, on-demand only, [1,2,4];
+    # A5000: community only (the Secure Cloud's own stock is "None"), 2 kinds x [1,2]
+    assert len(offers) == 16 + 8 + 8 + 3 + 4 == len(by_id)
     assert not any(o.extra["gpu_type_id"] == "NVIDIA H100 80GB HBM3" and o.extra["cloud"] == "COMMUNITY"
                    for o in offers)
     h100_counts = sorted(o.num_gpus for o in offers if o.extra["gpu_type_id"] == "NVIDIA H100 80GB HBM3")
@@ -188,6 +192,7 @@ async def test_on_demand_create_sends_its_values_as_escaped_variables(rp, fake):
         "imageName": "vllm/vllm-openai:v0.6.3", "volumeInGb": 51, "containerDiskInGb": 20,
         "volumeMountPath": "/workspace", "ports": "8000/http,22/tcp",
         "env": [{"key": "HF_TOKEN", "value": 'hf_"x"}'}, {"key": "MULTI", "value": "a\nb"}],
+        "supportPublicIp": True, "startSsh": True,
         "dockerArgs": "--model 'meta/llama 3'"}}
     assert created.state is ProviderState.PROVISIONING and created.label == label
     assert created.dph == running(Decimal("0.69"), 51) and created.num_gpus == 1 and not created.interruptible
@@ -539,3 +544,102 @@ def test_the_client_documents_validate_against_a_real_graphql_implementation():
                   "ports": "8000/http,22/tcp", "env": [{"key": "A", "value": "b"}], "bidPerGpu": 0.2}
     result = graphql.graphql_sync(schema, rp_module.M_RENT_SPOT, variable_values={"input": spot_input})
     assert result.errors is None
+
+
+# ------------------------------------------------------------------- as the official clients ask
+
+async def test_stock_is_asked_per_cloud_so_a_sold_out_cloud_offers_nothing(rp, fake):
+    by_id = {o.offer_id: o for o in await rp.search()}
+    a5000 = sorted(i for i in by_id if i.startswith("NVIDIA_RTX_A5000."))
+    assert a5000 == ["NVIDIA_RTX_A5000.community.x1", "NVIDIA_RTX_A5000.community.x1.spot",
+                     "NVIDIA_RTX_A5000.community.x2", "NVIDIA_RTX_A5000.community.x2.spot"]
+    assert by_id["NVIDIA_RTX_A5000.community.x2"].extra["stock"] == "High"
+    # the combined lowestPrice (what an unfiltered query returns) still says "High" for the type
+    async with httpx.AsyncClient(base_url=fake.url, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        combined = await client.post("/graphql", json={"query": '{ gpuTypes(input: {id: "NVIDIA RTX A5000"}) '
+                                                                 "{ lowestPrice(input: {gpuCount: 1}) { stockStatus } } }"})
+    assert combined.json()["data"]["gpuTypes"][0]["lowestPrice"]["stockStatus"] == "High"
+    assert await rp.get_offer("NVIDIA_RTX_A5000.secure.x1") is None
+    with pytest.raises(CapacityError):                 # the fake refuses the sold-out cloud too
+        await rp.create(request("NVIDIA_RTX_A5000.secure.x1"))
+    created = await rp.create(request("NVIDIA_RTX_A5000.community.x2"))
+    assert created.num_gpus == 2
+
+
+async def test_community_pods_ask_for_a_public_ip_and_ssh_and_get_a_public_tcp_port(rp, fake):
+    created = await rp.create(request("NVIDIA_GeForce_RTX_4090.community.x1", ports=[8000]))
+    spec = last_call(fake, "create")["variables"]["input"]
+    assert spec["supportPublicIp"] is True and spec["startSsh"] is True
+    await walk(rp, created.provider_id, ProviderState.RUNNING)
+    runtime = fake._pod_view(fake.pods[created.provider_id], observe=False)["runtime"]
+    ssh = [p for p in runtime["ports"] if p["privatePort"] == 22]
+    assert ssh and ssh[0]["isIpPublic"] is True
+    # what the fake does to a community pod created without supportPublicIp (as gpuherd did)
+    mutation = ("mutation M($i: PodFindAndDeployOnDemandInput!) { podFindAndDeployOnDemand(input: $i) "
+                "{ id } }")
+    spec = {k: v for k, v in spec.items() if k not in ("supportPublicIp", "startSsh")}
+    async with httpx.AsyncClient(base_url=fake.url, headers={"Authorization": f"Bearer {KEY}"}) as client:
+        answer = await client.post("/graphql", json={"query": mutation, "variables": {"i": spec}})
+    bare_id = answer.json()["data"]["podFindAndDeployOnDemand"]["id"]
+    await walk(rp, bare_id, ProviderState.RUNNING)
+    bare = fake._pod_view(fake.pods[bare_id], observe=False)["runtime"]["ports"]
+    assert not any(p["isIpPublic"] for p in bare if p["type"] == "tcp")
+
+
+@pytest.mark.parametrize("pod_type", ["INTERRUPTABLE", "BID"])
+async def test_bid_and_interruptable_pods_are_spot_and_resume_with_a_bid(rp, fake, pod_type):
+    pod_id = fake.seed_pod(name="spot", status="EXITED", up=False, spot=True, cost_per_hr=0.5,
+                           pod_type=pod_type)
+    got = await rp.get(pod_id)
+    assert got is not None and got.interruptible
+    started = await rp.start(pod_id)                # podResume would be refused for a spot pod
+    assert "podBidResume" in last_call(fake, "start")["query"] and fake.calls("start")[-1].body["variables"][
+        "bidPerGpu"] == 0.5
+    assert started.state is ProviderState.STARTING and started.interruptible
+
+
+async def test_a_fake_renting_bid_pods_round_trips_through_stop_and_start(clock, sleeps):
+    with FakeRunPod(api_key=KEY, spot_pod_type="BID") as fake:
+        provider = RunPodProvider(KEY, base_url=fake.url, timeout_s=0.5, backoff_s=0.01, sleep=sleeps, clock=clock)
+        try:
+            created = await provider.create(request("NVIDIA_GeForce_RTX_4090.community.x1.spot"))
+            assert fake.pods[created.provider_id]["podType"] == "BID" and created.interruptible
+            await walk(provider, created.provider_id, ProviderState.RUNNING)
+            await provider.stop(created.provider_id)
+            await walk(provider, created.provider_id, ProviderState.STOPPED)
+            await provider.start(created.provider_id)
+        finally:
+            await provider.aclose()
+        assert [r.body["query"].split("(")[0] for r in fake.calls("start")] == ["mutation BidResume"]
+
+
+async def test_spot_create_without_the_mutation_is_a_clear_400_and_on_demand_still_works(clock, sleeps):
+    # podRentInterruptable has no current official source: if RunPod drops it, only spot breaks
+    with FakeRunPod(api_key=KEY, spot_create=False) as fake:
+        provider = RunPodProvider(KEY, base_url=fake.url, timeout_s=0.5, backoff_s=0.01, sleep=sleeps, clock=clock)
+        try:
+            with pytest.raises(ProviderError) as err:
+                await provider.create(request("NVIDIA_GeForce_RTX_4090.community.x1.spot"))
+            on_demand = await provider.create(request("NVIDIA_GeForce_RTX_4090.community.x1", label="gh-od"))
+        finally:
+            await provider.aclose()
+    assert not isinstance(err.value, (CapacityError, AuthError))
+    assert err.value.message.startswith("RunPod: ") and "HTTP 400" in err.value.message
+    assert 'Cannot query field "podRentInterruptable"' in err.value.message
+    creates = [r.body["query"] for r in fake.calls("create")]
+    assert len(creates) == 2 and "podRentInterruptable" in creates[0], "the 400 was not retried"
+    assert on_demand.label == "gh-od" and not on_demand.interruptible
+
+
+@pytest.mark.parametrize("text", ["", "interruptible", "interruptible=any", "gpu=4090 num_gpus>=2",
+                                  "dph<1 num_gpus=1", "gpu_ram>=48 interruptible=any", "provider=runpod a5000",
+                                  "verified=any order=-dph limit=3"])
+async def test_what_runpod_is_asked_never_drops_an_offer_the_query_keeps(rp, text):
+    from gpuherd.core.query import parse_query
+
+    query = parse_query(text)
+    assert rp.search_key(query) == "", "nothing query-dependent is sent to RunPod"
+    narrowed = query.apply(await rp.search(query))
+    everything = query.apply(await rp.search())
+    assert everything, "a query that keeps nothing would prove nothing"
+    assert [o.offer_id for o in narrowed] == [o.offer_id for o in everything]

@@ -24,7 +24,7 @@ from gpuherd.core.errors import (
     RateLimited,
 )
 from gpuherd.core.providers.base import CreateRequest, ProviderState
-from gpuherd.core.providers.surf import SurfProvider
+from gpuherd.core.providers.surf import SurfProvider, gpu_from_flavour, surf_error_text
 from tests.fakes.surf_fake import NO_GPUS, TOKEN, FakeSurf
 
 DISPLAY = "SURF Research Cloud"
@@ -73,7 +73,7 @@ def auth_header(request) -> str | None:
 # ---------------------------------------------------------------------------- discovery
 
 async def test_discovers_workspaces_by_name_filter_across_pages(fake: FakeSurf, sleeps: Sleeps):
-    wanted = {fake.add("gpuherd-llm-1", gpu="NVIDIA A10", gpu_count=1),
+    wanted = {fake.add("gpuherd-llm-1", flavor="gpu-a10-11core-88gb"),
               fake.add("GPUHERD-vision", "paused"),
               fake.add("my-GpuHerd-notebook", "resuming")}
     fake.add("someone-elses-desktop")
@@ -117,7 +117,8 @@ async def test_states_are_mapped_and_unknown_ones_say_so(fake: FakeSurf, surf: S
                 "paused": ProviderState.STOPPED, "resuming": ProviderState.STARTING,
                 "creating": ProviderState.PROVISIONING, "updating": ProviderState.LOADING,
                 "rebooting": ProviderState.STARTING, "deleting": ProviderState.DESTROYED,
-                "hibernating": ProviderState.UNKNOWN}
+                "failed": ProviderState.ERROR, "unhealthy": ProviderState.ERROR,
+                "unknown": ProviderState.UNKNOWN, "hibernating": ProviderState.UNKNOWN}
     ids = {fake.add(f"ws-{status}", status): status for status in expected}
     got = {p.provider_id: p for p in await surf.list()}
     for ws_id, status in ids.items():
@@ -141,7 +142,7 @@ async def test_sends_the_bare_token_and_the_fake_refuses_bearer(fake: FakeSurf, 
 # ---------------------------------------------------------------------------- pause / resume
 
 async def test_pause_and_resume_walk(fake: FakeSurf, surf: SurfProvider):
-    ws = fake.add("gpuherd-llm", gpu="NVIDIA A100-SXM4-80GB", gpu_count=2)
+    ws = fake.add("gpuherd-llm", flavor="2gpu-a100-80gb-22core")
     assert (await surf.get(ws)).state is ProviderState.RUNNING
 
     stopping = await surf.stop(ws)
@@ -410,3 +411,153 @@ async def test_a_next_link_that_repeats_is_an_error(fake: FakeSurf, surf: SurfPr
     finally:
         del fake._link
     assert "repeats" in err.value.message and len(fake.calls("list")) == 2
+
+
+# ---------------------------------------------------------------------------- as SURF's own clients speak
+
+def header(request, name: str) -> str | None:
+    return next((v for k, v in request.headers.items() if k.lower() == name), None)
+
+
+async def test_actions_send_an_empty_object_as_application_json_action(fake: FakeSurf, surf: SurfProvider):
+    ws = fake.add("gpuherd-1")
+    await surf.stop(ws)
+    for _ in range(3):
+        await surf.get(ws)                          # paused now
+    await surf.start(ws)
+    (pause,), (resume,) = fake.calls("stop"), fake.calls("start")
+    assert pause.raw == b"{}" and header(pause, "content-type") == "application/json;pause"
+    assert resume.raw == b"{}" and header(resume, "content-type") == "application/json;resume"
+    assert header(pause, "x-csrftoken") is None, "no CSRF token unless one is configured"
+    assert all(header(r, "content-type") is None for r in fake.calls("get")), "reads send no body"
+
+
+async def test_the_fake_refuses_an_action_without_body_or_media_type(fake: FakeSurf):
+    ws = fake.add("gpuherd-1")
+    url = f"{fake.url}/v1/workspace/workspaces/{ws}/actions/pause/"
+    async with httpx.AsyncClient(headers={"authorization": TOKEN}) as client:
+        bare = await client.post(url)                                    # what gpuherd used to send
+        plain = await client.post(url, json={})                          # application/json alone
+        empty = await client.post(url, headers={"content-type": "application/json;pause"})
+        right = await client.post(url, content=b"{}", headers={"content-type": "application/json;pause"})
+    assert (bare.status_code, plain.status_code, empty.status_code, right.status_code) == (415, 415, 400, 202)
+    assert isinstance(bare.json()["message"], list), "SURF's 4xx carry message as a list"
+    assert fake.workspaces[ws].status == "pausing" and len(fake.workspaces[ws].actions) == 1
+
+
+async def test_csrf_token_is_sent_on_actions_when_configured(fake: FakeSurf, sleeps: Sleeps):
+    ws = fake.add("gpuherd-1")
+    provider = make(fake, sleeps, csrf_token="csrf-abc123")
+    try:
+        await provider.stop(ws)
+    finally:
+        await provider.aclose()
+    assert header(fake.calls("stop")[0], "x-csrftoken") == "csrf-abc123"
+
+
+async def test_a_refusal_carries_surfs_list_valued_message(fake: FakeSurf, surf: SurfProvider):
+    ws = fake.add("gpuherd-llm", "resuming")
+    fake.workspaces[ws].plan = []                   # stuck resuming: SURF refuses a pause
+    with pytest.raises(ProviderStateError) as err:
+        await surf.stop(ws)
+    assert "no reason given" not in err.value.message
+    assert "Workspace cannot be paused while resuming." in err.value.message
+
+
+async def test_a_list_valued_capacity_refusal_is_a_capacity_error(fake: FakeSurf, surf: SurfProvider):
+    ws = fake.add("gpuherd-1", "paused")
+    fake.fault("start", "capacity")                 # 400 {"message": ["No GPUs available ..."]}
+    with pytest.raises(CapacityError) as err:
+        await surf.start(ws)
+    assert "No GPUs available for this flavour" in err.value.message and "no reason given" not in err.value.message
+    assert err.value.hint and "stays paused" in err.value.hint
+
+
+@pytest.mark.parametrize(("body", "text"), [
+    ({"code": 400, "status": "Bad Request", "message": ["Workspace is locked.", "Try later."]},
+     "Workspace is locked.; Try later."),
+    ({"code": 404, "status": "Not Found", "message": "Not found."}, "Not found."),
+    ({"message": [{"detail": "nested"}]}, "nested"),
+    ({"detail": "Invalid token."}, "Invalid token."),
+    ({"message": []}, ""),
+    ("<html>502</html>", ""),
+])
+def test_surf_error_text_reads_every_message_shape(body, text):
+    assert surf_error_text(body) == text
+
+
+@pytest.mark.parametrize(("flavour", "gpu", "count"), [
+    ("gpu-a10-11core-88gb", "A10", 1),
+    ("2gpu-a100-80gb-22core", "A100 80GB", 2),
+    ("gpu-h100x4", "H100 SXM", 4),
+    ("GPU V100 2x", "V100", 2),
+    ("ubuntu-4core-16gb", "", 0),
+    ("", "", 0),
+])
+def test_gpu_is_read_from_the_flavour_name(flavour, gpu, count):
+    assert gpu_from_flavour(flavour) == (gpu, count)
+
+
+async def test_gpu_comes_from_flavor_name_not_from_a_gpu_field(fake: FakeSurf, surf: SurfProvider):
+    with_flavour = fake.add("gpuherd-a", flavor="gpu-a10-11core-88gb")
+    cpu_only = fake.add("gpuherd-b", flavor="4core-16gb")
+    body = fake.workspaces[with_flavour].body()
+    assert "gpu" not in body["resource_meta"] and body["resource_meta"]["flavor_name"]
+    got = {p.provider_id: p for p in await surf.list()}
+    assert (got[with_flavour].gpu_name, got[with_flavour].num_gpus) == ("A10", 1)
+    assert (got[cpu_only].gpu_name, got[cpu_only].num_gpus) == ("", 0)
+
+
+async def test_auth_falls_back_to_token_form_once_and_remembers_it(fake: FakeSurf, surf: SurfProvider):
+    fake.auth = "token"                             # this server takes only "Token <tok>"
+    ws = fake.add("gpuherd-1")
+    assert surf.auth_form == "bare"
+    assert [p.provider_id for p in await surf.list()] == [ws]
+    assert surf.auth_form == "token"
+    await surf.get(ws)
+    await surf.stop(ws)
+    forms = [auth_header(r) for r in fake.requests]
+    assert forms[0] == TOKEN, "the documented (bare) form is tried first"
+    assert forms[1:] == [f"Token {TOKEN}"] * (len(forms) - 1), "one 401, then the working form only"
+    assert len(fake.calls("stop")) == 1 and fake.workspaces[ws].status == "pausing"
+
+
+async def test_auth_starting_with_token_form_falls_back_to_bare(fake: FakeSurf, sleeps: Sleeps):
+    ws = fake.add("gpuherd-1")
+    provider = make(fake, sleeps, auth="token")
+    try:
+        assert (await provider.get(ws)) is not None
+        assert (await provider.get(ws)) is not None
+    finally:
+        await provider.aclose()
+    assert [auth_header(r) for r in fake.requests] == [f"Token {TOKEN}", TOKEN, TOKEN]
+    assert provider.auth_form == "bare"
+
+
+async def test_a_refused_token_tries_each_form_once_and_then_stops_switching(fake: FakeSurf, sleeps: Sleeps):
+    secret = "surf-revoked-token-99"
+    provider = make(fake, sleeps, token=secret)
+    try:
+        for _ in range(2):
+            with pytest.raises(AuthError) as err:
+                await provider.list()
+            assert secret not in err.value.message
+    finally:
+        await provider.aclose()
+    assert [auth_header(r) for r in fake.requests] == [secret, f"Token {secret}", secret]
+
+
+async def test_either_form_accepted_means_no_retry(fake: FakeSurf, surf: SurfProvider):
+    fake.auth = "either"
+    fake.add("gpuherd-1")
+    await surf.list()
+    assert len(fake.requests) == 1 and surf.auth_form == "bare"
+
+
+async def test_a_form_that_worked_is_kept_when_the_token_is_later_refused(fake: FakeSurf, surf: SurfProvider):
+    ws = fake.add("gpuherd-1")
+    assert await surf.get(ws) is not None          # the bare form works
+    fake.auth = "token"                             # the server changes its mind (or revokes)
+    with pytest.raises(AuthError):
+        await surf.get(ws)
+    assert [auth_header(r) for r in fake.requests] == [TOKEN, TOKEN], "no switching once a form worked"

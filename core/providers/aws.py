@@ -3,17 +3,30 @@
 How gpuherd maps EC2 onto its provider interface:
 
 * Offers. One offer per GPU instance type per configured region: `g5.xlarge@us-east-1`, and,
-  when the query asks for interruptible offers (`interruptible`, `interruptible=true`), a spot
-  twin `g5.xlarge@us-east-1.spot`. Spot is opt-in because a boot takes the cheapest fitting offer
-  and a spot machine can be taken away; that is the only server-side narrowing, so `search_key`
-  is "spot" or "". `get_offer` finds both kinds by id. GPU types come from `describe_instance_types` (only types with
-  NVIDIA `GpuInfo`, whole GPUs, x86_64 unless asked), restricted to the types each region offers
+  when the query admits interruptible offers (`interruptible`, `interruptible=true`,
+  `interruptible=any`), a spot twin `g5.xlarge@us-east-1.spot`. Spot is opt-in because a boot
+  takes the cheapest fitting offer and a spot machine can be taken away; that is the only
+  query-dependent narrowing, so `search_key` is "spot" or "". `get_offer` finds both kinds by id.
+  GPU types come from `describe_instance_types` (only types with NVIDIA `GpuInfo`, whole GPUs,
+  x86_64 unless asked), restricted to the types each region offers
   (`describe_instance_type_offerings`); both are cached for hours.
+* Server-side filtering never drops an offer the local query would keep: spot prices are asked
+  whenever some interruptible offer could pass the query's `interruptible` filters (`wants_spot`
+  evaluates them on True; the default `interruptible=false` leaves spot out, `interruptible=any`
+  drops that default and so brings spot in). Everything else sent to AWS (the GPU type name
+  patterns, the Pricing API filter below) is the same for every query; core.query does the rest.
+  A search without a query is the default listing (on-demand only), like an empty query.
+  `tests/test_aws.py` checks over several queries that `query.apply(search(query))` equals
+  `query.apply` over a search that fetched everything.
 * Prices. On-demand prices come from the AWS Pricing API (`pricing.get_products`, endpoint in
-  us-east-1), cached for a day; `priced_at` is when they were fetched. When the Pricing API cannot
-  be reached, refuses us, or has no price for a type, the price table shipped with gpuherd
-  (core/data/aws_prices.json) is used and the offer's `price_source` names it and its date; a
-  type priced by neither is not offered. Spot prices are the lowest current price over the
+  us-east-1), cached for a day; `priced_at` is when they were fetched. The filter names one SKU
+  per type: regionCode, instanceFamily "GPU instance", Linux, Shared tenancy, no pre-installed
+  software, capacitystatus Used and `marketoption=OnDemand`; without the last, EC2 Capacity
+  Block SKUs of the same type come back too, and a non-zero Capacity Block price could be taken
+  for the on-demand one (the parser also skips any item whose marketoption is not OnDemand).
+  When the Pricing API cannot be reached, refuses us, or has no price for a type, the price
+  table shipped with gpuherd (core/data/aws_prices.json) is used and the offer's `price_source`
+  names it and its date; a type priced by neither is not offered. Spot prices are the lowest current price over the
   region's zones (`describe_spot_price_history`), cached for minutes. Every `dph` includes
   `SEARCH_DISK_GB` of gp3 EBS at the configured USD/GB-month, which also bills while stopped.
 * Machines. `create` calls `run_instances` with `ClientToken` derived from the label (EC2's own
@@ -446,6 +459,7 @@ class AwsProvider(Provider):
         filters = [{"Type": "TERM_MATCH", "Field": name, "Value": value} for name, value in (
             ("regionCode", region), ("instanceFamily", "GPU instance"), ("operatingSystem", "Linux"),
             ("tenancy", "Shared"), ("preInstalledSw", "NA"), ("capacitystatus", "Used"),
+            ("marketoption", "OnDemand"),     # else Capacity Block SKUs of the same type come too
         )]
         try:
             items = await self._paged(self._pricing, "get_products", "PriceList",

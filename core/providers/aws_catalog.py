@@ -243,15 +243,21 @@ def _network_mbps(text: str) -> float:
 def parse_price_list(items: Iterable[str]) -> dict[str, Decimal]:
     """Instance type -> on-demand USD/h from a `get_products` PriceList (JSON strings whose term
     and dimension keys are opaque, so values are iterated). Zero prices (unused reservations,
-    BYOL placeholders) are skipped; an unreadable item is skipped, not fatal."""
+    BYOL placeholders) are skipped, and so is an item whose `marketoption` is not OnDemand (an
+    EC2 Capacity Block SKU: the request filters them out, this is the second line); an
+    unreadable item is skipped, not fatal."""
     prices: dict[str, Decimal] = {}
     for raw in items:
         try:
             item = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-            itype = item["product"]["attributes"]["instanceType"]
+            attributes = item["product"]["attributes"]
+            itype = attributes["instanceType"]
+            market = str(attributes.get("marketoption") or "OnDemand")
             terms = (item.get("terms") or {}).get("OnDemand") or {}
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             log.debug("AWS EC2: skipped an unreadable Pricing API item")
+            continue
+        if market.casefold() != "ondemand":
             continue
         for term in terms.values():
             for dim in (term.get("priceDimensions") or {}).values():
@@ -323,19 +329,31 @@ def parse_ami_setting(value: str | Mapping[str, str] | None) -> str | dict[str, 
 
 
 def wants_spot(query: OfferQuery | None) -> bool:
-    """Whether the query admits interruptible offers: `interruptible`, `interruptible=true`,
-    `interruptible!=false`, `interruptible in ...true...`. Spot is otherwise left out (opt-in)."""
+    """Whether an interruptible offer could pass the query: every `interruptible` filter holds for
+    True (`interruptible`, `=true`, `!=false`, `in ...true...`, and no filter at all, as after
+    `interruptible=any` drops the default). The default `interruptible=false` keeps spot out, so
+    spot stays opt-in; no query is the default listing. Asking for spot when the query then drops
+    it costs a call; not asking when it would keep it would hide offers, so any doubt is a yes."""
     if query is None:
         return False
-    for f in query.filters:
-        if f.field != "interruptible":
-            continue
-        values = f.value if isinstance(f.value, (tuple, list, set, frozenset)) else (f.value,)
-        truthy = any(v is True or str(v).lower() in ("true", "1", "yes") for v in values)
-        falsy = any(v is False or str(v).lower() in ("false", "0", "no") for v in values)
-        if (f.op in ("eq", "in") and truthy) or (f.op in ("neq", "notin") and falsy):
-            return True
-    return False
+    return all(_holds_for_true(f.op, f.value) for f in query.filters if f.field == "interruptible")
+
+
+def _as_bool(value: Any) -> bool | None:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    return True if text in ("true", "1", "yes") else False if text in ("false", "0", "no") else None
+
+
+def _holds_for_true(op: str, value: Any) -> bool:
+    values = value if isinstance(value, (tuple, list, set, frozenset)) else (value,)
+    flags = [_as_bool(v) for v in values]
+    if op in ("eq", "in"):
+        return True in flags
+    if op in ("neq", "notin"):
+        return True not in flags
+    return True     # an operator the grammar does not allow on booleans: do not narrow
 
 
 def user_data(request: CreateRequest, port: int) -> str:

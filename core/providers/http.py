@@ -74,15 +74,18 @@ class ApiClient:
     async def request(self, method: str, path: str, *, json_body: Any = None,
                       params: Mapping[str, Any] | None = None, idempotent: bool = True,
                       what: str = "", expect_json: bool = True,
-                      classify: Callable[[httpx.Response, Any], ProviderError | None] | None = None) -> Any:
+                      classify: Callable[[httpx.Response, Any], ProviderError | None] | None = None,
+                      headers: Mapping[str, str] | None = None) -> Any:
         """Send, retry where safe, and return the decoded JSON (None for an empty body).
-        `classify` lets a provider map its own error bodies before the generic mapping."""
+        `classify` lets a provider map its own error bodies before the generic mapping;
+        `headers` are added to (and override) the client's for this request only."""
         what = what or f"{method} {path}"
         delay = self.backoff_s
         for attempt in range(1, self.attempts + 1):
             last = attempt == self.attempts
             try:
-                response = await self._client.request(method, path, json=json_body, params=params)
+                response = await self._client.request(method, path, json=json_body, params=params,
+                                                      headers=headers)
             except httpx.TimeoutException as exc:
                 if idempotent and not last and not isinstance(exc, httpx.PoolTimeout):
                     await self._pause(delay, what, "timeout")

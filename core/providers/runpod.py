@@ -38,9 +38,20 @@ Offers (search)
 ---------------
 One offer per GPU type x cloud (SECURE, COMMUNITY) x kind (on-demand, spot) x GPU count. Counts
 come from `lowestPrice.availableGpuCounts` where RunPod gives them, else 1, 2, 4, 8 up to
-`maxGpuCount`; never more than 8. Skipped: the `"unknown"` pseudo-type, types whose `lowestPrice`
-is null or whose `stockStatus` is null/"None" (no stock), and clouds whose price is null or zero.
-Stock is per type (one `lowestPrice` per type), so both clouds of a type share it.
+`maxGpuCount`; never more than 8. Skipped: the `"unknown"` pseudo-type, and per cloud: a cloud
+whose stock (`lowestPrice`) is null or whose `stockStatus` is null/"None", and a price that is
+null or zero. Stock is asked per cloud, as the SDK docs do (`lowestPrice(input: {gpuCount: 1,
+secureCloud: true|false})`, two aliases in one query): an unfiltered `lowestPrice` is the best over
+both clouds, so a type sold out on the Secure Cloud would otherwise be offered there from the
+Community Cloud's stock. `secureCloud: false` is read as the Community Cloud's stock (the docs
+show the field, not what false means: an assumption). Counts and the spot floor are per cloud too.
+
+Server-side filtering: none that depends on the query. `search` always asks for every GPU type
+with both clouds' prices and stock and leaves every filter to core.query, so what RunPod is asked
+can never drop an offer the local query would keep (`search_key` stays ""). The only narrowing
+sent is per-cloud stock, which drops exactly the offers create would be refused for.
+`tests/test_runpod.py` checks over several queries that `query.apply(search(query))` equals
+`query.apply(search())`.
 
 Offer ids encode what create needs and contain no whitespace:
 `<gpu type id>.<secure|community>.x<count>[.spot]`, e.g. `NVIDIA_GeForce_RTX_4090.community.x2.spot`.
@@ -61,8 +72,15 @@ Create
 * on-demand: `podFindAndDeployOnDemand(input: PodFindAndDeployOnDemandInput!)`.
 * interruptible (the offer is `.spot`, or `request.interruptible`): `podRentInterruptable(input:
   PodRentInterruptableInput!)` with `bidPerGpu` = `bid_dph / count` (rounded down to 1/10000 $,
-  so the bid never exceeds the limit), else the cloud's current spot price, else
-  `lowestPrice.minimumBidPrice`.
+  so the bid never exceeds the limit), else the cloud's current spot price, else that cloud's
+  `lowestPrice.minimumBidPrice`. NO CURRENT OFFICIAL SOURCE: RunPod's docs dropped the spot
+  mutations on 2026-05-06 (the API fields were kept), the Python SDK never had a spot create and
+  runpodctl's main branch never used it; only third-party code (dstack) does. Kept because it is
+  the only way to rent spot; if RunPod drops the field it answers HTTP 400 "Cannot query field",
+  which is reported as a refusal naming RunPod, and on-demand creates are unaffected (tested).
+* Every create asks for `supportPublicIp: true` and `startSsh: true`, as the official SDK's
+  `create_pod` does by default: without a public IP a Community Cloud pod may get no public TCP
+  port, so neither SSH nor a TCP endpoint.
 * RunPod pods have no label or tag field: the pod `name` is the label, so list can find a machine
   whose database write never happened.
 * The request's disk is the pod volume (`volumeInGb`, mounted at /workspace, kept while stopped);
@@ -92,8 +110,10 @@ DEAD -> ERROR; anything else -> UNKNOWN.
   mapping of it (`isIpPublic`) gives `http://ip:publicPort`; an `http` port otherwise goes
   through the RunPod proxy, `https://{podId}-{port}.proxy.runpod.net`.
 * `started_at` is now minus `runtime.uptimeInSeconds`.
-* `interruptible` is `podType == "INTERRUPTABLE"` (RunPod's spelling; an assumption, the reference
-  only shows "RESERVED").
+* `interruptible` is `podType` "INTERRUPTABLE" (RunPod's spelling) or "BID" (a pod rented by a
+  bid): both are spot pods that must resume with `podBidResume`; a BID pod taken for on-demand
+  would be resumed with `podResume` and refused. The reference only shows "RESERVED"
+  (on-demand); anything else is on-demand.
 * The pod's `env` is never requested: it holds the user's tokens.
 * start: `podResume(podId, gpuCount)`, or for a spot pod `podBidResume` at its previous bid
   (`costPerHr / gpuCount`); when that is unknown, at the type's higher cloud spot price (a pod
@@ -149,6 +169,7 @@ SSH_PORT = 22
 _BID_STEP = Decimal("0.0001")
 _CLOUDS = ("SECURE", "COMMUNITY")
 _NO_STOCK = {None, "", "none"}
+SPOT_POD_TYPES = frozenset({"INTERRUPTABLE", "BID"})   # RunPod's spelling; BID: a pod rented by bid
 
 CAPACITY_MARKERS = ("no longer any instances available", "not enough free gpus")
 NOT_FOUND_MARKERS = ("not found", "does not exist", "no pod with")
@@ -166,12 +187,15 @@ POD_FIELDS = """
     }
 """
 
+STOCK_FIELDS = "{ minimumBidPrice uninterruptablePrice stockStatus availableGpuCounts }"
+# stock (and the spot floor) asked per cloud, as the SDK docs' `lowestPrice(input: {gpuCount,
+# secureCloud})` does: one unfiltered `lowestPrice` is the best of both clouds, so a type sold out
+# on one cloud would still be listed there
 GPU_TYPE_FIELDS = """
     id displayName memoryInGb maxGpuCount secureCloud communityCloud
     securePrice communityPrice secureSpotPrice communitySpotPrice
-    lowestPrice(input: {gpuCount: 1}) {
-      minimumBidPrice uninterruptablePrice stockStatus availableGpuCounts
-    }
+    secureStock: lowestPrice(input: {gpuCount: 1, secureCloud: true}) """ + STOCK_FIELDS + """
+    communityStock: lowestPrice(input: {gpuCount: 1, secureCloud: false}) """ + STOCK_FIELDS + """
 """
 
 Q_GPU_TYPES = "query GpuTypes { gpuTypes {" + GPU_TYPE_FIELDS + "} }"
@@ -181,6 +205,8 @@ Q_POD = "query Pod($podId: String!) { pod(input: {podId: $podId}) {" + POD_FIELD
 Q_BALANCE = "query Balance { myself { clientBalance } }"
 M_DEPLOY = ("mutation Deploy($input: PodFindAndDeployOnDemandInput!) { "
             "podFindAndDeployOnDemand(input: $input) {" + POD_FIELDS + "} }")
+# No current official source (see the module docstring): kept for spot, tested for the 400 RunPod
+# answers if it drops the field.
 M_RENT_SPOT = ("mutation RentSpot($input: PodRentInterruptableInput!) { "
                "podRentInterruptable(input: $input) {" + POD_FIELDS + "} }")
 M_STOP = "mutation Stop($podId: String!) { podStop(input: {podId: $podId}) {" + POD_FIELDS + "} }"
@@ -359,21 +385,23 @@ class RunPodProvider(Provider):
             if not isinstance(gpu, dict):
                 continue
             type_id = str(gpu.get("id") or "").strip()
-            lowest = gpu.get("lowestPrice")
-            if not type_id or type_id.lower() == "unknown" or not isinstance(lowest, dict):
-                continue
-            stock = lowest.get("stockStatus")
-            if (str(stock).strip().lower() if stock is not None else None) in _NO_STOCK:
+            if not type_id or type_id.lower() == "unknown":
                 continue
             memory = _number(gpu.get("memoryInGb"))
             if not memory:
                 continue
             gpu_name = normalise_gpu_name(str(gpu.get("displayName") or type_id), memory)
-            minimum_bid = _price(lowest.get("minimumBidPrice"))
             for cloud in _CLOUDS:
                 prefix = cloud.lower()
                 if gpu.get(f"{prefix}Cloud") is False:
                     continue
+                lowest = gpu.get(f"{prefix}Stock")
+                if not isinstance(lowest, dict):
+                    continue          # null: nothing on this cloud
+                stock = lowest.get("stockStatus")
+                if (str(stock).strip().lower() if stock is not None else None) in _NO_STOCK:
+                    continue
+                minimum_bid = _price(lowest.get("minimumBidPrice"))
                 kinds = ((False, _price(gpu.get(f"{prefix}Price"))),
                          (True, _price(gpu.get(f"{prefix}SpotPrice"))))
                 for spot, per_gpu in kinds:
@@ -414,6 +442,10 @@ class RunPodProvider(Provider):
             "volumeMountPath": VOLUME_MOUNT_PATH,
             "ports": ",".join(_port_specs(request)),
             "env": [{"key": k, "value": v} for k, v in request.env.items()],
+            # as the official SDK's create_pod always asks: without a public IP a Community Cloud
+            # pod may get no public TCP port (no SSH), and sshd is started by RunPod's image hook
+            "supportPublicIp": True,
+            "startSsh": True,
         }
         docker_args = _docker_args(request)
         if docker_args:
@@ -447,7 +479,7 @@ class RunPodProvider(Provider):
         for gpu in data.get("gpuTypes") or []:
             if isinstance(gpu, dict) and gpu.get("id") == key.gpu_type_id:
                 price = _price(gpu.get(f"{key.cloud.lower()}SpotPrice"))
-                lowest = _dict(gpu.get("lowestPrice"))
+                lowest = _dict(gpu.get(f"{key.cloud.lower()}Stock"))
                 price = price or _price(lowest.get("minimumBidPrice"))
                 if price is not None:
                     return price
@@ -513,9 +545,9 @@ class RunPodProvider(Provider):
             names = {normalise_gpu_name(str(gpu.get(k) or "")) for k in ("displayName", "id")}
             if pod.gpu_name not in names:
                 continue
-            lowest = _dict(gpu.get("lowestPrice"))
+            floors = [_price(_dict(gpu.get(f"{c.lower()}Stock")).get("minimumBidPrice")) for c in _CLOUDS]
             prices = [p for p in (_price(gpu.get("secureSpotPrice")), _price(gpu.get("communitySpotPrice")),
-                                  _price(lowest.get("minimumBidPrice"))) if p is not None]
+                                  *floors) if p is not None]
             if prices:
                 return max(prices)
         raise CapacityError(DISPLAY, f"start pod {pod.provider_id}: no spot price for {pod.gpu_name}")
@@ -585,7 +617,7 @@ class RunPodProvider(Provider):
             started_at=started_at,
             message=self._api.scrub(str(message)) if message else None,
             image=pod.get("imageName") or None,
-            interruptible=str(pod.get("podType") or "").upper() == "INTERRUPTABLE",
+            interruptible=str(pod.get("podType") or "").upper() in SPOT_POD_TYPES,
         )
 
 

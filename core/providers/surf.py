@@ -15,20 +15,41 @@ Where the API facts come from (shared reference §3.2). Treat the third-party on
   pausing, paused and resuming; a paused workspace uses no CPU/GPU credits, while its storage is
   still charged on RCCS-contract wallets but not on grant wallets.
 - Third-party client code and scripts, NOT official documentation: the bare token in an
-  `authorization` header (no "Bearer " prefix); the list
+  `authorization` header (no "Bearer " prefix; a `Token <tok>` form is also seen in the wild); the list
   `GET workspace/workspaces/?application_type=Compute&deleted=false`, paginated as
   `{count, next, previous, results}`; `POST workspace/workspaces/{id}/actions/pause/` and
   `.../actions/resume/`; the fields id, name, status, active, resource_meta.ip and
   workspace_actions[] (type, status, result.error; a failed resume, e.g. no GPUs free, shows up
   there); and the extra states creating, updating, rebooting and deleting.
+- From the public clients generated from SURF's Swagger (`<base>workspace/swagger/docs/`; e.g. the
+  PyPI surf-cli models and surf-controller), also third-party: an action is POSTed with the body
+  `{}` and `Content-Type: application/json;<action>` (`application/json;pause`), some clients add
+  an `X-CSRFTOKEN`; a 400 is `{"code": 400, "status": "Bad Request", "message": [str, ...]}`
+  (`message` a list); `resource_meta.flavor_name` names the flavour (there is no GPU field); the
+  workspace statuses also include failed, unhealthy and unknown; action statuses are
+  initialized/pending/success/failed/cancelled.
 - Our own assumptions, documented nowhere: `GET workspace/workspaces/{id}/` for one workspace; a
   workspace carries `deleted: true` (or status "deleted") once deleted; a failed action has
-  status "failed"/"error" or a non-empty `result.error`; the GPU, where reported at all, is in
-  `resource_meta.gpu` with `resource_meta.gpu_count` (no GPU field is documented, so gpu_name is
-  usually empty); the page of a `next` link is carried by its query string (DRF-style `page=`).
+  status "failed"/"error" or a non-empty `result.error`; the GPU model and count are read from
+  the flavour name ("gpu-a10-11core-88gb" -> A10 x1, "2gpu-a100-..." -> A100 x2; a name with no
+  GPU model word gives no GPU); the page of a `next` link is carried by its query string
+  (DRF-style `page=`).
 
 Decisions:
-- The token is sent bare in `authorization`, only to the configured host. A `next` link is never
+- Auth form. Public clients disagree (the bare token vs `Token <tok>`); the reference confirms
+  only the bare form (third-party clients, §3.2). The client sends the form it was given
+  (`auth="bare"` by default), and on the first 401 retries that request once with the other form;
+  whichever works is kept for the provider's lifetime, and once one form worked or both were
+  refused it never switches again (a revoked token costs no extra request per call). A 401
+  means SURF did not act, so repeating even an action is safe. 403 is never retried.
+- Actions are sent as every Swagger-derived client sends them: `{}` with
+  `Content-Type: application/json;<action>`, plus `X-CSRFTOKEN` when a `csrf_token` is given
+  (only some clients send one; it is not needed with an API token as far as known).
+- Error bodies: `message` may be a list of strings (SURF's 400) or a string; all its items are
+  joined, so a refusal carries SURF's reason and a capacity refusal is recognised.
+- States: failed and unhealthy map to ERROR (a workspace SURF itself reports broken; it may still
+  bill, so pause is still sent), unknown to UNKNOWN.
+- The token is sent only to the configured host. A `next` link is never
   requested as given: its query (the page number or cursor) is applied to the list path on the
   configured base URL. So a base URL pointed elsewhere (a proxy, a test server; SURF_URL /
   GPUHERD_SURF_URL) keeps working when SURF writes its own public host into `next`, and a link
@@ -72,6 +93,7 @@ import httpx
 from ..clock import Clock
 from ..errors import AuthError, CapacityError, ConfigError, ProviderError, ProviderStateError
 from ..offers import Offer, normalise_gpu_name
+from ..query import GPU_MODELS
 from .base import Capabilities, CreateRequest, Provider, ProviderInstance, ProviderState
 from .http import ApiClient, NotFoundAtProvider, error_text
 
@@ -98,6 +120,9 @@ _STATES: dict[str, ProviderState] = {
     "rebooting": ProviderState.STARTING,    # a reboot is a pause followed by a resume
     "deleting": ProviderState.DESTROYED,
     "deleted": ProviderState.DESTROYED,
+    "failed": ProviderState.ERROR,          # SURF reports the workspace broken
+    "unhealthy": ProviderState.ERROR,
+    "unknown": ProviderState.UNKNOWN,
 }
 # Where each action is going: reaching (or heading to) these means there is nothing left to do.
 _GOAL = {
@@ -105,6 +130,14 @@ _GOAL = {
     "resume": (ProviderState.STARTING, ProviderState.RUNNING),
 }
 _FAILED = {"failed", "failure", "error", "errored"}
+AUTH_FORMS = ("bare", "token")
+_GPU_COUNT = re.compile(r"(\d{1,2})(?:x|gpus?)|gpus?(\d{1,2})|x(\d{1,2})")
+
+
+class _TokenRefused(AuthError):
+    """HTTP 401: the token (or the form it was sent in) was not accepted; SURF did not act."""
+
+
 _CAPACITY = re.compile(r"gpu|capacity|no valid host|not enough (?:hosts|resources)|available|no free|"
                        r"insufficient (?:compute )?(?:resources|capacity)|out of resources", re.IGNORECASE)
 
@@ -130,10 +163,17 @@ class SurfProvider(Provider):
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep, clock: Clock | None = None,
                  transport: httpx.AsyncBaseTransport | None = None,
                  dph: Decimal = Decimal(0), storage_dph: Decimal = Decimal(0),
-                 storage_bills_while_stopped: bool = False) -> None:
+                 storage_bills_while_stopped: bool = False, auth: str = "bare",
+                 csrf_token: str | None = None) -> None:
         token = (token or "").strip()
         if not token:
             raise ConfigError("SURF Research Cloud needs an API token (SURF_API_TOKEN).")
+        if auth not in AUTH_FORMS:
+            raise ConfigError(f"SURF auth form must be one of {', '.join(AUTH_FORMS)}, not {auth!r}.")
+        self._token = token
+        self._auth = auth                 # the form sent now
+        self._auth_settled = False        # True once a form worked, or both were refused
+        self._csrf = (csrf_token or "").strip() or None
         self.base_url = _normalise_base(base_url)
         self.name_filter = (name_filter or "").strip()
         self.clock = clock or Clock()
@@ -143,8 +183,8 @@ class SurfProvider(Provider):
             self.capabilities = self.capabilities.model_copy(update={"storage_bills_while_stopped": True})
         self._origin = _origin(self.base_url)
         self._api = ApiClient(provider=NAME, display=DISPLAY, base_url=self.base_url,
-                              headers={"authorization": token, "accept": "application/json"},
-                              secrets=[token], timeout_s=timeout_s, attempts=attempts,
+                              headers={"accept": "application/json"},
+                              secrets=[s for s in (token, self._csrf) if s], timeout_s=timeout_s, attempts=attempts,
                               backoff_s=backoff_s, sleep=sleep, transport=transport)
 
     @classmethod
@@ -158,6 +198,43 @@ class SurfProvider(Provider):
 
     async def aclose(self) -> None:
         await self._api.aclose()
+
+    @property
+    def auth_form(self) -> str:
+        """The authorization form in use: "bare" (the token as is) or "token" (`Token <tok>`)."""
+        return self._auth
+
+    # ------------------------------------------------------------------ transport
+
+    def _authorization(self, form: str) -> str:
+        return self._token if form == "bare" else f"Token {self._token}"
+
+    async def _call(self, method: str, path: str, *, extra_headers: dict[str, str] | None = None,
+                    **kwargs: Any) -> Any:
+        """One API request with the current auth form; on its first 401 the other form is tried
+        once and the one that works is kept (see the module docstring)."""
+        def headers(form: str) -> dict[str, str]:
+            return {**(extra_headers or {}), "authorization": self._authorization(form)}
+
+        form = self._auth
+        try:
+            result = await self._api.request(method, path, headers=headers(form), **kwargs)
+        except _TokenRefused:
+            if self._auth_settled:
+                raise
+        else:
+            self._auth_settled = True     # this form works: a later 401 is the token, not the form
+            return result
+        other = AUTH_FORMS[1 - AUTH_FORMS.index(form)]
+        try:
+            result = await self._api.request(method, path, headers=headers(other), **kwargs)
+        except _TokenRefused:
+            self._auth_settled = True     # neither form: the token itself is refused
+            raise
+        self._auth, self._auth_settled = other, True
+        log.info("%s: the token was refused as %s and accepted as %s; using that form from now on",
+                 DISPLAY, _FORM_NAMES[form], _FORM_NAMES[other])
+        return result
 
     # ------------------------------------------------------------------ what gpuherd does not do
 
@@ -210,9 +287,10 @@ class SurfProvider(Provider):
             raise ProviderStateError(DISPLAY, f"cannot {action} workspace {provider_id}: it is being deleted")
         before = _action_keys(ws, action)
         try:
-            await self._api.request("POST", f"{_ws_path(provider_id)}actions/{action}/",
-                                    what=f"{action} workspace {provider_id}", expect_json=False,
-                                    classify=self._classify_action(action, provider_id))
+            await self._call("POST", f"{_ws_path(provider_id)}actions/{action}/", json_body={},
+                             extra_headers=self._action_headers(action),
+                             what=f"{action} workspace {provider_id}", expect_json=False,
+                             classify=self._classify_action(action, provider_id))
         except ProviderStateError:
             again = await self._read(provider_id)
             if again is None or self._instance(again).state not in goal:
@@ -240,13 +318,20 @@ class SurfProvider(Provider):
 
     # ------------------------------------------------------------------ HTTP helpers
 
+    def _action_headers(self, action: str) -> dict[str, str]:
+        """As SURF's Swagger-derived clients send an action: the action named in the media type."""
+        headers = {"content-type": f"application/json;{action}"}
+        if self._csrf:
+            headers["x-csrftoken"] = self._csrf
+        return headers
+
     async def _read(self, provider_id: str) -> dict[str, Any] | None:
         provider_id = (provider_id or "").strip()
         if not provider_id:
             return None
         try:
-            ws = await self._api.request("GET", _ws_path(provider_id), what=f"get workspace {provider_id}",
-                                         classify=self._classify_auth)
+            ws = await self._call("GET", _ws_path(provider_id), what=f"get workspace {provider_id}",
+                                  classify=self._classify_auth)
         except NotFoundAtProvider:
             return None
         if not isinstance(ws, dict) or ws.get("id") in (None, ""):
@@ -259,8 +344,8 @@ class SurfProvider(Provider):
         params = dict(LIST_PARAMS)
         seen = {_params_key(params)}
         for page in range(1, MAX_PAGES + 1):
-            body = await self._api.request("GET", WORKSPACES, params=params, what=f"list workspaces (page {page})",
-                                           classify=self._classify_auth)
+            body = await self._call("GET", WORKSPACES, params=params, what=f"list workspaces (page {page})",
+                                    classify=self._classify_auth)
             if isinstance(body, list):  # an unpaginated answer
                 results, link = body, None
             elif isinstance(body, dict) and isinstance(body.get("results"), list):
@@ -291,11 +376,12 @@ class SurfProvider(Provider):
         return {**LIST_PARAMS, **query}
 
     def _auth_error(self, response: httpx.Response, body: Any) -> AuthError:
-        detail = self._api.scrub(error_text(body))[:200]
+        detail = self._api.scrub(surf_error_text(body))[:200]
         suffix = f": {detail}" if detail else ""
-        return AuthError(DISPLAY, f"the API token was refused (HTTP {response.status_code}{suffix}). Check "
-                                  "SURF_API_TOKEN: a personal token from the SURF Research Cloud portal "
-                                  "(Profile -> API tokens), sent as is.")
+        kind = _TokenRefused if response.status_code == 401 else AuthError
+        return kind(DISPLAY, f"the API token was refused (HTTP {response.status_code}{suffix}). Check "
+                             "SURF_API_TOKEN: a personal token from the SURF Research Cloud portal "
+                             "(Profile -> API tokens).")
 
     def _classify_auth(self, response: httpx.Response, body: Any) -> ProviderError | None:
         if response.status_code in (401, 403):
@@ -308,7 +394,7 @@ class SurfProvider(Provider):
             if status in (401, 403):
                 return self._auth_error(response, body)
             if status in (400, 409, 422):
-                detail = self._api.scrub(error_text(body))[:300] or "no reason given"
+                detail = self._api.scrub(surf_error_text(body))[:300] or "no reason given"
                 if action == "resume" and _CAPACITY.search(detail):
                     return CapacityError(DISPLAY, f"workspace {provider_id} could not be resumed: SURF has no "
                                                   f"free GPUs for it right now; the resume failed: {detail}",
@@ -325,10 +411,8 @@ class SurfProvider(Provider):
         state = _STATES.get(status, ProviderState.UNKNOWN)
         raw_meta = ws.get("resource_meta")
         meta: dict[str, Any] = raw_meta if isinstance(raw_meta, dict) else {}
-        gpu = meta.get("gpu")
-        gpu_name = normalise_gpu_name(gpu) if isinstance(gpu, str) and gpu.strip() else ""
-        count = meta.get("gpu_count")
-        num_gpus = count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else int(bool(gpu_name))
+        flavour = meta.get("flavor_name")
+        gpu_name, num_gpus = gpu_from_flavour(flavour) if isinstance(flavour, str) else ("", 0)
         name = str(ws.get("name") or "").strip()
         parts = [name] if name else []
         ip = meta.get("ip")
@@ -355,6 +439,51 @@ class SurfProvider(Provider):
 
 
 # ---------------------------------------------------------------------- helpers
+
+_FORM_NAMES = {"bare": "the bare token", "token": "'Token <token>'"}
+
+
+def surf_error_text(body: Any) -> str:
+    """SURF's reason from an error body: `message` is a list of strings in SURF's 400s (the
+    Swagger's BadRequestSchema), a string elsewhere; other shapes go to the shared reader."""
+    if isinstance(body, dict):
+        message = body.get("message")
+        if isinstance(message, list):
+            parts = [str(m).strip() for m in message if isinstance(m, (str, int, float)) and str(m).strip()]
+            parts += [error_text(m) for m in message if isinstance(m, dict) and error_text(m)]
+            if parts:
+                return "; ".join(parts)
+        elif isinstance(message, dict):
+            nested = "; ".join(f"{k}: {v}" for k, v in message.items() if isinstance(v, (str, int, float)))
+            if nested:
+                return nested
+    return error_text(body)
+
+
+def gpu_from_flavour(flavour: str) -> tuple[str, int]:
+    """(GPU model, count) from a SURF flavour name: "gpu-a10-11core-88gb" -> ("A10", 1),
+    "2gpu-a100-..." -> ("A100", 2). No known GPU model word in it -> ("", 0): SURF reports no GPU
+    field, so a flavour that names none is treated as CPU-only."""
+    words = [w for w in re.split(r"[^0-9a-z]+", flavour.casefold()) if w]
+    count: int | None = None
+    model: str | None = None
+    memory: float | None = None
+    for i, word in enumerate(words):
+        glued = re.fullmatch(r"([a-z]+[0-9]+[a-z]*)x([0-9]{1,2})", word)   # "h100x4"
+        if glued is not None and glued.group(1) in GPU_MODELS:
+            word, count = glued.group(1), count or int(glued.group(2))
+        if model is None and word in GPU_MODELS:
+            model = word
+            after = re.fullmatch(r"([0-9]{2,3})gb", words[i + 1]) if i + 1 < len(words) else None
+            memory = float(after.group(1)) if after is not None else None   # "a100-80gb": GPU memory
+            continue
+        match = _GPU_COUNT.fullmatch(word)
+        if count is None and match is not None:
+            count = int(next(g for g in match.groups() if g is not None))
+    if model is None:
+        return "", 0
+    return normalise_gpu_name(model.upper(), memory), max(1, count or 1)
+
 
 def _normalise_base(base_url: str) -> str:
     """'https://host/v1', tolerating a trailing slash and the workspace API's own base
@@ -414,7 +543,7 @@ def _failure(action: dict[str, Any]) -> str | None:
     result = action.get("result")
     error: Any = result.get("error") if isinstance(result, dict) else None
     if isinstance(error, (dict, list)):
-        error = error_text(error) or str(error)
+        error = surf_error_text({"message": error} if isinstance(error, list) else error) or str(error)
     if error:
         return str(error)
     if str(action.get("status") or "").lower() in _FAILED:

@@ -13,7 +13,9 @@
   `DescribeSpotPriceHistory` (moto's is a constant 0.00001). `pin(action, ...)` answers one
   action with a canned AWS error.
 * `price_list_item()` builds one Pricing API `PriceList` entry (a JSON string), for the proxy
-  and for botocore Stubber tests.
+  and for botocore Stubber tests; `market="CapacityBlock"` builds a Capacity Block SKU. The
+  proxy's GetProducts applies every TERM_MATCH filter it is sent (as AWS does) over `prices` and
+  `capacity_block_prices`, and records them in `pricing_filters`.
 * `fast_retries()` caps botocore's retry backoff while tests run (the retries still happen).
 """
 
@@ -177,11 +179,14 @@ def quick_retries(cap_s: float = 0.01) -> Iterator[None]:
 # ------------------------------------------------------------------------------ Pricing API shapes
 
 def price_list_item(instance_type: str, usd: str, region: str = REGION, *, gpus: int = 1,
-                    sku: str | None = None) -> str:
+                    sku: str | None = None, market: str = "OnDemand") -> str:
     """One PriceList entry as the Pricing API returns it: a JSON *string* whose term and price
     dimension keys are opaque (SKU.offerTermCode, SKU.offerTermCode.rateCode). A Reserved term
-    with a lower price is included so a parser that reads it is caught."""
-    sku = sku or uuid.uuid5(uuid.NAMESPACE_DNS, f"{region}/{instance_type}").hex[:16].upper()
+    with a lower price is included so a parser that reads it is caught. `market="CapacityBlock"`
+    is an EC2 Capacity Block SKU of the type: same attributes but `marketoption`, and its price
+    sits in an OnDemand term too, so only the marketoption filter tells them apart."""
+    sku = sku or uuid.uuid5(uuid.NAMESPACE_DNS, f"{region}/{instance_type}/{market}").hex[:16].upper()
+    usage = f"BoxUsage:{instance_type}" if market == "OnDemand" else f"CapacityBlock:{instance_type}"
     od, rate = f"{sku}.JRTCKXETXF", f"{sku}.JRTCKXETXF.6YS6EN2CT7"
     reserved = f"{sku}.4NA7Y494T4"
     item = {
@@ -191,8 +196,8 @@ def price_list_item(instance_type: str, usd: str, region: str = REGION, *, gpus:
                 "instanceType": instance_type, "regionCode": region, "location": "US East (N. Virginia)",
                 "instanceFamily": "GPU instance", "operatingSystem": "Linux", "tenancy": "Shared",
                 "preInstalledSw": "NA", "capacitystatus": "Used", "licenseModel": "No License required",
-                "gpu": str(gpus), "servicecode": "AmazonEC2", "usagetype": f"BoxUsage:{instance_type}",
-                "operation": "RunInstances", "marketoption": "OnDemand",
+                "gpu": str(gpus), "servicecode": "AmazonEC2", "usagetype": usage,
+                "operation": "RunInstances", "marketoption": market,
             },
             "sku": sku,
         },
@@ -264,6 +269,10 @@ class MotoProxy(LoopbackServer):
         self.upstream_host = parts.hostname or "127.0.0.1"
         self.upstream_port = parts.port or 80
         self.prices: dict[tuple[str, str], str] = {}        # (region, type) -> USD/h string
+        # (region, type) -> the Capacity Block SKU's USD/h: listed *before* the on-demand SKU, and
+        # returned unless the request filters marketoption=OnDemand (as AWS does)
+        self.capacity_block_prices: dict[tuple[str, str], str] = {}
+        self.pricing_filters: list[dict[str, str]] = []     # the Filters of the last GetProducts
         self.spot_prices: dict[tuple[str, str], list[str]] = {}  # (region, type) -> one price per zone
         self.pricing_calls = 0
         self._pins: dict[str, list[Answer]] = {}
@@ -372,10 +381,16 @@ class MotoProxy(LoopbackServer):
     def _get_products(self, params: Mapping[str, Any]) -> Answer:
         with self._lock:
             self.pricing_calls += 1
-        wanted = {f.get("Field"): f.get("Value") for f in params.get("Filters") or []}
+        filters = [f for f in params.get("Filters") or [] if isinstance(f, dict)]
+        with self._lock:
+            self.pricing_filters = filters
+        wanted = {f.get("Field"): f.get("Value") for f in filters}
         region = wanted.get("regionCode", REGION)
-        items = [price_list_item(itype, usd, region) for (r, itype), usd in sorted(self.prices.items())
-                 if r == region and wanted.get("instanceType", itype) == itype]
+        candidates = [price_list_item(itype, usd, region, market="CapacityBlock")
+                      for (r, itype), usd in sorted(self.capacity_block_prices.items()) if r == region]
+        candidates += [price_list_item(itype, usd, region) for (r, itype), usd in sorted(self.prices.items())
+                       if r == region]
+        items = [raw for raw in candidates if _matches(json.loads(raw)["product"]["attributes"], filters)]
         return Answer(200, json.dumps({"FormatVersion": "aws_v1", "PriceList": items}),
                       "application/x-amz-json-1.1")
 
@@ -393,6 +408,18 @@ class MotoProxy(LoopbackServer):
                 f"<requestId>{uuid.uuid4()}</requestId><spotPriceHistorySet>{''.join(rows)}</spotPriceHistorySet>"
                 "<nextToken></nextToken></DescribeSpotPriceHistoryResponse>")
         return Answer(200, body)
+
+
+def _matches(attributes: Mapping[str, str], filters: list[dict[str, str]]) -> bool:
+    """The Pricing API's TERM_MATCH: every filtered attribute equals the value (case-insensitive);
+    an attribute the product does not have does not match."""
+    for f in filters:
+        if f.get("Type", "TERM_MATCH") != "TERM_MATCH":
+            continue
+        have = attributes.get(str(f.get("Field")))
+        if have is None or str(have).casefold() != str(f.get("Value")).casefold():
+            return False
+    return True
 
 
 def _pricing_fault(kind: str) -> Answer:

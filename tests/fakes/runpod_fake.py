@@ -17,6 +17,17 @@ client uses, variable coercion, field projection) is enough; fragments, directiv
 strings are refused with HTTP 400. Error wordings marked "fake's wording" are not RunPod's
 documented text; the others are quoted in the reference.
 
+Stock is per cloud: `lowestPrice(input: {secureCloud: true})` answers the Secure Cloud's stock,
+`secureCloud: false` the Community Cloud's, no `secureCloud` the type's combined `lowestPrice`.
+A type's `_cloudStock` ({"SECURE": {...} | None, ...}) overrides one cloud; otherwise a cloud the
+type is on shares `lowestPrice`. Create checks the stock of the cloud it deploys on.
+
+Spot pods come back with `podType` `spot_pod_type` ("INTERRUPTABLE" by default, or "BID"; seeded
+pods take `pod_type=`); both must be resumed with podBidResume. A Community Cloud pod created
+without `supportPublicIp: true` gets no public TCP port (its 22/tcp is behind RunPod's network
+only). `spot_create=False` removes `podRentInterruptable` from the schema, as RunPod may: a document
+using it is then HTTP 400 "Cannot query field".
+
 Pods progress per read: after create or resume `runtime` is null for `boot_steps` reads of the pod
 (get or list), then appears with ports and GPUs; after stop the runtime stays for `stop_steps`
 reads (the container shutting down), then is null; terminate removes the pod.
@@ -89,6 +100,10 @@ GPU_TYPES: list[dict[str, Any]] = [
     # stock null: no stock
     _gpu("NVIDIA RTX 6000 Ada Generation", "RTX 6000 Ada", 48, 8, secure=0.88, community=0.77,
          secure_spot=0.5, community_spot=0.45, lowest=_lowest(0.45, 0.77, None, [1])),
+    # sold out on the Secure Cloud only: its combined lowestPrice still shows stock
+    {**_gpu("NVIDIA RTX A5000", "RTX A5000", 24, 4, secure=0.36, community=0.26, secure_spot=0.2,
+            community_spot=0.15, lowest=_lowest(0.15, 0.26, "High", [1, 2])),
+     "_cloudStock": {"SECURE": _lowest(0.2, 0.36, "None", [1]), "COMMUNITY": _lowest(0.15, 0.26, "High", [1, 2])}},
     # the pseudo-type RunPod lists; clients skip it
     _gpu("unknown", "unknown", 0, 1, secure=0.0, community=0.0, secure_spot=0.0, community_spot=0.0,
          lowest=_lowest(0.0, 0.0, "High", [1])),
@@ -545,8 +560,11 @@ class _Parsed:
 class FakeRunPod(LoopbackServer):
     def __init__(self, api_key: str = "rp_fake_key", *, latency_s: float = 0.0, boot_steps: int = 2,
                  stop_steps: int = 1, seed: int = 7, gpu_types: list[dict[str, Any]] | None = None,
-                 balance: float = 123.45) -> None:
+                 balance: float = 123.45, spot_pod_type: str = "INTERRUPTABLE",
+                 spot_create: bool = True) -> None:
         self.api_key = api_key
+        self.spot_pod_type = spot_pod_type      # what podType a rented spot pod reports
+        self.spot_create = spot_create          # False: podRentInterruptable is not in the schema
         self.boot_steps = boot_steps
         self.stop_steps = stop_steps
         self.gpu_types = copy.deepcopy(gpu_types if gpu_types is not None else GPU_TYPES)
@@ -606,7 +624,8 @@ class FakeRunPod(LoopbackServer):
 
     def seed_pod(self, *, name: str, gpu_type_id: str = "NVIDIA GeForce RTX 4090", gpu_count: int = 1,
                  status: str = "RUNNING", ports: str = "8000/http,22/tcp", up: bool = True,
-                 cost_per_hr: float = 0.69, volume_gb: int = 50, spot: bool = False) -> str:
+                 cost_per_hr: float = 0.69, volume_gb: int = 50, spot: bool = False,
+                 pod_type: str | None = None) -> str:
         """A pod made outside the client (another tool, or a state the client cannot produce)."""
         with self._lock:
             gpu = self._type(gpu_type_id)
@@ -614,6 +633,8 @@ class FakeRunPod(LoopbackServer):
                                 volume=volume_gb, ports=ports, spot=spot, cost=cost_per_hr,
                                 docker_args="", env=[])
             pod["desiredStatus"] = status
+            if pod_type is not None:
+                pod["podType"] = pod_type
             pod["_up"] = up and status in ("RUNNING", "EXITED")
             if status == "RUNNING" and not pod["_up"]:
                 pod["_countdown"] = self.boot_steps
@@ -668,6 +689,10 @@ class FakeRunPod(LoopbackServer):
         if parsed.op is None:
             return Response(400, {"errors": [{"message": parsed.problem}]})
         op = parsed.op
+        if not self.spot_create and op.kind == "mutation" and any(
+                f.name == "podRentInterruptable" for f in op.selections):
+            return Response(400, {"errors": [{"message": 'Cannot query field "podRentInterruptable" on type '
+                                                         '"Mutation".'}]})
         try:
             _Validator(op, request.body.get("variables")).run()
         except GraphQLInvalid as exc:
@@ -701,10 +726,24 @@ class FakeRunPod(LoopbackServer):
         return [self._gpu_view(g) for g in self.gpu_types if wanted is None or g["id"] == wanted]
 
     def _gpu_view(self, gpu: dict[str, Any]) -> dict[str, Any]:
-        view = copy.deepcopy(gpu)
-        lowest = view.pop("lowestPrice")
-        view["lowestPrice"] = lambda args: copy.deepcopy(lowest)
+        view = {k: copy.deepcopy(v) for k, v in gpu.items() if not k.startswith("_")}
+
+        def lowest(args: dict[str, Any]) -> dict[str, Any] | None:
+            secure = (args.get("input") or {}).get("secureCloud")
+            if secure is None:
+                return copy.deepcopy(gpu.get("lowestPrice"))
+            return copy.deepcopy(self._stock(gpu, "SECURE" if secure else "COMMUNITY"))
+        view["lowestPrice"] = lowest
         return view
+
+    @staticmethod
+    def _stock(gpu: dict[str, Any], cloud: str) -> dict[str, Any] | None:
+        """One cloud's stock of a type: its own entry, else the type's shared `lowestPrice` when
+        the type is on that cloud at all."""
+        per_cloud = gpu.get("_cloudStock") or {}
+        if cloud in per_cloud:
+            return per_cloud[cloud]
+        return gpu.get("lowestPrice") if gpu.get(f"{cloud.lower()}Cloud") else None
 
     def _resolve_pod(self, filt: dict[str, Any]) -> dict[str, Any] | None:
         pod = self.pods.get(filt["podId"])
@@ -724,6 +763,9 @@ class FakeRunPod(LoopbackServer):
     def _resolve_podRentInterruptable(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._deploy(spec, spot=True)
 
+    def _spot(self, pod: dict[str, Any]) -> bool:
+        return pod["podType"] in ("INTERRUPTABLE", "BID")
+
     def _resolve_podStop(self, spec: dict[str, Any]) -> dict[str, Any]:
         pod = self._pod(spec["podId"])
         if pod["desiredStatus"] == "RUNNING":
@@ -734,7 +776,7 @@ class FakeRunPod(LoopbackServer):
 
     def _resolve_podResume(self, spec: dict[str, Any]) -> dict[str, Any]:
         pod = self._pod(spec["podId"])
-        if pod["podType"] == "INTERRUPTABLE":
+        if self._spot(pod):
             raise FieldError("This pod is a spot pod; resume it with podBidResume.")  # fake's wording
         self._check_count(pod, spec.get("gpuCount"))
         gpu = self._type(pod["_gpuTypeId"])
@@ -743,7 +785,7 @@ class FakeRunPod(LoopbackServer):
 
     def _resolve_podBidResume(self, spec: dict[str, Any]) -> dict[str, Any]:
         pod = self._pod(spec["podId"])
-        if pod["podType"] != "INTERRUPTABLE":
+        if not self._spot(pod):
             raise FieldError("This pod is not a spot pod.")  # fake's wording
         self._check_count(pod, spec.get("gpuCount"))
         gpu = self._type(pod["_gpuTypeId"])
@@ -759,14 +801,19 @@ class FakeRunPod(LoopbackServer):
     # --- pods ------------------------------------------------------------------------------------
     def _deploy(self, spec: dict[str, Any], *, spot: bool) -> dict[str, Any]:
         gpu = next((g for g in self.gpu_types if g["id"] == spec["gpuTypeId"]), None)
-        lowest = gpu.get("lowestPrice") if gpu else None
-        if gpu is None or gpu["id"] == "unknown" or not lowest or str(lowest.get("stockStatus")) in ("None", ""):
+        if gpu is None or gpu["id"] == "unknown":
             raise FieldError(NO_CAPACITY)
         cloud = spec.get("cloudType") or "ALL"
-        clouds = [c for c in ("SECURE", "COMMUNITY") if cloud in ("ALL", c) and gpu[f"{c.lower()}Cloud"]]
         count = spec["gpuCount"]
-        available = lowest.get("availableGpuCounts") or list(range(1, gpu["maxGpuCount"] + 1))
-        if not clouds or count not in available:
+
+        def in_stock(c: str) -> bool:
+            lowest = self._stock(gpu, c)
+            if not lowest or str(lowest.get("stockStatus")) in ("None", ""):
+                return False
+            return count in (lowest.get("availableGpuCounts") or list(range(1, gpu["maxGpuCount"] + 1)))
+        clouds = [c for c in ("SECURE", "COMMUNITY")
+                  if cloud in ("ALL", c) and gpu[f"{c.lower()}Cloud"] and in_stock(c)]
+        if not clouds:
             raise FieldError(NO_CAPACITY)
         cloud = min(clouds, key=lambda c: gpu[f"{c.lower()}{'SpotPrice' if spot else 'Price'}"] or 1e9)
         if spot:
@@ -782,6 +829,8 @@ class FakeRunPod(LoopbackServer):
                             cost=cost, docker_args=spec.get("dockerArgs") or "", env=env)
         pod["containerDiskInGb"] = spec.get("containerDiskInGb") or 0
         pod["volumeMountPath"] = spec.get("volumeMountPath") or "/workspace"
+        pod["_public_ip"] = cloud == "SECURE" or spec.get("supportPublicIp") is True
+        pod["_start_ssh"] = spec.get("startSsh") is True
         return self._pod_view(pod, observe=False)
 
     def _new_pod(self, gpu: dict[str, Any], *, name: str, count: int, cloud: str, image: str, volume: int,
@@ -793,12 +842,13 @@ class FakeRunPod(LoopbackServer):
             "id": pod_id, "name": name, "desiredStatus": "RUNNING", "imageName": image, "env": env,
             "lastStatusChange": f"Rented by User: {_now()}", "machineId": f"m{self._serial:05d}",
             "memoryInGb": 62 * count, "vcpuCount": 16 * count, "volumeInGb": volume, "containerDiskInGb": 20,
-            "volumeMountPath": "/workspace", "podType": "INTERRUPTABLE" if spot else "RESERVED",
+            "volumeMountPath": "/workspace", "podType": self.spot_pod_type if spot else "RESERVED",
             "ports": ports, "dockerArgs": docker_args, "gpuCount": count, "costPerHr": cost, "uptimeSeconds": 0,
             "machine": {"gpuDisplayName": gpu["displayName"], "location": "US-OR",
                         "podHostId": f"{pod_id}-64410{self._serial:03d}"},
             "_gpuTypeId": gpu["id"], "_cloud": cloud, "_up": False, "_countdown": self.boot_steps,
-            "_uptime": 0, "_util": [0.0] * count, "_serial": self._serial,
+            "_uptime": 0, "_util": [0.0] * count, "_serial": self._serial, "_public_ip": True,
+            "_start_ssh": True,
         }
         self.pods[pod_id] = pod
         return pod
@@ -834,7 +884,10 @@ class FakeRunPod(LoopbackServer):
         ports = []
         for index, item in enumerate(p for p in pod["ports"].split(",") if p.strip()):
             number, _, kind = item.strip().partition("/")
-            if kind == "tcp":
+            if kind == "tcp" and not pod["_public_ip"]:     # reachable inside RunPod's network only
+                ports.append({"ip": f"10.{n % 250}.0.2", "isIpPublic": False, "privatePort": int(number),
+                              "publicPort": int(number), "type": "tcp"})
+            elif kind == "tcp":
                 ports.append({"ip": f"203.0.113.{n % 250 + 1}", "isIpPublic": True, "privatePort": int(number),
                               "publicPort": 40000 + 10 * n + index, "type": "tcp"})
             else:

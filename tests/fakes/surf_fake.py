@@ -1,14 +1,22 @@
-"""A loopback fake of the SURF Research Cloud workspace API, shaped as gpuherd's provider assumes
-it (core/providers/surf.py says which facts are official and which are third-party).
+"""A loopback fake of the SURF Research Cloud workspace API, answering in the shapes the public
+clients derived from SURF's Swagger read (core/providers/surf.py says which facts are official
+and which are third-party).
 
-- Auth: the bare token in `authorization`; anything else, "Bearer <token>" included, is a 401.
+- Auth: `auth="bare"` (default) accepts only the bare token in `authorization`, `auth="token"`
+  only `Token <token>`, `auth="either"` both; anything else ("Bearer <token>" included) is a 401.
   The 401 body deliberately echoes what it was sent, so tests prove the client scrubs the token.
+- Error bodies are SURF's envelope, `{"code", "status", "message"}`, with `message` a *list* of
+  strings for a 400 (the Swagger's BadRequestSchema) and a string for a 404; the 401 uses the
+  same envelope with a list (its exact shape is not in the Swagger subset we know: an assumption).
+- Workspaces carry `resource_meta.flavor_name` (e.g. "gpu-a10-11core-88gb"), not a GPU field.
 - `GET {prefix}/workspace/workspaces/` (op "list"): filters `application_type` and hides deleted
   workspaces with `deleted=false`; pages of `page_size` with absolute `next`/`previous` links
   built on `public_url` (default: this server), so a test can make SURF name another host.
 - `GET {prefix}/workspace/workspaces/{id}/` (op "get"): 404 for an unknown id; a deleted one is
   still answered, with `deleted: true`.
-- `POST .../{id}/actions/pause/` (op "stop") and `.../actions/resume/` (op "start"): 202, the
+- `POST .../{id}/actions/pause/` (op "stop") and `.../actions/resume/` (op "start"): strict like
+  SURF's gateway is said to be: the body must be a JSON object (`{}`) and the Content-Type
+  `application/json;pause` (resp. `;resume`), else 415 (wrong type) or 400 (no body). Then 202, the
   workspace goes pausing/resuming and records a workspace_action; reads (get or list) move it on,
   `reads_per_phase` reads per step. `fail_resume()` makes the next resume fail with a
   workspace_actions error, as SURF reports no free GPUs; `late_actions` lists a new action only
@@ -27,6 +35,7 @@ from urllib.parse import urlencode
 from .loopback import Fault, Handled, LoopbackServer, Request, Response
 
 TOKEN = "surf-test-token-0f9e8d7c6b5a"
+AUTH_FORMS = ("bare", "token", "either")
 NO_GPUS = "Resume failed: no GPUs available for flavour 'gpu-a10-11core-88gb' (No valid host was found)"
 
 
@@ -46,18 +55,15 @@ class Workspace:
     application_type: str = "Compute"
     deleted: bool = False
     ip: str = "145.100.0.10"
-    gpu: str | None = None
-    gpu_count: int | None = None
+    flavor: str | None = None               # resource_meta.flavor_name
     actions: list[dict[str, Any]] = field(default_factory=list)
     plan: list[_Step] = field(default_factory=list)
     unseen: dict[str, Any] | None = None   # an action not yet listed in workspace_actions
 
     def body(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"ip": self.ip}
-        if self.gpu is not None:
-            meta["gpu"] = self.gpu
-        if self.gpu_count is not None:
-            meta["gpu_count"] = self.gpu_count
+        if self.flavor is not None:
+            meta["flavor_name"] = self.flavor
         return {"id": self.id, "name": self.name, "status": self.status, "active": not self.deleted,
                 "deleted": self.deleted, "application_type": self.application_type,
                 "resource_meta": meta, "workspace_actions": [dict(a) for a in self.actions]}
@@ -65,8 +71,12 @@ class Workspace:
 
 class FakeSurf(LoopbackServer):
     def __init__(self, *, token: str = TOKEN, prefix: str = "/v1", page_size: int = 3,
-                 reads_per_phase: int = 2, public_url: str | None = None, latency_s: float = 0.0) -> None:
+                 reads_per_phase: int = 2, public_url: str | None = None, latency_s: float = 0.0,
+                 auth: str = "bare") -> None:
+        if auth not in AUTH_FORMS:
+            raise ValueError(f"auth must be one of {AUTH_FORMS}")
         self.token = token
+        self.auth = auth                      # which header forms are accepted
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self.page_size = page_size
         self.reads_per_phase = reads_per_phase
@@ -118,6 +128,7 @@ class FakeSurf(LoopbackServer):
             self.requests.clear()
             self.public_url = None
             self.late_actions = False
+            self.auth = "bare"
         self.clear_faults()
 
     def forget(self, ws_id: str) -> None:
@@ -133,16 +144,18 @@ class FakeSurf(LoopbackServer):
         self.route("POST", f"{base}/{{id}}/actions/resume/", self._resume, "start")
 
     def authorised(self, request: Request) -> bool:
-        return _header(request, "authorization") == self.token
+        got = _header(request, "authorization")
+        accepted = {"bare": {self.token}, "token": {f"Token {self.token}"},
+                    "either": {self.token, f"Token {self.token}"}}[self.auth]
+        return got in accepted
 
     def unauthorised(self, request: Request) -> Response:
         got = _header(request, "authorization")
-        return Response(401, {"detail": f"Invalid token: {got!r}" if got else
-                              "Authentication credentials were not provided."})
+        return error(401, f"Invalid token: {got!r}" if got else "Authentication credentials were not provided.")
 
     def fault_response(self, fault: Fault, request: Request) -> Response:
         if fault.kind == "capacity":
-            return Response(400, {"detail": "No GPUs available for this flavour right now."})
+            return error(400, "No GPUs available for this flavour right now.")
         return self.unauthorised(request)
 
     def _link(self, request: Request, page: int) -> str:
@@ -158,10 +171,10 @@ class FakeSurf(LoopbackServer):
         try:
             page = int(request.query.get("page", "1"))
         except ValueError:
-            raise Handled(Response(404, {"detail": "Invalid page."})) from None
+            raise Handled(error(404, "Invalid page.")) from None
         pages = max(1, -(-len(rows) // self.page_size))
         if not 1 <= page <= pages:
-            raise Handled(Response(404, {"detail": "Invalid page."}))
+            raise Handled(error(404, "Invalid page."))
         chunk = rows[(page - 1) * self.page_size: page * self.page_size]
         for ws in chunk:
             self._advance(ws)
@@ -173,7 +186,7 @@ class FakeSurf(LoopbackServer):
     def _find(self, ws_id: str) -> Workspace:
         ws = self.workspaces.get(ws_id)
         if ws is None:
-            raise Handled(Response(404, {"detail": "Not found."}))
+            raise Handled(error(404, "Not found."))
         return ws
 
     def _get(self, request: Request, params: dict[str, str]) -> Response:
@@ -181,24 +194,36 @@ class FakeSurf(LoopbackServer):
         self._advance(ws)
         return Response(200, ws.body())
 
+    @staticmethod
+    def _check_action_request(request: Request, action: str) -> None:
+        """What every Swagger-derived client sends: `{}` as `application/json;<action>`."""
+        content_type = (_header(request, "content-type") or "").replace(" ", "").lower()
+        if content_type != f"application/json;{action}":
+            raise Handled(error(415, f"Unsupported media type {content_type or 'none'!r} in request; "
+                                     f"expected 'application/json;{action}'."))
+        if not isinstance(request.body, dict):
+            raise Handled(error(400, "A JSON object is required as the request body."))
+
     def _pause(self, request: Request, params: dict[str, str]) -> Response:
+        self._check_action_request(request, "pause")
         ws = self._find(params["id"])
         if ws.deleted or ws.status != "running":
-            raise Handled(Response(400, {"detail": f"Workspace cannot be paused while {ws.status}."}))
+            raise Handled(error(400, f"Workspace cannot be paused while {ws.status}."))
         action = self._record(ws, "pause")
         ws.status = "pausing"
         ws.plan = [_Step(self.reads_per_phase, "paused", "finished")]
         return self._accepted("stop", action)
 
     def _resume(self, request: Request, params: dict[str, str]) -> Response:
+        self._check_action_request(request, "resume")
         ws = self._find(params["id"])
         if ws.deleted or ws.status != "paused":
-            raise Handled(Response(400, {"detail": f"Workspace cannot be resumed while {ws.status}."}))
+            raise Handled(error(400, f"Workspace cannot be resumed while {ws.status}."))
         action = self._record(ws, "resume")
         ws.status = "resuming"
         if self._resume_failures:
-            error, after = self._resume_failures.pop(0)
-            ws.plan = [_Step(after, "paused", "failed", error)]
+            why, after = self._resume_failures.pop(0)
+            ws.plan = [_Step(after, "paused", "failed", why)]
         else:
             ws.plan = [_Step(self.reads_per_phase, "running", "finished")]
         return self._accepted("start", action)
@@ -234,6 +259,15 @@ class FakeSurf(LoopbackServer):
         if ws.actions:
             ws.actions[-1]["status"] = step.action_status
             ws.actions[-1]["result"] = {"error": step.error} if step.error else {}
+
+
+_REASONS = {400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 415: "Unsupported Media Type"}
+
+
+def error(status: int, text: str) -> Response:
+    """SURF's error envelope: `message` is a list of strings, except for a 404 (a string)."""
+    message: Any = text if status == 404 else [text]
+    return Response(status, {"code": status, "status": _REASONS.get(status, "Error"), "message": message})
 
 
 def _header(request: Request, name: str) -> str | None:
