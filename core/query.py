@@ -18,6 +18,10 @@ Syntax (a superset of the vast.ai CLI's `search offers` query, see shared/refere
   ``order=-dph`` (``sort=`` too): comma lists, a leading or trailing ``-`` means descending.
   Default: cheapest first (``dph`` ascending), then most reliable, then the offer ref.
 * ``-n`` / ``--no-default`` drops the defaults, ``--limit N`` is ``limit=N``.
+* Every other field of the vast.ai CLI's table (``duration``, ``datacenter``, ``compute_cap``,
+  ``driver_version`` …, `MARKET_FIELDS`) is accepted in the CLI's units; vast.ai applies it, and
+  offers of providers that cannot show it are not kept. ``gpu_name`` also matches the provider's
+  own spelling (``A100_SXM4``), kept in ``Offer.extra["gpu_name"]``.
 
 Chat shorthands:
 
@@ -64,6 +68,8 @@ __all__ = [
     "DEFAULT_ORDER",
     "FIELD_ALIASES",
     "GPU_MODELS",
+    "MARKET_DEFAULTS",
+    "MARKET_FIELDS",
     "MAX_LIMIT",
     "OFFER_FIELDS",
     "QUERY_KEYWORDS",
@@ -146,6 +152,58 @@ FIELD_ALIASES: dict[str, str] = {
     "id": "offer_id",
 }
 
+# The rest of vast.ai's query language (the official CLI's field table, `offers_fields` of
+# vastai 1.9.1, reference vast.md §2.1): fields an Offer does not carry. They are accepted so that
+# every query in the CLI's syntax parses; the provider that knows the field (vast.ai) applies it
+# server-side, and an offer from any other provider is not kept, since nothing shows it meets the
+# term. `vast_factor` converts like the CLI (duration: days -> seconds). See vast.py's docstring.
+MARKET_PROVIDERS: frozenset[str] = frozenset({"vast"})
+MARKET_FIELDS: dict[str, FieldSpec] = dict([
+    _f("bw_nvlink", float, "GB/s", "NVLink bandwidth", "bw_nvlink"),
+    _f("cluster_id", int, "", "vast.ai cluster id", "cluster_id"),
+    _f("compute_cap", int, "", "CUDA compute capability x100 (800 = 8.0)", "compute_cap"),
+    _f("cpu_arch", str, "", "host CPU architecture: amd64, arm64", "cpu_arch"),
+    _f("cpu_ghz", float, "GHz", "CPU clock", "cpu_ghz"),
+    _f("datacenter", bool, "", "offered from a datacenter", "datacenter"),
+    _f("direct_port_count", int, "", "open ports on the host's router", "direct_port_count"),
+    _f("disk_bw", float, "MB/s", "disk read bandwidth", "disk_bw"),
+    _f("dlperf", float, "", "DL-perf score", "dlperf"),
+    _f("dlperf_per_dphtotal", float, "", "DL-perf per USD/h", "dlperf_per_dphtotal"),
+    _f("driver_version", str, "", "driver version, e.g. 535.86.05 (comparable)", "driver_version"),
+    _f("duration", float, "days", "longest rental the host allows", "duration", 86400.0),
+    _f("external", bool, "", "offers vast.ai lists from elsewhere (default: false)", "external"),
+    _f("flops_per_dphtotal", float, "", "TFLOPs per USD/h", "flops_per_dphtotal"),
+    _f("gpu_arch", str, "", "GPU architecture: nvidia, amd", "gpu_arch"),
+    _f("gpu_display_active", bool, "", "a display is attached to the GPU", "gpu_display_active"),
+    _f("gpu_frac", float, "", "share of the machine's GPUs in the offer", "gpu_frac"),
+    _f("gpu_max_power", float, "W", "GPU power limit", "gpu_max_power"),
+    _f("gpu_max_temp", float, "C", "GPU temperature limit", "gpu_max_temp"),
+    _f("gpu_mem_bw", float, "GB/s", "GPU memory bandwidth", "gpu_mem_bw"),
+    _f("has_avx", bool, "", "CPU supports AVX", "has_avx"),
+    _f("host_id", int, "", "the host's id", "host_id"),
+    _f("inet_down_cost", float, "USD/GB", "download traffic price", "inet_down_cost"),
+    _f("inet_up_cost", float, "USD/GB", "upload traffic price", "inet_up_cost"),
+    _f("machine_id", int, "", "the machine's id", "machine_id"),
+    _f("min_bid", float, "USD/h", "current minimum bid (interruptible)", "min_bid"),
+    _f("mobo_name", str, "", "motherboard", "mobo_name"),
+    _f("pci_gen", float, "", "PCIe generation", "pci_gen"),
+    _f("pcie_bw", float, "GB/s", "PCIe bandwidth CPU to GPU", "pcie_bw"),
+    _f("rentable", bool, "", "can be rented now (default: true)", "rentable"),
+    _f("rented", bool, "", "already rented (by you)", "rented"),
+    _f("static_ip", bool, "", "the IP address is static", "static_ip"),
+    _f("total_flops", float, "TFLOPs", "TFLOPs of all GPUs", "total_flops"),
+    _f("ubuntu_version", str, "", "host OS version", "ubuntu_version"),
+    _f("verification", str, "", "verified, unverified, deverified", "verification"),
+    _f("vms_enabled", bool, "", "the machine runs VM instances", "vms_enabled"),
+])
+MARKET_ALIASES: dict[str, str] = {"display_active": "gpu_display_active", "dlperf_usd": "dlperf_per_dphtotal",
+                                  "flops_usd": "flops_per_dphtotal",
+                                  "cpu_cores_effective": "cpu_cores"}   # vast's name for ours
+# Sent by the vast.ai client as the official CLI does unless the query names the field; `=any`
+# or `-n` drops them (recorded in `dropped_defaults`).
+MARKET_DEFAULTS: dict[str, Any] = {"external": False, "rentable": True}
+_ORDERED_TEXT = frozenset({"driver_version"})   # a version: > and < allowed
+
 # Keys that are not Offer attributes.
 QUERY_KEYWORDS: dict[str, str] = {
     "gpu": "GPU model contained in the name: gpu=4090, gpu in a100,h100 (same as typing 4090)",
@@ -166,7 +224,7 @@ GPU_MODELS: frozenset[str] = frozenset(_MODEL_WORDS.split())
 _MODEL_PREFIXES = ("rtx", "gtx", "tesla", "nvidia", "quadro")
 
 _SORT_NAMES = {**{f: f for f in OFFER_FIELDS}, **FIELD_ALIASES}
-_FILTER_KEYS = {**_SORT_NAMES, "gpu": "gpu"}
+_FILTER_KEYS = {**_SORT_NAMES, "gpu": "gpu", **{f: f for f in MARKET_FIELDS}, **MARKET_ALIASES}
 _ALL_KEYS = sorted({*_FILTER_KEYS, "limit", "order", "sort"})
 
 DEFAULTS: dict[str, Any] = {"verified": True, "interruptible": False}  # spot only when asked
@@ -429,6 +487,21 @@ _CMP = {"eq": operator.eq, "neq": operator.ne, "gt": operator.gt, "gte": operato
 
 def _compile(f: Filter) -> Callable[[Offer], bool]:
     op, value = f.op, f.value
+    if f.field in MARKET_FIELDS:       # applied server-side by the provider that knows the field
+        return lambda o: o.provider in MARKET_PROVIDERS
+    if f.field == "gpu_name" and op in ("eq", "neq", "in", "notin"):
+        # gpuherd's name ("A100 80GB") or the provider's own spelling ("A100 SXM4", extra["gpu_name"])
+        wanted_names = frozenset(v.casefold() for v in (value if isinstance(value, tuple) else (value,)))
+        keep = op in ("eq", "in")
+        named: dict[tuple[str, str], bool] = {}
+
+        def name_pred(o: Offer) -> bool:
+            key = (o.gpu_name, o.extra.get("gpu_name", ""))
+            hit = named.get(key)
+            if hit is None:
+                hit = named[key] = (key[0].casefold() in wanted_names or key[1].casefold() in wanted_names) == keep
+            return hit
+        return name_pred
     if f.field == "gpu":
         models = value if isinstance(value, tuple) else (value,)
         positive = op in ("eq", "in")
@@ -514,13 +587,13 @@ _WORD = re.compile(r"[^\s=<>!\[\]\"]+")
 _OPSYM = re.compile(r"[=<>!]+")
 _WORDOP = re.compile(r"(not\s+eq|not\s+in|notin|noteq|neq|nin|gte|gt|lte|lt|eq|in)(?=\s|$)",
                      re.IGNORECASE)
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_NUM_RE = re.compile(rf"[+-]?{_NUMBER}(?:[eE][+-]?\d{{1,4}})?")
-_INT_RE = re.compile(r"[+-]?\d{1,18}")
+_NUMBER = r"(?a:\d+(?:\.\d*)?|\.\d+)"   # (?a:) ASCII digits only: \d also takes "٤" and "４"
+_NUM_RE = re.compile(rf"[+-]?{_NUMBER}(?:[eE][+-]?[0-9]{{1,4}})?")
+_INT_RE = re.compile(r"[+-]?[0-9]{1,18}")
 _PRICE_RE = re.compile(
     rf"(?:(?P<op1><=|>=|<|>)\$(?P<n1>{_NUMBER})|\$(?P<op2><=|>=|<|>)(?P<n2>{_NUMBER}))"
     r"(?:/h|/hr|/hour)?", re.IGNORECASE)
-_COUNT_RE = re.compile(r"x(\d{1,3})|(\d{1,3})x", re.IGNORECASE)
+_COUNT_RE = re.compile(r"x([0-9]{1,3})|([0-9]{1,3})x", re.IGNORECASE)
 _GB_RE = re.compile(rf"({_NUMBER})gb", re.IGNORECASE)
 _MODEL_COUNT_RE = re.compile(r"(\d{1,3})x([a-z0-9_-]+)|([a-z0-9_-]+?)x(\d{1,3})", re.IGNORECASE)
 
@@ -684,6 +757,7 @@ class _Parser:
         lw = word.lower()
         if lw in ("-n", "--no-default", "--no-defaults"):
             self.dropped.update(DEFAULTS)
+            self.dropped.update(MARKET_DEFAULTS)
             return after
         if lw in ("-o", "--order", "--limit"):
             j = after
@@ -758,9 +832,10 @@ class _Parser:
         if op_match is None and j > after:
             word_op = _WORDOP.match(text, j)
         if op_match is None and word_op is None:
-            if key in OFFER_FIELDS and OFFER_FIELDS[key].type is bool and \
+            flag = _FILTER_KEYS.get(key, "")
+            if (flag in OFFER_FIELDS or flag in MARKET_FIELDS) and _field_type(flag) is bool and \
                     (after >= self.n or text[after].isspace()):
-                self.add_filter(Filter(field=key, op="eq", value=True))
+                self.add_filter(Filter(field=flag, op="eq", value=True))
                 return after
             tok = text[start:after]
             raise self.error(f"Operator missing after '{clip(word)}'", tok, start,
@@ -825,7 +900,7 @@ class _Parser:
         scalar = _unquote(value)
         if scalar == "":
             raise self.error(f"Value missing after '{clip(text[start:op_end].strip())}'", clause, start)
-        if op in ("gt", "gte", "lt", "lte") and _field_type(field) in (bool, str):
+        if op in ("gt", "gte", "lt", "lte") and _field_type(field) in (bool, str) and field not in _ORDERED_TEXT:
             raise self.error(f"{field} cannot be compared with '{clip(op_text.strip())}' "
                              f"(in '{clip(clause)}'; use = != in notin)", clause, start)
         converted_value = self.convert(field, scalar, clause, k)
@@ -840,7 +915,7 @@ class _Parser:
         self.filters = [f for f in self.filters if f.field not in related]
         if field == "provider":
             self.providers = None
-        if field in DEFAULTS:
+        if field in DEFAULTS or field in MARKET_DEFAULTS:
             self.dropped.add(field)
 
     def provider_clause(self, op: str, values: tuple[str, ...], clause: str, start: int) -> None:
@@ -945,7 +1020,7 @@ class _Parser:
 
 
 def _field_type(field: str) -> type:
-    return str if field == "gpu" else OFFER_FIELDS[field].type
+    return str if field == "gpu" else (OFFER_FIELDS.get(field) or MARKET_FIELDS[field]).type
 
 
 def _strip_value(raw: str) -> str:

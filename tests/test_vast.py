@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -134,7 +135,7 @@ async def test_search_body_for_the_reference_cli_example(vast: VastProvider, fak
       "cpu_ram": {"gte": 64000.0}, "disk_space": {"gte": 100.0}, "cuda_max_good": {"gte": 12.4},
       "order": DEFAULT_ORDER, **TAIL}),
     ("num_gpus in [1,2] gpu_ram>=24 gpu_ram>=48 dph<0.5",
-     {**DEFAULTS, "num_gpus": {"in": [1, 2]}, "gpu_ram": {"gte": 48640.0}, "dph_total": {"lte": 0.555},
+     {**DEFAULTS, "num_gpus": {"in": [1, 2]}, "gpu_ram": {"gte": 48000.0}, "dph_total": {"lte": 0.555},
       "order": DEFAULT_ORDER, **TAIL}),
     ("offer_id=9000003", {**DEFAULTS, "id": {"eq": 9000003}, "order": DEFAULT_ORDER, **TAIL}),
 ])
@@ -142,10 +143,100 @@ def test_search_bodies(text: str, expected: dict[str, Any]):
     assert build_search_body(parse_query(text)) == expected
 
 
+def test_gpu_place_and_total_memory_are_narrowed_server_side():
+    """The filters main used to keep local (issue: `/gpu search h100` came back empty on the real
+    market): model words become vast's exact spellings, countries go as codes, total memory in MB."""
+    body = build_search_body(parse_query("4090 location=US gpu_total_ram>=48 num_gpus<=2"))
+    assert body["gpu_name"] == {"in": ["RTX 4090", "RTX 4090 Ti"]}
+    assert body["geolocation"] == {"eq": "US"}
+    # round(MB/1024) x n >= 48 with n <= 2  =>  MB x n >= (48 - 1) x 1024; the CLI's 48000 is looser still
+    assert body["gpu_total_ram"] == {"gte": 48000.0} and body["num_gpus"] == {"lte": 2}
+    assert build_search_body(parse_query("gpu in a100,h100"))["gpu_name"] == {
+        "in": ["A100 PCIE", "A100 SXM4", "A100 SXM", "A100X", "H100 PCIE", "H100 SXM", "H100 NVL"]}
+    assert build_search_body(parse_query("gpu_name=A100_80GB"))["gpu_name"] == {
+        "in": ["A100 PCIE", "A100 SXM4", "A100 SXM", "A100X", "A100 80GB"]}
+
+
 def test_filters_that_could_drop_offers_are_not_sent():
+    """Kept local: a place part (vast compares country codes only), per-GPU price, a model word
+    vast's list has no spelling for, total memory upper bounds without a GPU count."""
     body = build_search_body(parse_query(
-        "4090 gpu_name=RTX_4090 location=US country=US gpu_total_ram>=48 dph_per_gpu<1 gpu in a100,h100"))
+        "location=Oregon dph_per_gpu<1 gpu=mi300x gpu_total_ram<=48 gpu_ram!=24 cpu_ram!=64"))
     assert body == {**DEFAULTS, "order": DEFAULT_ORDER, **TAIL}
+
+
+def test_negated_gpu_filters_drop_only_what_we_drop():
+    """`gpu_name!=A100_80GB`: an "A100 SXM4" can be a 40 GB card we keep, so only the spellings
+    that are always 80 GB go in vast's notin list."""
+    body = build_search_body(parse_query("gpu_name!=A100_80GB gpu notin 4090 country notin [CN,VN]"))
+    assert body["gpu_name"] == {"notin": ["A100 SXM", "A100X", "A100 80GB", "RTX 4090", "RTX 4090 Ti"]}
+    assert body["geolocation"] == {"notin": ["CN", "VN"]}
+
+
+def test_cli_fields_gpuherd_does_not_carry_are_sent_in_the_clis_units():
+    body = build_search_body(parse_query(
+        "duration>=3 driver_version>=535.86.05 datacenter compute_cap>=800 cpu_arch=arm64 external=true "
+        "rentable=any cpu_cores_effective>=8"))
+    assert body["duration"] == {"gte": 3 * 86400.0} and body["driver_version"] == {"gte": 535086005}
+    assert body["datacenter"] == {"eq": True} and body["compute_cap"] == {"gte": 800}
+    assert body["cpu_arch"] == {"eq": "arm64"} and body["external"] == {"eq": True} and "rentable" not in body
+    assert body["cpu_cores_effective"] == {"gte": 8.0} and body["cpu_cores"] == {"gte": 8.0}
+    minimal = build_search_body(parse_query("-n"))
+    assert set(minimal) == {"order", "type", "limit", "allocated_storage"}, "-n drops every default, as the CLI's"
+
+
+@pytest.mark.parametrize("op", ["gt", "gte", "lt", "lte", "eq"])
+@pytest.mark.parametrize("value", [1, 16, 24, 47.5, 48, 80, 160, 640])
+@pytest.mark.parametrize("cap", [None, 1, 2, 8])
+def test_total_memory_bounds_keep_every_offer_shown_as_matching(op: str, value: float, cap: int | None):
+    """round(MB/1024) x n op v (what we show) => the MB total passes the server terms, for any
+    count the query allows."""
+    import operator as o
+
+    from gpuherd.core.providers.vast import _total_ram_terms
+    cmp = {"gt": o.gt, "gte": o.ge, "lt": o.lt, "lte": o.le, "eq": o.eq}[op]
+    terms = _total_ram_terms(op, value, float(cap) if cap else math.inf)
+    assert terms or (op in ("lt", "lte") and cap is None), "sent whenever it can be"
+    accept = {"gte": o.ge, "lte": o.le, "eq": o.eq}
+    for n in range(1, (cap or 16) + 1):
+        for mb in [*range(0, 200_000, 211), 24564, 24576, 46068, 81559, 81920, 143771]:
+            if cmp(gpu_ram_gb(mb) * n, value):
+                assert all(accept[t](mb * n, x) for t, x in terms), (mb, n, op, value, terms)
+
+
+def test_gpu_name_matches_gpuherds_name_or_vasts_spelling():
+    [a100] = normalise_offers([_raw(gpu_name="A100 SXM4", gpu_ram=81920)], fetched_at=None)
+    assert a100.gpu_name == "A100 80GB" and a100.extra["gpu_name"] == "A100 SXM4"
+    for text, hit in [("gpu_name=A100_SXM4", True), ("gpu_name=a100_80gb", True), ("gpu_name!=A100_SXM4", False),
+                      ("gpu_name in [RTX_4090,A100_SXM4]", True), ("gpu_name notin [A100_80GB]", False),
+                      ("gpu_name=A100_PCIE", False)]:
+        assert parse_query(f"verified=any {text}").matches(a100) is hit, text
+
+
+async def test_the_fake_applies_every_filter_the_cli_sends(vast: VastProvider, fake: FakeVast):
+    """geolocation by country code, duration in seconds, datacenter as hosting_type, exact GPU
+    spellings, total memory in MB: what vast.ai returns already satisfies them."""
+    query = parse_query("location in [US,SE] duration>=30 datacenter gpu in 4090,h100 gpu_total_ram>=24 "
+                        "driver_version>=550.54.15 verified=any")
+    offers = await vast.search(query)
+    assert offers and len(offers) < len(fake.catalogue) / 5
+    for offer in offers:
+        raw = fake.catalogue[int(offer.offer_id)]
+        assert offer.country in ("US", "SE") and raw["duration"] >= 30 * 86400 and raw["hosting_type"] == 1
+        assert raw["gpu_name"] in ("RTX 4090", "H100 SXM", "H100 PCIE") and raw["gpu_total_ram"] >= 24000
+    everything = await vast.search(parse_query("verified=any"))
+    assert len(everything) == len(fake.catalogue) - sum(bool(not o["rentable"] or o["external"]) for o in
+                                                        fake.catalogue.values())
+    # the fields gpuherd also checks itself: narrowed at vast then filtered == filtered here alone
+    ours = parse_query("location in [US,SE] gpu in 4090,h100 gpu_total_ram>=24 verified=any")
+    assert [o.ref for o in ours.apply(await vast.search(ours))] == [o.ref for o in ours.apply(everything)] != []
+    assert build_search_body(query)["driver_version"] == {"gte": 550054015}
+
+
+def test_cli_only_fields_keep_no_offer_of_other_providers():
+    [offer] = normalise_offers([_raw()], fetched_at=None)
+    query = parse_query("verified=any duration>1")
+    assert query.matches(offer) and not query.matches(offer.model_copy(update={"provider": "runpod"}))
 
 
 def test_interruptible_searches_bids_without_price_filters():
@@ -168,6 +259,11 @@ NARROWING_QUERIES = [
     "storage_cost>0.3", "verified=false", "verified=any", "cpu_cores>=16", "4090 24gb", "h100 x8",
     "a100 48gb <$2", "gpu_ram>=16 num_gpus=1 reliability>0.98 gpu_name=RTX_4090 dph<0.6",
     "interruptible dph<0.3", "interruptible gpu_ram>=24 num_gpus=1",
+    "h100", "4090 3090", "a100 x2", "gpu=rtx_6000_ada", "gpu_name=A100_80GB", "gpu_name!=A100_80GB",
+    "gpu_name=A100_SXM4", "gpu notin a100,h100", "gpu_name in [RTX_4090,H100_SXM]", "location=US",
+    "location notin [CN,TW]", "country in [US,DE]", "location in [us,se]", "gpu_total_ram>=48",
+    "gpu_total_ram>=100 num_gpus in [2,4]", "num_gpus<=2 gpu_total_ram<=48", "cpu_cores<=16", "cpu_cores>16",
+    "cpu_cores=8", "offer_id notin [9000001,9000002]",
 ]
 
 

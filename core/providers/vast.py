@@ -27,28 +27,55 @@ Prices
   * `balance()` is the account's `credit` (the spendable prepaid amount), else `balance`.
 
 Search: what goes to the server
-  A server-side filter may narrow the answer but must never drop an offer the local filter
-  (`OfferQuery.matches`) keeps, so a term is sent only when it is provably implied:
-  * num_gpus (all operators), disk_space, inet_down/up, cuda (cuda_max_good), cpu_cores
-    (cpu_cores_effective), reliability, storage_cost, verified (`eq`), offer_id (`id`):
-    the same numbers on both sides.
-  * gpu_ram: translated through the rounding above (`gpu_ram>=16` -> `gte 15872.0`, the
-    smallest MB shown as 16 GB; the CLI's 16000.0 would drop a 15900 MB card shown as 16 GB).
+  The rule (issue: vast's cap and order used to drop offers the official CLI finds): for every
+  field the official `vastai search offers` would send for the same query, gpuherd sends the
+  same constraint in the CLI's units, or a looser one documented here, so vast.ai narrows before
+  its cap; and never one that drops an offer the local filter (`OfferQuery.matches`) keeps.
+  tests/test_vast_parity.py checks both against the real vastai 1.9.1 package, field by field.
+  * Same numbers on both sides: num_gpus (all operators), disk_space, inet_down/up, cuda
+    (cuda_max_good) (bounds, neq, in, notin), reliability, storage_cost (bounds; != and lists on
+    them stay local: reliability is clamped and storage_cost is a Decimal here), verified (`eq`),
+    offer_id (`id`, all operators).
+  * gpu_ram: our whole-GB rounding (`gpu_ram>=16` -> MB >= 15872, the smallest shown as 16 GB),
+    never tighter than the CLI's GB x 1000 (`gpu_ram>=24` -> `gte 24000.0`, not 24064): lower
+    bounds take the smaller, upper ones the larger (`lte`). `!=` stays local.
     cpu_ram: x1000 bracketed to whole MB.
+    gpu_total_ram (MB, all GPUs; ours is whole GB per GPU x num_gpus): a lower bound v needs
+    MB >= max(v - n/2, v/2) x 1024 with n the most GPUs the query allows; an upper bound is sent
+    only when the query bounds num_gpus (v + n/2) x 1024; both never tighter than the CLI's.
+  * cpu_cores is what you get (`cpu_cores_effective`, sent with the same bound); a lower bound
+    also goes as vast's host `cpu_cores` (a host has at least the cores it gives). Upper bounds
+    on host cores stay unsent: a 64-core host may give 8.
   * dph: on-demand only, widened (upper bounds x1.1 + $0.005, lower x0.95 - $0.005) because
-    the server compares its own `dph_total`, whose disk part may differ from ours.
-  * Not sent, filtered locally only: GPU model words and gpu_name (vast spells names its own
-    way, "RTX 6000Ada", "A100 SXM4", and one missing spelling would silently drop offers),
-    gpu_total_ram (the rounding is per GPU), dph_per_gpu, location/country (we match parts
-    of the place), provider.
+    the server compares its own `dph_total`, whose disk part may differ from ours. Bid searches
+    send no price: we price bids by `min_bid`, vast's `dph_total` is not that.
+  * GPU model words and gpu_name -> `gpu_name` eq/in with the exact vast spellings they stand
+    for (vast_names.py: `h100` -> H100 PCIE, H100 SXM, H100 NVL; `gpu_name=A100_80GB` -> A100
+    PCIE, A100 SXM4, A100 SXM, A100X and the name as typed, which is what the CLI sends). A word
+    no spelling in vast's list matches sends nothing. Negated filters (`!=`, notin) send only
+    spellings always shown under that name. Several model words are one `in` list; repeated
+    `in` terms keep their common part, repeated `notin` terms both lists.
+    Locally `gpu_name` matches gpuherd's name or vast's own spelling (kept in `extra`).
+  * location/country -> `geolocation` when every value is a two-letter code (vast compares the
+    country code, CLI help), each code as typed and upper-cased; a place part (`Oregon`) stays
+    local; for notin the codes among the values are sent.
+  * The rest of the CLI's field table (query.MARKET_FIELDS: duration, datacenter, compute_cap,
+    driver_version, direct_port_count, gpu_arch, ...) goes as the CLI sends it: duration days
+    x 86400, a dotted driver_version as the CLI's integer (535.86.05 -> 535086005), booleans as
+    JSON booleans, numbers as numbers (the CLI sends strings; vast coerces). Offers from other
+    providers cannot show these, so the local filter keeps only vast's.
+  * Not sent at all: dph_per_gpu, interruptible (it is `type`), provider.
   * `interruptible=true` asks for `"type": "bid"`; anything else is `"on-demand"`.
-  * Always `external=false` and `rentable=true` (what the CLI sends: offers that cannot be
-    rented are not offers); `verified` only as the query says (its default is `verified=true`;
-    `verified=any` sends none).
+  * `external=false` and `rentable=true` as the CLI sends them, unless the query names the field
+    (`external=true`, `rentable=any`) or `-n` drops the defaults, as the CLI's `-n` does;
+    `verified` only as the query says (its default is `verified=true`; `verified=any` sends none).
   * `order` is the query's sort translated while fields map onto vast numbers (so the offers
-    vast keeps under its cap are the ones the user wants first); `limit` is always
-    SEARCH_LIMIT, because our order can never be reproduced exactly server-side (`dph` differs
-    from `dph_total`), so the query's own limit is applied locally after filtering.
+    vast keeps under its cap are the ones the user wants first; the CLI's `-o` keys lead it);
+    the default is cheapest first, not the CLI's `score-`. `limit` is always SEARCH_LIMIT, at
+    least the CLI's `--limit`, because our order can never be reproduced exactly server-side
+    (`dph` differs from `dph_total`), so the query's own limit is applied locally after
+    filtering. `allocated_storage` is SEARCH_DISK_GB (the CLI's default is 5 GiB): prices are
+    compared with a 50 GB disk.
 
 Create
   `PUT /asks/{id}/` with the CLI's body. `args` (a vLLM template: the vllm/vllm-openai image's
@@ -88,9 +115,10 @@ from ..errors import (
     RateLimited,
 )
 from ..offers import SEARCH_DISK_GB, Offer
-from ..query import DEFAULT_ORDER, to_vast_filter
+from ..query import DEFAULT_ORDER, MARKET_DEFAULTS, MARKET_FIELDS, FieldSpec, to_vast_filter
 from .base import Capabilities, CreateRequest, Provider, ProviderInstance, ProviderState
 from .http import ApiClient, NotFoundAtProvider, error_text
+from .vast_names import names_for_model, names_for_name
 from .vast_wire import (
     _ID,
     _MICRO,
@@ -143,6 +171,26 @@ def _gpu_ram_terms(op: str, v: float) -> list[tuple[str, float]]:
     return []
 
 
+def _no_tighter_than_cli(terms: list[tuple[str, float]], cli: float) -> list[tuple[str, float]]:
+    """Widen bounds so they also keep everything the CLI's `v x 1000` term keeps: a lower bound
+    becomes `gte min(ours, cli)`, an upper one `lte max(ours, cli)`."""
+    out: list[tuple[str, float]] = []
+    for op, x in terms:
+        if op in ("gt", "gte"):
+            out.append(("gte", min(x, cli)))
+        else:
+            out.append(("lte", max(x, cli)))
+    return out
+
+
+def _mb_terms(op: str, v: float) -> list[tuple[str, float]]:
+    """gpu_ram: our whole-GB rounding (see the module docstring), widened to the CLI's MB."""
+    cli = v * 1000
+    if op == "eq" and not float(v).is_integer():
+        return [("eq", cli)]     # no card is shown with a fraction of a GB: only the CLI's term
+    return _no_tighter_than_cli(_gpu_ram_terms(op, v), cli)
+
+
 def _decimal_mb_terms(op: str, v: float) -> list[tuple[str, float]]:
     """Server terms on an MB field shown as MB/1000: whole-MB bounds that never exclude an
     integer MB the local float comparison keeps."""
@@ -155,6 +203,37 @@ def _decimal_mb_terms(op: str, v: float) -> list[tuple[str, float]]:
     if op == "eq":
         return [("gte", low), ("lte", high)]
     return []
+
+
+def _total_ram_terms(op: str, v: float, n_max: float) -> list[tuple[str, float]]:
+    """gpu_total_ram (MB, all GPUs) for our `round(MB/1024) x num_gpus op v`.
+
+    Shown T = r·n with r = round(x), x = MB/1024 per GPU, so x·n ∈ (T - n/2, T + n/2]. A lower
+    bound T >= v > 0 needs r >= 1 (x >= 1/2), hence x·n >= max(v - n/2, n/2) >= max(v - n_max/2,
+    v/2); an upper bound T <= v gives x·n < v + n_max/2, known only when the query bounds
+    num_gpus (n_max finite)."""
+    cli = v * 1000
+    terms: list[tuple[str, float]] = []
+    if op in ("gt", "gte", "eq") and v > 0:
+        terms.append(("gte", math.floor(max(v - n_max / 2, v / 2) * 1024)))
+    if op in ("lt", "lte", "eq") and math.isfinite(n_max):
+        terms.append(("lte", math.ceil((v + n_max / 2) * 1024)))
+    return _no_tighter_than_cli([(o, float(x)) for o, x in terms], cli)
+
+
+def _gpu_cap(filters: Iterable[Filter]) -> float:
+    """The most GPUs an offer the query keeps can have (infinity when num_gpus is not bounded)."""
+    cap = math.inf
+    for f in filters:
+        if f.field != "num_gpus":
+            continue
+        if f.op in ("eq", "lte") and isinstance(f.value, int):
+            cap = min(cap, f.value)
+        elif f.op == "lt" and isinstance(f.value, int):
+            cap = min(cap, f.value - 1)
+        elif f.op == "in" and f.value:
+            cap = min(cap, max(int(x) for x in f.value))
+    return cap
 
 
 def _dph_terms(op: str, v: float) -> list[tuple[str, float]]:
@@ -170,11 +249,33 @@ def _dph_terms(op: str, v: float) -> list[tuple[str, float]]:
     return []
 
 
+def _driver_number(text: str) -> int | str:
+    """A dotted driver version as the CLI sends it (535.86.05 -> 535086005); other text as is."""
+    parts = text.split(".")
+    if len(parts) == 3 and all(p.isdigit() for p in parts):
+        return int("".join(p.zfill(3) for p in parts))
+    return text
+
+
+def _market_value(spec: FieldSpec, value: Any) -> Any:
+    """A MARKET_FIELDS value in the CLI's unit (duration: days -> seconds)."""
+    if isinstance(value, tuple):
+        return [_market_value(spec, v) for v in value]
+    if spec.name == "driver_version" and isinstance(value, str):
+        return _driver_number(value)
+    if spec.vast_factor is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value) * spec.vast_factor
+    return value
+
+
 # Our field -> vast's, for numbers that are the same on both sides.
-_EXACT_FIELDS = frozenset({"num_gpus", "disk_space", "inet_down", "inet_up", "cuda", "cpu_cores",
-                           "reliability", "storage_cost"})
-_SET_OPS_OK = frozenset({"num_gpus"})        # integers: neq/in/notin are exact too
+_EXACT_FIELDS = frozenset({"num_gpus", "disk_space", "inet_down", "inet_up", "cuda", "reliability",
+                           "storage_cost"})
+# neq/in/notin compare the very number vast sends (read with float()), so they are exact too;
+# not reliability (clamped to 0..1, reliability2 when missing) nor storage_cost (a Decimal here).
+_SET_OPS_OK = frozenset({"num_gpus", "disk_space", "inet_down", "inet_up", "cuda"})
 _BOUNDS = frozenset({"gt", "gte", "lt", "lte", "eq"})
+_NEGATED = frozenset({"neq", "notin"})
 _ORDER_FIELDS = {"dph": "dph_total", "reliability": "reliability", "gpu_ram": "gpu_ram",
                  "gpu_total_ram": "gpu_total_ram", "num_gpus": "num_gpus",
                  "cpu_cores": "cpu_cores_effective", "cpu_ram": "cpu_ram", "disk_space": "disk_space",
@@ -192,9 +293,55 @@ def _wants_bid(filters: Iterable[Filter]) -> bool:
     return False
 
 
-def _terms_for(f: Filter, bid: bool) -> list[tuple[str, str, Any]]:
+def _values(value: Any) -> tuple[Any, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _name_term(field: str, negated: bool, names: Iterable[str]) -> list[tuple[str, str, Any]]:
+    """`eq`/`in` (or `neq`/`notin`) on a list of spellings; nothing for an empty list."""
+    found = list(dict.fromkeys(names))
+    if not found:
+        return []
+    if len(found) == 1:
+        return [(field, "neq" if negated else "eq", found[0])]
+    return [(field, "notin" if negated else "in", found)]
+
+
+def _gpu_terms(f: Filter) -> list[tuple[str, str, Any]]:
+    """gpu_name terms for a model word (`gpu`) or an exact name (`gpu_name`): the exact vast
+    spellings it stands for (vast_names.py). A positive filter with a word no spelling matches
+    sends nothing (the local filter alone decides); a negated one drops only spellings every
+    offer of which we drop too."""
+    negated = f.op in _NEGATED
+    lookup = names_for_model if f.field == "gpu" else names_for_name
+    lists = [lookup(str(v), every=negated) for v in _values(f.value)]
+    if not negated and not all(lists):
+        return []
+    return _name_term("gpu_name", negated, [n for names in lists for n in names])
+
+
+def _place_terms(f: Filter) -> list[tuple[str, str, Any]]:
+    """geolocation terms for location/country: vast compares the two-letter country code (CLI
+    help: "Two letter country code"), so only codes are sent; `in` only when every value is a
+    code (`location=Oregon` matches a part of the place, which vast cannot do)."""
+    negated = f.op in _NEGATED
+    values = [str(v).strip() for v in _values(f.value)]
+    codes = [v for v in values if len(v) == 2 and v.isalpha()]
+    if not codes or (not negated and len(codes) < len(values)):
+        return []
+    return _name_term("geolocation", negated, [s for c in codes for s in (c, c.upper())])
+
+
+def _terms_for(f: Filter, bid: bool, n_max: float) -> list[tuple[str, str, Any]]:
     """The vast terms (field, op, value) for one of our filters; [] when it stays local."""
     field, op, value = f.field, f.op, f.value
+    if field in MARKET_FIELDS:
+        spec = MARKET_FIELDS[field]
+        return [(spec.vast_name or field, op, _market_value(spec, value))]
+    if field in ("gpu", "gpu_name"):
+        return _gpu_terms(f)
+    if field in ("location", "country"):
+        return _place_terms(f)
     if field in _EXACT_FIELDS:
         if op not in _BOUNDS and field not in _SET_OPS_OK:
             return []
@@ -206,8 +353,16 @@ def _terms_for(f: Filter, bid: bool) -> list[tuple[str, str, Any]]:
             vvalue = [int(x) for x in vvalue] if isinstance(vvalue, list) else int(vvalue)
         return [(name, vop, vvalue)]
     value_ok = isinstance(value, (int, float, Decimal)) and not isinstance(value, bool)
+    if field == "cpu_cores" and value_ok and op in _BOUNDS:
+        # ours is what you get (cpu_cores_effective); vast's cpu_cores is the host's, never less
+        terms: list[tuple[str, str, Any]] = [("cpu_cores_effective", op, float(value))]
+        if op in ("gt", "gte", "eq"):
+            terms.append(("cpu_cores", "gt" if op == "gt" else "gte", float(value)))
+        return terms
     if field == "gpu_ram" and value_ok and op in _BOUNDS:
-        return [("gpu_ram", o, x) for o, x in _gpu_ram_terms(op, float(value))]
+        return [("gpu_ram", o, x) for o, x in _mb_terms(op, float(value))]
+    if field == "gpu_total_ram" and value_ok and op in _BOUNDS:
+        return [("gpu_total_ram", o, x) for o, x in _total_ram_terms(op, float(value), n_max)]
     if field == "cpu_ram" and value_ok and op in _BOUNDS:
         return [("cpu_ram", o, x) for o, x in _decimal_mb_terms(op, float(value))]
     if field == "dph" and value_ok and not bid and op in _BOUNDS:
@@ -215,16 +370,17 @@ def _terms_for(f: Filter, bid: bool) -> list[tuple[str, str, Any]]:
     if field == "verified" and isinstance(value, bool) and op in ("eq", "neq"):
         return [("verified", "eq", value if op == "eq" else not value)]
     if field == "offer_id":
-        if op == "eq" and isinstance(value, str) and _ID.fullmatch(value):
-            return [("id", "eq", int(value))]
-        if op == "in":
-            ids = [int(v) for v in value if isinstance(v, str) and _ID.fullmatch(v)]
-            return [("id", "in", ids)] if ids else []
+        ids = [int(v) for v in _values(value) if isinstance(v, str) and _ID.fullmatch(v)]
+        if op in ("eq", "in") and len(ids) == len(_values(value)) and ids:
+            return [("id", "eq", ids[0])] if op == "eq" else [("id", "in", ids)]
+        if op in _NEGATED and ids:
+            return [("id", "neq", ids[0])] if op == "neq" else [("id", "notin", ids)]
     return []
 
 
 def _merge(terms: dict[str, dict[str, Any]], field: str, op: str, value: Any) -> None:
-    """Add a term; a repeated bound keeps the tighter one (the local filter ANDs them)."""
+    """Add a term; a repeated term keeps what both allow (the local filter ANDs them): the
+    tighter bound, the common part of two `in` lists, both `notin` lists."""
     ops = terms.setdefault(field, {})
     if op not in ops:
         ops[op] = value
@@ -232,7 +388,11 @@ def _merge(terms: dict[str, dict[str, Any]], field: str, op: str, value: Any) ->
         ops[op] = max(ops[op], value)
     elif op in ("lt", "lte"):
         ops[op] = min(ops[op], value)
-    # eq/neq/in/notin: the first one stays (a second can only narrow further locally)
+    elif op == "in" and isinstance(value, list) and isinstance(ops[op], list):
+        ops[op] = [v for v in ops[op] if v in value]
+    elif op == "notin" and isinstance(value, list) and isinstance(ops[op], list):
+        ops[op] = list(dict.fromkeys([*ops[op], *value]))
+    # eq/neq: the first one stays (a second can only narrow further locally)
 
 
 def _order(query: OfferQuery | None) -> list[list[str]]:
@@ -249,16 +409,21 @@ def _order(query: OfferQuery | None) -> list[list[str]]:
 def build_search_body(query: OfferQuery | None, *, limit: int = SEARCH_LIMIT) -> dict[str, Any]:
     """The `POST /api/v0/bundles/` body for `query` (see the module docstring for what is sent)."""
     filters = query.filters if query is not None else ()
+    dropped = query.dropped_defaults if query is not None else frozenset()
     bid = _wants_bid(filters)
+    n_max = _gpu_cap(filters)
     terms: dict[str, dict[str, Any]] = {}
     for f in filters:
-        for field, op, value in _terms_for(f, bid):
+        for field, op, value in _terms_for(f, bid, n_max):
             _merge(terms, field, op, value)
     body: dict[str, Any] = {}
     if "verified" in terms:
         body["verified"] = terms.pop("verified")
-    body["external"] = {"eq": False}
-    body["rentable"] = {"eq": True}
+    for name, default in MARKET_DEFAULTS.items():      # external=false, rentable=true
+        if name in terms:
+            body[name] = terms.pop(name)
+        elif name not in dropped:
+            body[name] = {"eq": default}
     body.update(terms)
     body["order"] = _order(query)
     body["type"] = "bid" if bid else "on-demand"

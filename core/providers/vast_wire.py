@@ -4,7 +4,9 @@ The reading half of the vast.ai provider (vast.py holds `VastProvider`, its HTTP
 query -> `POST /bundles/` translation): offer objects normalised to `Offer` (a fast path with
 caches for GPU names, places and storage prices, and a forgiving path for unusual offers), the
 GPU memory unit, and an instance's JSON read as a state, prices, endpoint and start time. The
-unit and price decisions are described in vast.py's docstring.
+unit and price decisions are described in vast.py's docstring. An offer keeps vast's own GPU
+spelling in `extra["gpu_name"]` ("A100 SXM4" for what gpuherd shows as "A100 80GB"), so a
+`gpu_name=A100_SXM4` typed in vast's spelling, as the official CLI takes it, still matches.
 """
 
 from __future__ import annotations
@@ -287,7 +289,7 @@ def _normalise(raw_offers: Iterable[Any], fetched_at: datetime | None, interrupt
             values["inet_up"] = float(inet_up)
             values["cuda"] = float(cuda)
             values["verified"] = verification == "verified"
-            values["extra"] = {"machine_id": str(machine_id)}
+            values["extra"] = {"machine_id": str(machine_id), "gpu_name": raw_name if raw_name.__class__ is str else ""}
             append(build(values))
         except (_Unusual, KeyError, TypeError, ValueError, AttributeError, ArithmeticError, OverflowError):
             offer = _normalise_one(o, fetched_at, interruptible)
@@ -371,7 +373,7 @@ def _normalise_one(o: Any, fetched_at: datetime | None, interruptible: bool) -> 
             "fetched_at": fetched_at,
             "priced_at": None,
             "price_source": "",
-            "extra": {"machine_id": str(get("machine_id"))},
+            "extra": {"machine_id": str(get("machine_id")), "gpu_name": str(get("gpu_name") or "")},
         }
         return Offer(**values)          # validated: this path is rare
     except (TypeError, ValueError, AttributeError, ArithmeticError, OverflowError):

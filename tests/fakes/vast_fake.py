@@ -4,10 +4,15 @@
   401 `{"success": false, "error": "auth_error", "msg": "Invalid user key"}`.
 * `POST /api/v0/bundles/` filters a seeded catalogue (a few hundred offers, deterministic):
   operator objects with string-typed numbers coerced ("1" == 1), `verified` against
-  `verification`, `rentable` assumed true when absent, `rented` accepted and ignored, unknown
-  fields ignored; `order` as [[field, dir]], `limit` (64 when absent, capped), `type`
+  `verification`, `rentable` assumed true when absent, `rented` accepted and ignored; every
+  field of the CLI's table that an offer carries is applied (`gpu_name` by its exact spelling,
+  eq/in/neq/notin; `gpu_total_ram` and `cpu_ram` in MB; `duration` in seconds; `geolocation`
+  against the offer's two-letter country code; `datacenter` as `hosting_type == 1`;
+  `driver_version` against `driver_vers`); other unknown fields are ignored; `order` as
+  [[field, dir]], `limit` (64 when absent, capped), `type`
   on-demand/bid/reserved; `allocated_storage` prices the disk part of `dph_total` (a 720-hour
   month, as the reference's numbers suggest). Content-Type is exactly application/json.
+  `catalogue=` replaces the seeded market with given offers (e.g. 2000 cheap cards + a few H100s).
 * `PUT /api/v0/asks/{id}/` -> `{"success": true, "new_contract": N}`; 404 unknown offer, 410
   offer taken (both `no_such_ask`), 400 `invalid_args` without an image.
 * `GET /api/v1/instances/` with JSON-in-query params, keyset pages of at most 25 and
@@ -233,14 +238,30 @@ _CONTROL = {"order", "type", "limit", "allocated_storage", "disable_bundling", "
             "extra_ids", "show_incompatible", "sort_option", "template_id", "gpu_option"}
 
 
+# Filter names that compare another column of the offer (vastai 1.9.1 `vastai/data/query.py`
+# notes: datacenter -> hosting_type, driver_version -> driver_vers, ubuntu_version -> os_version).
+_COLUMNS = {"driver_version": "driver_vers", "ubuntu_version": "os_version",
+            "cuda_vers": "cuda_max_good", "dph": "dph_total"}
+
+
 def _offer_value(offer: dict[str, Any], name: str) -> tuple[bool, Any]:
     if name == "verified":
         return True, offer.get("verification") == "verified"
     if name == "external":
         return True, bool(offer.get("external"))
+    if name == "datacenter":
+        return True, offer.get("hosting_type") == 1
+    name = _COLUMNS.get(name, name)
     if name in offer:
         return True, offer[name]
     return False, None
+
+
+def _country(geolocation: Any) -> str:
+    """'Oregon, US' -> 'US': what vast's `geolocation` filter compares (CLI help: "Two letter
+    country code. Works with operators =, !=, in, notin")."""
+    text = str(geolocation or "").strip()
+    return text[-2:] if len(text) >= 2 else text
 
 
 # ------------------------------------------------------------------------------ instances
@@ -256,13 +277,15 @@ class _Sim:
 class FakeVast(LoopbackServer):
     def __init__(self, *, api_key: str = "vast-fake-key", offers: int = 300, seed: int = 7,
                  phase_steps: int = 1, phase_s: float | None = None, latency_s: float = 0.0,
-                 default_limit: int = 64, max_limit: int = 3000) -> None:
+                 default_limit: int = 64, max_limit: int = 3000,
+                 catalogue: list[dict[str, Any]] | None = None) -> None:
         self.api_key = api_key
         self.phase_steps = max(1, phase_steps)
         self.phase_s = phase_s
         self.default_limit = default_limit
         self.max_limit = max_limit
-        self.catalogue: dict[int, dict[str, Any]] = {o["id"]: o for o in _catalogue(offers, seed)}
+        market = catalogue if catalogue is not None else _catalogue(offers, seed)
+        self.catalogue: dict[int, dict[str, Any]] = {o["id"]: o for o in market}
         self.taken: dict[int, int] = {}              # offer id -> instance id renting it
         self.instances: dict[int, dict[str, Any]] = {}
         self._sims: dict[int, _Sim] = {}
@@ -405,21 +428,11 @@ class FakeVast(LoopbackServer):
             storage = float(q.get("allocated_storage", 8.0))
         except (TypeError, ValueError):
             return Response(400, {"success": False, "error": "invalid_args", "msg": "bad allocated_storage"})
-        filters = {k: v for k, v in q.items() if k not in _CONTROL}
-        if "rentable" not in filters:
-            filters["rentable"] = {"eq": True}                # the server's own default
-        filters.pop("rented", None)                           # accepted, not filtered
-        for name, ops in filters.items():
-            if not isinstance(ops, dict):
+        for name, ops in q.items():
+            if name not in _CONTROL and not isinstance(ops, dict):
                 return Response(400, {"success": False, "error": "invalid_args",
                                       "msg": f"error 400: {name} needs an operator object"})
-        results = []
-        for oid, base in self.catalogue.items():
-            if oid in self.taken:
-                continue
-            offer = self._priced(base, storage, kind)
-            if all(self._keeps(offer, name, ops) for name, ops in filters.items()):
-                results.append(offer)
+        results = self._filtered(q, storage, kind)
         for key in reversed(q.get("order") or []):
             if not (isinstance(key, (list, tuple)) and len(key) == 2):
                 continue
@@ -434,6 +447,25 @@ class FakeVast(LoopbackServer):
         except (TypeError, ValueError):
             return Response(400, {"success": False, "error": "invalid_args", "msg": "bad limit"})
         return Response(200, {"offers": results[:max(0, min(limit, self.max_limit))]})
+
+    def _filtered(self, q: dict[str, Any], storage: float, kind: str) -> list[dict[str, Any]]:
+        filters = {k: v for k, v in q.items() if k not in _CONTROL}
+        if "rentable" not in filters:
+            filters["rentable"] = {"eq": True}                # the server's own default
+        filters.pop("rented", None)                           # accepted, not filtered
+        results = []
+        for oid, base in self.catalogue.items():
+            if oid in self.taken:
+                continue
+            offer = self._priced(base, storage, kind)
+            if all(self._keeps(offer, name, ops) for name, ops in filters.items()):
+                results.append(offer)
+        return results
+
+    def select(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        """Every offer the filters of a search body keep, before order and limit: what two
+        bodies let through can be compared without the cap in the way."""
+        return self._filtered(body, float(body.get("allocated_storage", 8.0)), body.get("type", "on-demand"))
 
     @staticmethod
     def _priced(base: dict[str, Any], storage_gb: float, kind: str) -> dict[str, Any]:
@@ -450,6 +482,9 @@ class FakeVast(LoopbackServer):
 
     @staticmethod
     def _keeps(offer: dict[str, Any], name: str, ops: dict[str, Any]) -> bool:
+        if name == "geolocation":
+            code = _country(offer.get("geolocation"))
+            return all(_compare(code, op, want) for op, want in ops.items())
         known, have = _offer_value(offer, name)
         if not known:
             return True                                       # unknown fields are ignored
