@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from sqlalchemy import BigInteger, Column, DateTime, Index, Text, UniqueConstraint
+from sqlalchemy import BigInteger, Column, DateTime, Index, Text, UniqueConstraint, text
 from sqlmodel import Field, SQLModel
 
 
@@ -117,6 +117,10 @@ class BillingSegment(SQLModel, table=True):
         Index("ix_segments_period", "start_ts", "end_ts"),
         Index("ix_segments_open", "instance_id", "end_ts"),
         Index("ix_segments_end", "end_ts"),
+        # the open segments only (a few thousand however long the ledger), with every column a
+        # cost report reads from them: the roll-up's remainder and the run-rate never touch the table
+        Index("ix_segments_open_cover", "end_ts", "start_ts", "rate_micros", "kind", "owner", "team", "template", "provider",
+              sqlite_where=text("end_ts IS NULL"), postgresql_where=text("end_ts IS NULL")),
     )
 
     id: int | None = Field(default=None, primary_key=True)
@@ -129,6 +133,28 @@ class BillingSegment(SQLModel, table=True):
     team: str = Field(max_length=64)
     template: str = Field(max_length=64)
     provider: str = Field(max_length=32)
+
+
+class CostRollup(SQLModel, table=True):
+    """Closed billing summed per UTC day and per month for each group (and per day over all groups:
+    grain 'total', tags empty, for the daily chart), in micro-dollar-seconds
+    (rate_micros x seconds, exact integers). `Ledger.close` adds to it in the same transaction as
+    the segment it closes (an upsert that adds), so two processes closing segments at once both
+    land and a rolled-back close leaves no trace. Open segments are never in it: a report adds
+    them from `billing_segments` (few rows, through ix_segments_open_cover). The composite primary key
+    is the lookup order (grain, start): a month is one key range, a week seven days of ranges."""
+
+    __tablename__ = "cost_rollup"
+    __table_args__ = {"sqlite_with_rowid": False}
+
+    grain: str = Field(primary_key=True, max_length=5)           # day | month | total (a day, tags '')
+    start_ts: int = Field(primary_key=True, sa_type=BigInteger, sa_column_kwargs={"autoincrement": False})
+    kind: str = Field(primary_key=True, max_length=16)
+    owner: str = Field(primary_key=True, max_length=128)
+    team: str = Field(primary_key=True, max_length=64)
+    template: str = Field(primary_key=True, max_length=64)
+    provider: str = Field(primary_key=True, max_length=32)
+    amount: int = Field(default=0, sa_type=BigInteger)            # USD x 1e6 x seconds
 
 
 class AuditEvent(SQLModel, table=True):

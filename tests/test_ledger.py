@@ -126,3 +126,23 @@ def test_bad_periods_are_named(bad):
     with pytest.raises(InvalidInput, match=bad.split(";")[0][:4]):
         parse_period(bad, datetime(2026, 11, 12, tzinfo=UTC))
 
+
+
+def test_groups_that_billed_nothing_are_left_out_and_a_total_is_always_a_figure(database):
+    """A zero-rate or zero-length segment leaves no roll-up row, so neither path lists its group;
+    a total over nothing is $0, not a missing row."""
+    with database.session() as s:
+        free = _inst("g-0005", owner="local:free")
+        paid = _inst("g-0006", owner="local:paid")
+        Ledger.open(s, free, COMPUTE, 0, T0)
+        Ledger.open(s, paid, COMPUTE, to_micros("1"), T0)
+        Ledger.close(s, "g-0005", T0 + timedelta(hours=2))
+        Ledger.close(s, "g-0006", T0 + timedelta(hours=2))
+        s.commit()
+        now = T0 + timedelta(days=1)
+        nov = month_of(T0)
+        assert Ledger.grouped(s, nov.start, nov.end, now, "user") == [("local:paid", Decimal(2))]
+        assert Ledger.grouped_by_scan(s, nov.start, nov.end, now, ("user",)) == [(("local:paid",), Decimal(2))]
+        dec = month_of(T0 + timedelta(days=31))
+        assert Ledger.total(s, dec.start, dec.end, now) == Decimal(0)
+        assert Ledger.grouped(s, dec.start, dec.end, now, "team") == []
