@@ -1,5 +1,10 @@
 """Who may do what (SPEC §8). Chat users, notebook and API key owners are principals with a role
-and a team; every service call carries an `Actor` and the service, not the surface, checks it."""
+and a team; every service call carries an `Actor` and the service, not the surface, checks it.
+
+What a principal or a team name may be is `core/names.py` (one pattern each); every way one is
+stored (users set, keys create, first sight in chat) checks it here before the session is used.
+A display name is the platform's, shown only: it is stored without control characters and cut
+to 128 characters rather than refused (a person cannot fix their Slack name to use gpuherd)."""
 
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ from sqlmodel import Session
 
 from .errors import InvalidInput, PermissionDenied
 from .models import Instance, Role, User
+from .names import check_principal, check_team, has_control
 from .text import MAX_NAME, clip
+
+__all__ = ["SOURCES", "Actor", "Directory", "check_principal", "check_team", "granted_role", "system_actor"]
 
 SOURCES = ("shell", "cli", "slack", "discord", "api", "notebook", "system")
 
@@ -41,30 +49,6 @@ class Actor:
         return self.role is Role.ADMIN or (self.role is Role.MEMBER and instance.owner == self.principal)
 
 
-MAX_TEAM = 64
-
-
-def check_principal(principal: str) -> str:
-    """A principal that may be stored: 1 to 128 characters, no spaces and no control characters
-    (PostgreSQL refuses NUL; a line break would forge lines in logs and replies). Every way a
-    principal gets into the database (users set, keys create, first sight in chat) passes here."""
-    if not principal or len(principal) > MAX_NAME or not principal.isprintable() \
-            or any(c.isspace() for c in principal):
-        shown = f" ('{clip(principal)}')" if principal else ""
-        raise InvalidInput(f"That user id{shown} cannot be used: name a principal such as api:alice or "
-                           f"slack:U123 (no spaces or control characters, at most {MAX_NAME} characters).")
-    return principal
-
-
-def check_team(team: str) -> str:
-    """A team name that may be stored: 1 to 64 printable characters."""
-    if not team or len(team) > MAX_TEAM or not team.isprintable():
-        shown = f" ('{clip(team)}')" if team else ""
-        raise InvalidInput(f"That team name{shown} cannot be used: 1 to {MAX_TEAM} characters, no control "
-                           "characters.")
-    return team
-
-
 def granted_role(mapping: dict[str, str], held: Iterable[str]) -> Role | None:
     """The highest gpuherd role a platform's roles map to (config `discord_roles`: role name or
     id -> viewer|member|admin; names compare case-insensitively), or None."""
@@ -75,6 +59,13 @@ def granted_role(mapping: dict[str, str], held: Iterable[str]) -> Role | None:
         if role is not None and (best is None or role.rank > best.rank):
             best = role
     return best
+
+
+def _display(display: str) -> str:
+    """A platform's display name made storable: control and invisible characters dropped, cut."""
+    if has_control(display):
+        display = "".join(c for c in display if not has_control(c))
+    return display[:MAX_NAME]
 
 
 def system_actor(name: str = "system") -> Actor:
@@ -96,6 +87,7 @@ class Directory:
         platform vouches for on this request only (a mapped Discord role): the actor has the
         higher of the stored role and the grant, and losing the platform role loses the grant."""
         check_principal(principal)
+        display = _display(display)
         user = session.get(User, principal)
         if user is None:
             role = Role(role_hint) if role_hint else self.default_role

@@ -1,8 +1,23 @@
 """Settings: GPUHERD_* environment variables, a .env file, and `config.toml` in the data
-directory, in that order of precedence. A bad value stops the start with the key named."""
+directory, in that order of precedence. A bad value stops the start with the key named.
+
+Decisions:
+
+- Every setting that is wrong or unusable is a `ConfigError` from `load_settings`, one line that
+  names the variable (`GPUHERD_PROVIDERS …`); the CLI prints it and exits with 2. Nothing is
+  ignored without a word: a `config.toml` that is not a file, a provider name that does not
+  exist, a data directory that is a file or cannot be created all stop the start.
+- `load_settings` creates the data directory: whether it can be created is a property of the
+  setting, and finding out later is a traceback from whoever writes there first.
+- `providers` takes a JSON list (`["vast","aws"]`) or, as people type it, a comma-separated
+  list (`vast,aws`).
+- Names in settings (`admins`, `default_team`, `local_user`) follow `core/names.py`, like names
+  typed in chat; the default `local_user` (the login name) is made to fit rather than refused.
+- The problems of one start are joined on one line, `; `-separated."""
 
 from __future__ import annotations
 
+import difflib
 import getpass
 import os
 from pathlib import Path
@@ -17,10 +32,13 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidInput
+from .names import check_principal, check_team, safe_principal
+from .text import clip
 
 ENV_PREFIX = "GPUHERD_"
 CONFIG_FILE = "config.toml"
+PROVIDER_NAMES = ("vast", "runpod", "aws", "surf", "sandbox")   # providers/registry.py builds these
 
 
 def default_home() -> Path:
@@ -33,10 +51,12 @@ def home_from_env() -> Path:
 
 
 def _local_user() -> str:
+    """The login name, made to fit the principal pattern (`local:<name>`)."""
     try:
-        return getpass.getuser()
+        name = getpass.getuser()
     except Exception:  # no passwd entry in some containers
         return "local"
+    return safe_principal(name).partition(":")[2]
 
 
 def _env(field: str, official: str) -> AliasChoices:
@@ -211,6 +231,45 @@ class Settings(BaseSettings):
         return [*self.admins, *(f"slack:{uid}" for uid in self.slack_admins),
                 *(f"discord:{uid}" for uid in self.discord_admins)]
 
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _provider_list(cls, value: Any) -> Any:
+        if isinstance(value, str):      # `vast,aws` as typed (pydantic-settings reads JSON first)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError(f"names no provider; leave it unset for all, or name some of {', '.join(PROVIDER_NAMES)}")
+        for name in value:
+            if name not in PROVIDER_NAMES:
+                close = difflib.get_close_matches(name.lower()[:40], PROVIDER_NAMES, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(f"there is no provider '{clip(name, 40)}'{hint}; known: {', '.join(PROVIDER_NAMES)}")
+        return value
+
+    @field_validator("admins")
+    @classmethod
+    def _admins(cls, value: list[str]) -> list[str]:
+        for principal in value:
+            _named(check_principal, principal)
+        return value
+
+    @field_validator("default_team")
+    @classmethod
+    def _team(cls, value: str) -> str:
+        return _named(check_team, value)
+
+    @field_validator("local_user")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        _named(check_principal, f"local:{value}")
+        return value
+
     @field_validator("home", mode="before")
     @classmethod
     def _expand(cls, value: Any) -> Any:
@@ -242,15 +301,48 @@ class Settings(BaseSettings):
         return self.resolved_database_url.startswith("sqlite")
 
 
-def load_settings(**overrides: Any) -> Settings:
-    """Settings or a ConfigError naming every bad key, e.g. `GPUHERD_SANDBOX_TIME_SCALE`."""
+def _named(check: Any, value: str) -> str:
+    """A names.py check as a pydantic validator: its message as the ValueError pydantic wants."""
     try:
-        return Settings(**overrides)
+        return str(check(value))
+    except InvalidInput as exc:
+        raise ValueError(exc.message) from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _usable_home(home: Path) -> None:
+    """The data directory exists (made now) and is a directory gpuherd can write to."""
+    where = f"{ENV_PREFIX}HOME ({clip(str(home), 200)})"
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"{where} is a file, not a directory: point it at a directory for gpuherd's data.")
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{where} cannot be created: {_one_line(exc.strerror or str(exc))}.") from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where} is not writable by this user.")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings or a ConfigError naming every bad key, e.g. `GPUHERD_SANDBOX_TIME_SCALE`, on
+    one line. The data directory is created here (see the module docstring)."""
+    toml_path = home_from_env() / CONFIG_FILE
+    if toml_path.exists() and not toml_path.is_file():
+        raise ConfigError(f"{clip(str(toml_path), 200)} is not a file (a directory?): gpuherd reads its settings "
+                          f"from it; remove it or make it a TOML file. The data directory is {ENV_PREFIX}HOME.")
+    try:
+        settings = Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
             key = ".".join(str(p) for p in err["loc"]) or "?"
-            problems.append(f"{ENV_PREFIX}{key.upper()} (or `{key}` in {CONFIG_FILE}): {err['msg']}")
-        raise ConfigError("Bad configuration:\n  " + "\n  ".join(problems)) from None
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            problems.append(f"{ENV_PREFIX}{key.upper()} (or `{key}` in {CONFIG_FILE}): {_one_line(msg)}")
+        raise ConfigError("Bad configuration: " + "; ".join(problems)) from None
     except (OSError, ValueError) as exc:  # unreadable or malformed config.toml
-        raise ConfigError(f"Cannot read configuration ({home_from_env() / CONFIG_FILE}): {exc}") from None
+        raise ConfigError(f"Cannot read configuration ({toml_path}): {_one_line(str(exc))}") from None
+    _usable_home(settings.home)
+    return settings

@@ -5,7 +5,13 @@ Database work never runs on the event loop: `Database.run(fn)` runs one unit of 
 function of a session) in a worker thread and awaits it. Threads rather than SQLAlchemy's
 asyncio engine because every query in gpuherd is a short synchronous unit already, the same
 code serves the sync CLI paths, and SQLite has no mature async driver; the pool of workers is
-sized to the connection pool so a burst queues in Python, not on connections."""
+sized to the connection pool so a burst queues in Python, not on connections.
+
+A database that cannot be used at start (PostgreSQL down or its database missing, a SQLite file
+that is not a database or whose directory cannot be made) is a `ConfigError` naming
+GPUHERD_DATABASE_URL, on one line and with any password hidden: `upgrade` and `is_current`
+first `reach` the database, so the migrations never start on a connection that fails. Errors
+after the start are not configuration and are left as they are."""
 
 from __future__ import annotations
 
@@ -16,16 +22,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import CursorResult, Engine, Result, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlmodel import Session
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:       # alembic loads only to migrate or read revisions (CLI start-up cost)
+    from alembic.config import Config
 
 T = TypeVar("T")
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -35,7 +42,12 @@ def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            parent = Path(path).parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"GPUHERD_DATABASE_URL ({shown_url(url)}) cannot be used: its directory "
+                                  f"{parent} cannot be created ({' '.join(str(exc.strerror or exc).split())}).") from None
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
@@ -55,6 +67,34 @@ def make_engine(url: str) -> Engine:
         raise ConfigError(f"GPUHERD_DATABASE_URL cannot be used: {exc}") from None
 
 
+def shown_url(url: str) -> str:
+    """The URL with its password hidden, fit for a message."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)[:200]
+    except ArgumentError:
+        return "(not a URL)"
+
+
+def unusable(engine: Engine, exc: BaseException) -> ConfigError:
+    """A failed connection as one line: the driver's first line, the URL without its password."""
+    orig = getattr(exc, "orig", None) or exc
+    first = " ".join((str(orig).strip().splitlines() or [""])[0].split())[:200]
+    where = (f"{shown_url(engine.url.render_as_string(hide_password=False))}"
+             if engine.dialect.name != "sqlite" else f"SQLite file {engine.url.database}")
+    return ConfigError(f"The database cannot be used ({type(orig).__name__}: {first}). Check GPUHERD_DATABASE_URL "
+                       f"({where}) and that the database is up (gpuherd db upgrade migrates it).")
+
+
+def reach(engine: Engine) -> None:
+    """Connect once (the SQLite pragmas run on connect, so a file that is not a database fails
+    here), or raise `unusable`."""
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+    except DBAPIError as exc:
+        raise unusable(engine, exc) from None
+
+
 def rowcount(result: Result[*tuple[Any, ...]]) -> int:
     """Rows an UPDATE or DELETE matched. SQLModel's Session.execute is typed as returning a plain
     Result; for a DML statement it is always a CursorResult, which has the count."""
@@ -63,6 +103,8 @@ def rowcount(result: Result[*tuple[Any, ...]]) -> int:
 
 
 def alembic_config(engine: Engine) -> Config:
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["engine"] = engine
@@ -70,15 +112,23 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
+    from alembic import command
+
+    reach(engine)
     command.upgrade(alembic_config(engine), revision)
 
 
 def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    reach(engine)
     with engine.connect() as conn:
         return MigrationContext.configure(conn).get_current_revision()
 
 
 def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config(create_engine("sqlite://"))).get_current_head()
 
 

@@ -16,6 +16,9 @@ Decisions:
   takes effect within that time on every replica (and at once on the replica that made it). `last_used_at` is written at most once a
   minute per key (cached hits write nothing).
 - Nothing here logs, audits or returns the key after `create`; errors name the key id at most.
+- The key's user is a principal and its name a label as `core/names.py` defines them, checked
+  before anything is written; a revoke's key id is checked for its shape before the lookup
+  (a NUL must be a "no such key" on PostgreSQL as on SQLite, not a database error).
 """
 
 from __future__ import annotations
@@ -34,11 +37,12 @@ from sqlalchemy import select
 from sqlmodel import Session, col
 
 from . import audit as audit_log
-from .auth import Actor, Directory, check_principal
+from .auth import Actor, Directory
 from .clock import Clock, as_utc
 from .db import Database
 from .errors import InvalidInput, NotFound, Unauthenticated
 from .models import ApiKeyRecord, Role, User
+from .names import check_key_label, check_principal
 from .results import CreatedKey, KeyView
 from .text import clip
 
@@ -46,7 +50,7 @@ PREFIX = "ghk_"
 CACHE_S = 5.0
 TOUCH_EVERY = timedelta(minutes=1)
 _SHAPE = re.compile(r"^ghk_(k[0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
-MAX_NAME = 64
+_KEY_ID = re.compile(r"k[0-9a-f]{8}")
 
 
 def _hash(key: str) -> str:
@@ -86,8 +90,7 @@ class KeyStore:
         check_principal(principal)
         if role is not None and role not in {r.value for r in Role}:
             raise InvalidInput(f"Unknown role '{clip(role, 20)}': use viewer, member or admin.")
-        if len(name) > MAX_NAME:
-            raise InvalidInput(f"A key's name is at most {MAX_NAME} characters.")
+        check_key_label(name)
         key_id = f"k{secrets.token_hex(4)}"
         key = f"{PREFIX}{key_id}_{secrets.token_urlsafe(32)}"
         now = self.clock.now()
@@ -120,7 +123,7 @@ class KeyStore:
         now = self.clock.now()
 
         def work(s: Session) -> KeyView:
-            r = s.get(ApiKeyRecord, key_id)
+            r = s.get(ApiKeyRecord, key_id) if _KEY_ID.fullmatch(key_id) else None
             if r is None:
                 raise NotFound(f"There is no API key '{clip(key_id, 20)}' (gpuherd keys list shows them).")
             if r.revoked_at is None:

@@ -15,7 +15,10 @@ Decisions kept from the first service:
 - A stop, start or destroy first claims the row (a version check) into a transitional state, so
   two processes or a double click never act on one machine twice.
 - Folding what a provider reports never touches a transition we have in flight unless its claim
-  is stale (its process died)."""
+  is stale (its process died).
+- `keep` on a stopped machine postpones only its destroy-after-stopped guard and records no
+  activity (nobody used it); without that guard it is refused (`Lifecycle.kept`).
+- Idempotency keys are checked against `names.KEY_PATTERN` before any lookup (`earlier_use`)."""
 
 from __future__ import annotations
 
@@ -35,12 +38,14 @@ from .errors import Conflict, GpuherdError, NotFound, PermissionDenied
 from .guard_plan import replan
 from .ids import ID_RE, new_instance_id, normalise_instance_id
 from .ledger import COMPUTE, STORAGE, Ledger
-from .models import ActionRecord, Instance, InstanceState
+from .models import ActionRecord, Activity, Instance, InstanceState
 from .money import from_micros, to_micros
+from .names import check_idempotency_key
 from .offers import Offer
 from .outbox import NoticeDraft, Outbox
 from .providers.base import ProviderInstance, ProviderState
 from .templates import Template
+from .text import clip
 
 STALE_CLAIM = timedelta(minutes=10)   # a stop/destroy in flight longer than this died with its process
 
@@ -69,7 +74,7 @@ def get_instance(s: Session, instance_id: str) -> Instance:
     iid = normalise_instance_id(instance_id)
     inst = s.get(Instance, iid) if ID_RE.match(iid) else None
     if inst is None:
-        raise NotFound(f"There is no instance '{iid[:20]}' (ids look like g-7f3a).")
+        raise NotFound(f"There is no instance '{clip(iid, 20)}' (ids look like g-7f3a).")
     return inst
 
 
@@ -78,7 +83,10 @@ def earlier_use(s: Session, actor: Actor, key: str, *, action: str, instance_id:
     """The one rule for idempotency keys: a key belongs to one actor, one operation and one
     request. Returns what the key was used for when this is a retry of exactly that request (the
     boot's row, or the action's record), None when the key is new. Any other use is refused:
-    another user's key reveals nothing; the same user's names what it was used for."""
+    another user's key reveals nothing; the same user's names what it was used for. A key that
+    could not have been stored (a NUL, a space, over 200 characters) is refused before the lookup,
+    so it fails alike on SQLite and PostgreSQL."""
+    check_idempotency_key(key)
     booted = s.execute(select(Instance).where(col(Instance.idempotency_key) == key)).scalars().first()
     record = s.get(ActionRecord, key) if booted is None else None
     if booted is None and record is None:
@@ -280,6 +288,36 @@ class Lifecycle:
         s.add(inst)
         audit_log.record(s, actor, "start", now=now, instance_id=inst.id, dph=str(from_micros(inst.dph_micros)))
         return inst
+
+    @staticmethod
+    def kept(s: Session, actor: Actor, inst: Instance, now: datetime, span: timedelta, shown: str) -> datetime:
+        """`keep`: postpone what the guards would do next to `inst` by `span` (`shown` is the span
+        in words). A machine that is up is also marked used (the idle clock restarts). A stopped
+        one is not in use: only its destroy-after-stopped guard is postponed, no activity is
+        recorded, and one without that guard has nothing to keep (refused, nothing written).
+        Returns the new `keep_until`. Does not commit."""
+        state = inst.state_enum
+        if state.is_final:
+            raise Conflict(f"{inst.id} is {inst.state}; there is nothing to keep.")
+        if state in (InstanceState.STOPPING, InstanceState.DESTROYING, InstanceState.PENDING):
+            raise Conflict(f"{inst.id} is {inst.state}; there is nothing to keep yet.")
+        if state is InstanceState.STOPPED and not inst.destroy_after_stopped_s:
+            raise Conflict(f"{inst.id} is stopped and no guard will destroy it, so there is nothing to keep "
+                           "(keeping postpones an idle stop). Start it to use it again.")
+        until = now + span
+        inst.keep_until = until
+        inst.updated_at = now
+        inst.version += 1
+        inst.stopped_warned_at = None
+        if state is not InstanceState.STOPPED:
+            inst.last_activity_at = now
+            inst.idle_warned_at = None
+            s.add(Activity(instance_id=inst.id, ts=now, source="keep",
+                           detail=f"by {actor.principal} for {shown}"[:256]))
+        replan(inst)
+        s.add(inst)
+        audit_log.record(s, actor, "keep", now=now, instance_id=inst.id, until=until.isoformat())
+        return until
 
     @staticmethod
     def destroyed(s: Session, actor: Actor, instance_id: str, now: datetime) -> tuple[Instance, Any]:

@@ -21,7 +21,6 @@ from pydantic import BaseModel
 from sqlalchemy import update
 from sqlmodel import Session, col
 
-from . import audit as audit_log
 from .actions import Op
 from .auth import Actor, system_actor
 from .booting import confirmation
@@ -360,20 +359,7 @@ class Power:
 
         def work(s: Session) -> KeepResult:
             inst = self._for_action(s, actor, instance_id, Op.KEEP)
-            if inst.state_enum.is_final:
-                raise Conflict(f"{inst.id} is {inst.state}; there is nothing to keep.")
-            until = now + span
-            inst.keep_until = until
-            inst.last_activity_at = now
-            inst.updated_at = now
-            inst.version += 1
-            inst.idle_warned_at = None
-            inst.stopped_warned_at = None
-            replan(inst)
-            s.add(inst)
-            s.add(Activity(instance_id=inst.id, ts=now, source="keep",
-                           detail=f"by {actor.principal} for {format_duration(span)}"[:256]))
-            audit_log.record(s, actor, "keep", now=now, instance_id=inst.id, until=until.isoformat())
+            until = Lifecycle.kept(s, actor, inst, now, span, format_duration(span))
             s.commit()
             view = build_views(s, [inst], now, actor, self.providers.capabilities())[0]
             return KeepResult(instance=view, until=until, simulated=inst.simulated)

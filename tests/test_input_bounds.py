@@ -294,3 +294,75 @@ async def test_dispatch_never_fails_on_odd_long_lines(service, admin, line: str)
         line = line + "x" * (MAX_LINE + 1 - len(line))       # never runs a command: over the line bound
     text, seconds = await reply_to(service, admin, line)
     assert seconds < QUICK and len(text) < SHORT
+
+
+# --- names, conflicting options, empty words ----------------------------------------------------------
+
+from gpuherd.bot import grammar  # noqa: E402
+from gpuherd.core import names  # noqa: E402
+
+
+@pytest.mark.parametrize("team", ["ml", "vision", "team-a", "cv.2026", "a_b", "0", "x" * 64])
+def test_the_documented_team_names_are_accepted(team: str) -> None:
+    assert names.check_team(team) == team
+
+
+@pytest.mark.parametrize("team", ["", "ML", "м" + "l", "ml\x00", "ml\x1b[0m", "../../etc", ".ml", "-ml", "a b", "x" * 65])
+def test_other_team_names_are_refused_naming_the_rule(team: str) -> None:
+    message = core_error(lambda: names.check_team(team))
+    assert "team name" in message and "lowercase letters a-z" in message
+    assert "\x00" not in message and "\x1b" not in message
+    if team == "ML":
+        assert "Did you mean 'ml'?" in message
+
+
+@pytest.mark.parametrize("principal", ["local:alice", "slack:U0ALICE", "discord:123456789012345678", "api:ci",
+                                       "system:idle", "local:jane.doe@example.org", "local:" + "a" * 122])
+def test_the_documented_principals_are_accepted(principal: str) -> None:
+    assert names.check_principal(principal) == principal
+
+
+@pytest.mark.parametrize("principal", ["alice", ":alice", "Slack:U1", "slack:", "slack:U1 ", "slack:U\u200b1",
+                                       "slack:\u0430lice", "api:a/b", "local:" + "a" * 123, "slack:-U1"])
+def test_other_principals_are_refused(principal: str) -> None:
+    assert "<platform>:<id>" in core_error(lambda: names.check_principal(principal))
+
+
+@pytest.mark.parametrize("key", ["", "a b", "k\x00", "k" * 201, "ключ", "a/b"])
+def test_idempotency_keys_keep_to_the_http_pattern(key: str) -> None:
+    assert "idempotency key" in core_error(lambda: names.check_idempotency_key(key))
+    assert names.check_idempotency_key("slack:1234.5678:stop") == "slack:1234.5678:stop"
+
+
+def test_an_empty_argument_is_refused_not_taken_as_none() -> None:
+    for line in ("status ''", 'keep "" 1h', "audit ''", "templates ''"):
+        name, _, rest = line.partition(" ")
+        message = core_error(lambda name=name, rest=rest: grammar.parse_args(REGISTRY.find(name), rest))
+        assert "An empty argument ('')" in message and f"/gpu {name}" in message
+
+
+@pytest.mark.parametrize("line,says", [
+    ("/gpu boot budget offer=sandbox:sb-0001 provider=vast", "names another provider"),
+    ("/gpu audit 10 20", "Two counts ('10' and '20')"),
+    ("/gpu audit g-7f3a g-8e4b", "Two instances ('g-7f3a' and 'g-8e4b')"),
+    ("/gpu boot budget offer=sandbox:", "should look like <provider>:<id>"),
+    ("/gpu boot budget offer=:sb-1", "should look like <provider>:<id>"),
+    ("/gpu boot budget offer=Sandbox:sb-1", "should look like <provider>:<id>"),
+    ("/gpu boot budget provider=Vast!", "is not a provider name"),
+    ("/gpu stop g-7f3a key=", "idempotency key"),
+    ("/gpu budget set team=ML 5", "Did you mean 'ml'?"),
+    ("/gpu attach sandbox:x owner=alice", "That owner ('alice') cannot be used"),
+])
+async def test_conflicting_or_malformed_options_are_refused_before_core_acts(service, admin, line: str,
+                                                                             says: str) -> None:
+    before = await service.instance_count()
+    text, seconds = await reply_to(service, admin, line)
+    assert says in text, text
+    assert seconds < QUICK and await service.instance_count() == before
+
+
+async def test_a_core_message_with_a_control_character_reaches_no_terminal(service, admin) -> None:
+    """The net under `clip`: a message that quotes input as typed still shows escapes only."""
+    text, _ = await reply_to(service, admin, "/gpu costs \x1b[2J\x1b]0;x\x07week")
+    assert "\x1b" not in text and "\x07" not in text
+    assert "\\u001b" in text

@@ -157,7 +157,7 @@ def test_cli_create_list_revoke(cli_db: str, capsys: pytest.CaptureFixture[str])
 
 
 def test_cli_errors_are_one_clear_line(cli_db: str, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["keys", "revoke", "k00000000"]) == 2
+    assert cli.main(["keys", "revoke", "k00000000"]) == 1      # refused (exit codes: bot/cli.py)
     _, err = capsys.readouterr()
     assert "There is no API key 'k00000000'" in err and "Traceback" not in err
     assert cli.main(["keys", "create", "--user", "has space"]) == 2
@@ -171,7 +171,7 @@ def test_cli_errors_are_one_clear_line(cli_db: str, capsys: pytest.CaptureFixtur
 def test_cli_keys_need_an_admin(cli_db: str, capsys: pytest.CaptureFixture[str],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GPUHERD_LOCAL_ROLE", "viewer")
-    assert cli.main(["keys", "create", "--user", "api:bob"]) == 2
+    assert cli.main(["keys", "create", "--user", "api:bob"]) == 1      # refused: not an admin
     out, err = capsys.readouterr()
     assert out == "" and "admin" in err.lower() and "Traceback" not in err
 
