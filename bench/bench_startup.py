@@ -61,11 +61,12 @@ def run_once(argv: list[str], env: dict[str, str]) -> tuple[float, float, int]:
     return wall, cpu, done.returncode
 
 
-def measure(argv: list[str], runs: int, root: Path, *, cold: bool) -> Timing:
+def measure(argv: list[str], runs: int, root: Path, *, cold: bool, tag: str) -> Timing:
+    """`runs` timed runs of argv: all in the shared warm home, or (cold) each in a home of its own."""
     timing = Timing([], [])
     shared = root / "home"
     for i in range(runs):
-        home = root / f"cold-{i}" if cold else shared
+        home = root / f"cold-{tag}-{i}" if cold else shared
         wall, cpu, _ = run_once(argv, _env(home))
         timing.wall.append(wall)
         timing.cpu.append(cpu)
@@ -93,8 +94,8 @@ def main() -> int:
         if not opts.cold:
             run_once([gpuherd, "status"], _env(root / "home"))     # create and migrate the database once
         print(f"{opts.runs} runs each, {'a new' if opts.cold else 'one warm'} data directory, python {sys.version.split()[0]}")
-        for label, argv in commands:
-            print(measure(argv, opts.runs, root, cold=opts.cold).row(label), flush=True)
+        for n, (label, argv) in enumerate(commands):
+            print(measure(argv, opts.runs, root, cold=opts.cold, tag=str(n)).row(label), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -1,28 +1,163 @@
 r"""The `gpuherd` command: the shell, database and user administration, and every /gpu command
-as a one-shot (`gpuherd status`, `gpuherd search 4090 "<\$0.5"`)."""
+as a one-shot (`gpuherd status`, `gpuherd search 4090 "<\$0.5"`).
+
+Exit codes (also in `gpuherd --help`):
+
+    0    done
+    1    the command was refused or failed (it answered with an error: no permission, unknown
+         instance, a provider's refusal, a bad /gpu argument) or something broke on our side
+    2    bad usage of the gpuherd command itself, bad settings, or the database cannot be used
+    3    the command needs a yes that was not given (a price above the template's limit, a
+         destroy): nothing was done; run the `gpuherd confirm <token>` it names, or use --yes
+    130  interrupted (Ctrl-C)
+
+`--json` (before or after the command: `gpuherd --json status`, `gpuherd status --json`) prints
+one JSON object on stdout and nothing else there (progress and warnings go to stderr):
+
+    {"command": "status", "exit_code": 0,
+     "results": [{"model": "StatusResult", "data": {...}}, ...],
+     "reply": {...}}
+
+`results` are the models core returned to the command, in call order (a boot that waits: its
+BootResult, then the InstanceView read once it is ready; a boot above the limit: its
+Confirmation, then with --yes the BootResult). They are the façade's own result models
+(core/results.py), so money is a decimal string and times are ISO 8601; `reply` is the
+platform-neutral Reply the other surfaces render (the JSON `POST /api/v1/commands` answers),
+for commands that return no model (`help`) and for the error's wording. `gpuherd db|users|keys
+... --json` print their own models (a list for the listings).
+
+Decisions (start-up cost: the issue measured `--help` at 1.0-1.2 s of CPU, a one-shot at
+1.6-2.0 s, almost all of it imports; `bench/bench_startup.py` measures it next to `vastai --help`):
+
+- This module imports nothing heavy at its top: argparse and core.errors only. `--help`, the
+  usage errors and `--version` never load SQLAlchemy, sqlmodel, alembic, pydantic or the core
+  (`tests/test_cli_startup.py` holds that). `completion` does import the grammar (a script is
+  printed once, and the options come from the registry itself).
+- The chat commands' names, aliases and summaries (for `--help` and for telling a one-shot
+  command from a terminal one) are read from `grammar.py`'s `@REGISTRY.command(...)`
+  decorators with `ast`, without running the module (~7 ms instead of ~1 s of imports): the
+  grammar stays the one place commands are declared. When the source is not there or a
+  decorator is not literal, the grammar is imported (slow, still right); a test checks the scan
+  against `grammar.REGISTRY`.
+- The chat commands are not argparse subparsers (that listed each command twice in `--help`,
+  once as a subparser and once in the epilog): the epilog lists them once, and argv is split
+  before argparse sees it, so `gpuherd search -o dph` reaches the query parser verbatim.
+- A one-shot builds the service like `GpuService.from_settings`, except that a database whose
+  stored revision already is the newest migration's is not handed to alembic: alembic (its
+  import alone ~0.15 s) loads only when there is something to migrate (`_open_service`).
+- The cyclic garbage collector is off while a one-shot starts up (imports, the service):
+  10-15 % of its CPU went to collections that found almost nothing. It is back on before the
+  command runs; serving commands keep their own set-up (`core/collector.py`).
+- A one-shot boot or start leaves a machine that only a serving process guards (idle stop,
+  budget caps): when no process holds the guard lock afterwards, stderr says so and how to
+  run one. `gpuherd shell` says the same on the way out (`shell.farewell`, after its Runtime
+  let go of the lock; the service is closed after that, not by the Runtime).
+- Exit codes are decided here, from what the command did, not from its text: the last answer
+  core gave being a Confirmation is "a yes was needed" (3), else an error reply is 1.
+"""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from rich.console import Console
-from rich.markup import escape
+from gpuherd.core.errors import ConfigError, GpuherdError, InvalidInput
 
-from gpuherd.core.errors import GpuherdError
+if TYPE_CHECKING:
+    from gpuherd.bot.replies import Reply
+    from gpuherd.core.config import Settings
+    from gpuherd.core.db import Database
+    from gpuherd.core.results import ProgressEvent
+    from gpuherd.core.service import GpuService
 
-from . import grammar
+OK, FAILED, USAGE, UNCONFIRMED, INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = ("exit codes: 0 done; 1 refused or failed (the command answered with an error); 2 bad usage,\n"
+              "  bad settings or an unusable database; 3 a yes was needed and not given (nothing done;\n"
+              "  confirm with the token shown or use --yes); 130 interrupted.")
+OWN_FLAGS = ("--yes", "-y", "--no-wait", "--json")        # gpuherd's flags among a one-shot's words
+TERMINAL_ONLY = ("shell", "serve", "slack", "discord", "panel", "completion")   # no --json: not one-shots
+GUARDS_HINT = ("No gpuherd process is guarding this machine: its idle stop and the budget caps will not act "
+               "until one runs. Start one with `gpuherd guards --run` (or `gpuherd serve`, or keep "
+               "`gpuherd shell` open).")
 
-LOG = logging.getLogger("gpuherd")
+
+# --- the chat commands, without importing the grammar ------------------------------------------
+
+@dataclass(frozen=True)
+class ChatCommand:
+    """What the CLI needs of a /gpu command before the grammar is loaded."""
+
+    name: str
+    aliases: tuple[str, ...]
+    summary: str
+
+
+_CHAT: list[ChatCommand] | None = None
+
+
+def _scan_grammar(source: str) -> list[ChatCommand] | None:
+    """The `@REGISTRY.command("name", summary=..., aliases=...)` decorators of grammar.py, in
+    order; None when one of them is not plain literals or a command is registered some other
+    way (then the caller imports the grammar)."""
+    import ast
+
+    found: list[ChatCommand] = []
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.AsyncFunctionDef | ast.FunctionDef):
+            continue
+        for deco in node.decorator_list:
+            if not (isinstance(deco, ast.Call) and isinstance(deco.func, ast.Attribute)
+                    and deco.func.attr == "command" and isinstance(deco.func.value, ast.Name)
+                    and deco.func.value.id == "REGISTRY"):
+                continue
+            try:
+                name = ast.literal_eval(deco.args[0])
+                kw = {k.arg: k.value for k in deco.keywords}
+                summary = ast.literal_eval(kw["summary"])
+                aliases = tuple(ast.literal_eval(kw["aliases"])) if "aliases" in kw else ()
+            except (ValueError, KeyError, IndexError, TypeError, SyntaxError):
+                return None
+            if not isinstance(name, str) or not isinstance(summary, str):
+                return None
+            found.append(ChatCommand(name, aliases, summary))
+    if len(found) != source.count("REGISTRY.command("):     # a registration that is no decorator
+        return None
+    return found or None
+
+
+def chat_commands() -> list[ChatCommand]:
+    """Every /gpu command (see the module docstring for why this reads the source)."""
+    global _CHAT
+    if _CHAT is None:
+        scanned = None
+        try:
+            scanned = _scan_grammar(Path(__file__).with_name("grammar.py").read_text(encoding="utf-8"))
+        except (OSError, SyntaxError, ValueError):
+            pass
+        if scanned is None:
+            from . import grammar
+
+            scanned = [ChatCommand(c.name, tuple(c.aliases), c.summary) for c in grammar.REGISTRY.all()]
+        _CHAT = scanned
+    return _CHAT
 
 
 def _epilog() -> str:
-    lines = ["chat commands (also run one-shot: gpuherd <command> [args]):"]
-    lines += [f"  {c.name:<10} {c.summary}" for c in grammar.REGISTRY.all()]
-    lines += ["", "Quick start: gpuherd shell   (then: /gpu search 4090, /gpu boot budget, /gpu costs)"]
+    lines = ["chat commands (run one-shot: gpuherd <command> [args]; gpuherd <command> --help explains one):"]
+    for c in chat_commands():
+        also = f" (also: {', '.join(c.aliases)})" if c.aliases else ""
+        lines.append(f"  {c.name:<10} {c.summary}{also}")
+    lines += ["", '--json prints one JSON object on stdout: {"command", "exit_code", "results": [{"model", "data"}],',
+              '  "reply"}: the result models core returned, in order, and the reply as the other surfaces get it.',
+              EXIT_CODES, "",
+              "The guards (idle stop, lifetimes, budget caps) run in `gpuherd shell`, `gpuherd serve` or",
+              "`gpuherd guards --run`; a one-shot runs none (a one-shot boot says when nothing guards it).",
+              "", "Quick start: gpuherd shell   (then: /gpu search 4090, /gpu boot budget, /gpu costs)"]
     return "\n".join(lines)
 
 
@@ -36,16 +171,31 @@ def _version() -> str:
         return "(not installed)"
 
 
+class _VersionAction(argparse.Action):
+    """`--version`, reading the installed metadata only when asked (it costs a scan of sys.path)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str = argparse.SUPPRESS, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> NoReturn:
+        print(f"gpuherd {_version()}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpuherd", description="Rent cloud GPUs from chat and notebooks without wasting money.",
         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--version", action="version", version=f"gpuherd {_version()}")
+    parser.add_argument("--version", action=_VersionAction, help="show the installed version and exit")
     parser.add_argument("--yes", "-y", action="store_true", help="accept confirmations (for scripts)")
     parser.add_argument("--verbose", "-v", action="store_true", help="log to stderr")
     parser.add_argument("--no-wait", action="store_true", dest="global_no_wait",
                         help="boot/start return once the provider accepted (no wait for the health check)")
-    sub = parser.add_subparsers(dest="cmd", metavar="<command>")
+    parser.add_argument("--json", action="store_true", dest="global_json",
+                        help="print the result models as JSON on stdout (one-shot, db, users and keys commands)")
+    sub = parser.add_subparsers(dest="cmd", metavar="<command>",
+                                title="terminal commands (the chat commands below run one-shot too)")
     shell = sub.add_parser("shell", help="interactive /gpu shell (reads stdin when piped)")
     shell.add_argument("--yes", "-y", action="store_true", dest="shell_yes", help="accept confirmations")
     shell.add_argument("--no-wait", action="store_true", help="return from boot/start once the provider accepted")
@@ -53,11 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run against a gpuherd server (`gpuherd serve`) with the key in GPUHERD_API_KEY")
     db = sub.add_parser("db", help="database: upgrade (migrate) or show the current revision")
     db.add_argument("action", choices=["upgrade", "current"])
+    db.add_argument("--json", action="store_true", dest="sub_json", help="the revisions as JSON")
     users = sub.add_parser("users", help="set a user's role or team (admin)")
     users.add_argument("action", choices=["set", "list"])
     users.add_argument("principal", nargs="?", help="e.g. local:alice, slack:U123, discord:4242")
     users.add_argument("--role", choices=["viewer", "member", "admin"])
     users.add_argument("--team")
+    users.add_argument("--json", action="store_true", dest="sub_json", help="the users as JSON")
     serve = sub.add_parser("serve", help="the team server: HTTP API, guards, notices (see README, Team deployment)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
     serve.add_argument("--port", type=int, default=8080, help="port to listen on (0 picks a free one)")
@@ -84,30 +236,220 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--all", action="store_true", help="include revoked keys")
     revoke = key_actions.add_parser("revoke", help="end a key at once (by its id, from gpuherd keys list)")
     revoke.add_argument("key_id")
+    for p in (create, listing, revoke):
+        p.add_argument("--json", action="store_true", dest="sub_json", help="the key's view(s) as JSON")
+    completion = sub.add_parser("completion", help="print a completion script: source <(gpuherd completion bash)")
+    completion.add_argument("shell_name", choices=["bash", "zsh"], metavar="{bash,zsh}")
     # `gpuherd guards` shows the scheduler (the /gpu guards command); `gpuherd guards --run` runs it
-    for cmd in grammar.REGISTRY.all():
-        p = sub.add_parser(cmd.name, help=cmd.summary, aliases=list(cmd.aliases), add_help=False)
-        p.add_argument("words", nargs=argparse.REMAINDER)
     return parser
 
 
-def _service():
-    from gpuherd.core.service import GpuService
+# --- building the service ----------------------------------------------------------------------
 
-    return GpuService.from_settings()
+def _known_head(versions: Path) -> str | None:
+    """The newest migration's id, read from the migration files without alembic: each must name
+    exactly one `revision`, and exactly one revision may be no file's `down_revision`. None
+    when anything does not fit that (then alembic decides)."""
+    import re
+
+    files = sorted(versions.glob("*.py"))
+    revisions: set[str] = set()
+    downs: set[str] = set()
+    for path in files:
+        if path.name.startswith("_"):
+            continue
+        text = path.read_text(encoding="utf-8")
+        revs = re.findall(r"""^revision\s*(?::[^=\n]*)?=\s*['"]([^'"]+)['"]""", text, re.M)
+        down = re.findall(r"^down_revision\s*(?::[^=\n]*)?=\s*(.+)$", text, re.M)
+        if len(revs) != 1 or len(down) != 1:
+            return None
+        revisions.add(revs[0])
+        downs.update(re.findall(r"""['"]([^'"]+)['"]""", down[0]))
+    heads = revisions - downs
+    return heads.pop() if len(heads) == 1 else None
 
 
-async def _one_shot(line: str, yes: bool, wait: bool = True) -> int:
-    from .shell import Shell
+def _stored_revision(db: Database) -> str | None:
+    """The revision the database records, with one query (None: no table yet, or unreadable)."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
 
-    service = _service()
     try:
-        shell = Shell(service, yes=yes, interactive=False, wait=wait)
-        shell.actor = service.local_actor("cli")
-        await shell.run_line(line)
-        return 1 if shell.errors else 0
+        with db.engine.connect() as conn:
+            rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    except SQLAlchemyError:
+        return None
+    return rows[0] if len(rows) == 1 else None
+
+
+def _at_head(db: Database) -> bool:
+    from gpuherd.core.db import MIGRATIONS
+
+    try:
+        head = _known_head(MIGRATIONS / "versions")
+    except OSError:
+        return False
+    return head is not None and _stored_revision(db) == head
+
+
+def _open_service(settings: Settings | None = None) -> GpuService:
+    """`GpuService.from_settings` without alembic when there is nothing to migrate (see the
+    module docstring): otherwise the same steps, in the same order."""
+    from gpuherd.core.config import load_settings
+    from gpuherd.core.db import Database
+    from gpuherd.core.providers.registry import build_registry
+    from gpuherd.core.service import GpuService
+    from gpuherd.core.templates import TemplateCatalog
+
+    settings = settings or load_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    db = Database(settings.resolved_database_url)
+    if not _at_head(db):
+        db.upgrade()
+    templates = TemplateCatalog.load(settings.resolved_templates_file)
+    return GpuService(settings, db, build_registry(settings), templates)
+
+
+def _service() -> GpuService:
+    return _open_service()
+
+
+class _Recorder:
+    """The service as a command sees it, keeping what each awaited call returned (or raised), in
+    order: the result models `--json` prints, and what tells a declined question (the last
+    answer is a Confirmation) from a done or failed command. Everything else passes through."""
+
+    def __init__(self, service: GpuService) -> None:
+        self._service = service
+        self.outcomes: list[object] = []
+
+    def __getattr__(self, name: str) -> Any:
+        import inspect
+
+        attr = getattr(self._service, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+
+        async def recorded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                result = await attr(*args, **kwargs)
+            except BaseException as exc:
+                self.outcomes.append(exc)
+                raise
+            self.outcomes.append(result)
+            return result
+        return recorded
+
+    def models(self) -> list[Any]:
+        from pydantic import BaseModel
+
+        found: list[BaseModel] = []
+        for outcome in self.outcomes:
+            items = outcome if isinstance(outcome, list | tuple) else [outcome]
+            found += [m for m in items if isinstance(m, BaseModel)]
+        return found
+
+    def unanswered_question(self) -> bool:
+        from gpuherd.core.results import Confirmation
+
+        return bool(self.outcomes) and isinstance(self.outcomes[-1], Confirmation)
+
+    def machine_running(self) -> bool:
+        """A boot or start went through: a machine now needs the guards."""
+        from gpuherd.core.results import BootResult, StartResult
+
+        return any(isinstance(o, BootResult | StartResult) for o in self.outcomes)
+
+
+def _as_json(models: Sequence[Any]) -> list[dict[str, Any]]:
+    return [{"model": type(m).__name__, "data": m.model_dump(mode="json")} for m in models]
+
+
+def _print_json(payload: object) -> None:
+    import json
+
+    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+# --- one-shots ---------------------------------------------------------------------------------
+
+@contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while a one-shot starts up: imports and the service's
+    construction allocate hundreds of thousands of objects and almost no garbage, and CPython's
+    collector would walk them again and again (10-15 % of a one-shot's CPU). Back on after."""
+    import gc
+
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+async def _one_shot(service: GpuService, line: str, yes: bool, wait: bool = True, *,
+                    as_json: bool = False) -> int:
+    """One /gpu line through the shell's path (or the grammar's, for --json) and its exit code."""
+    from typing import cast
+
+    recorder = _Recorder(service)
+    try:
+        if as_json:
+            code = await _run_json(cast("GpuService", recorder), recorder, line, yes, wait)
+        else:
+            from .shell import Shell
+
+            shell = Shell(cast("GpuService", recorder), yes=yes, interactive=False, wait=wait)
+            shell.actor = service.local_actor("cli")
+            await shell.run_line(line)
+            code = (UNCONFIRMED if recorder.unanswered_question()
+                    else FAILED if shell.errors else OK)
+        if recorder.machine_running():
+            await _warn_if_unguarded(service.settings)
+        return code
     finally:
         await service.aclose()
+
+
+async def _run_json(service: GpuService, recorder: _Recorder, line: str, yes: bool, wait: bool) -> int:
+    """The command through the grammar, as the shell runs it, its models printed as JSON."""
+    from . import grammar
+
+    def progress(event: ProgressEvent) -> None:
+        print(f"… {event.text}", file=sys.stderr, flush=True)
+
+    ctx = grammar.Context(service=service, actor=service.local_actor("cli"), progress=progress, wait=wait)
+    reply: Reply = await grammar.dispatch(ctx, line)
+    asked = 0
+    while yes and reply.confirmation is not None and reply.level != "error" and asked < 3:
+        asked += 1          # a yes re-checks the price: a price that rose again asks again (bounded)
+        reply = await grammar.dispatch(ctx, reply.confirmation.command)
+    code = (FAILED if reply.level == "error" else UNCONFIRMED if recorder.unanswered_question() else OK)
+    if code == UNCONFIRMED and reply.confirmation is not None:
+        print(f"Needs a yes: run `{reply.confirmation.command}`, or add --yes.", file=sys.stderr)
+    _print_json({"command": line, "exit_code": code, "results": _as_json(recorder.models()),
+                 "reply": reply.model_dump(mode="json")})
+    return code
+
+
+async def _warn_if_unguarded(settings: Settings) -> None:
+    """After a one-shot boot or start: say so when no process runs the guards (see the module
+    docstring). The lock probe is blocking (a file lock or a PostgreSQL session): off the loop."""
+    import asyncio
+    import logging
+
+    from gpuherd.core.leader import guards_held_elsewhere
+
+    try:
+        held = await asyncio.to_thread(guards_held_elsewhere, settings.resolved_database_url, settings.home)
+    except Exception:              # the probe is advice: a failure to probe must not fail the boot
+        logging.getLogger("gpuherd").warning("could not check for a guard process", exc_info=True)
+        return
+    if not held:
+        print(GUARDS_HINT, file=sys.stderr, flush=True)
 
 
 async def _remote_shell(url: str, yes: bool) -> int:
@@ -119,38 +461,49 @@ async def _remote_shell(url: str, yes: bool) -> int:
 
     key = os.environ.get("GPUHERD_API_KEY", "").strip()
     if not key:
-        raise GpuherdError("Set GPUHERD_API_KEY to your API key for that server (an admin makes one with "
+        raise ConfigError("Set GPUHERD_API_KEY to your API key for that server (an admin makes one with "
                            "`gpuherd keys create --user <you>`).")
     return await run_remote(url, key, yes=yes)
 
 
 async def _shell(yes: bool, wait: bool = True) -> int:
+    import asyncio
+
+    from rich.console import Console
+
     from gpuherd.core.runtime import Runtime
 
-    from .shell import Shell
+    from .shell import Shell, farewell
 
-    service = _service()
-    runtime = Runtime(service, tune_collector=True)
-    shell = Shell(service, yes=yes, wait=wait, runtime=runtime)  # the shell is a notice destination
-    async with runtime:  # recovery, attachments, guards and notices run in the background while you type
-        if runtime.adopted:
-            Console(stderr=True).print(f"[yellow]Adopted {', '.join(runtime.adopted)}: booted before a crash.[/yellow]")
-        if runtime.attached:
-            Console(stderr=True).print(f"Attached from the configuration: {', '.join(runtime.attached)}")
-        code = await shell.run()
-        await runtime.deliver_now()  # what the last commands caused, before leaving
+    service = await asyncio.to_thread(_service)
+    runtime = Runtime(service, tune_collector=True, close_service=False)
+    try:
+        shell = Shell(service, yes=yes, wait=wait, runtime=runtime)  # the shell is a notice destination
+        async with runtime:  # recovery, attachments, guards and notices run in the background while you type
+            if runtime.adopted:
+                Console(stderr=True).print(f"[yellow]Adopted {', '.join(runtime.adopted)}: booted before a crash.[/yellow]")
+            if runtime.attached:
+                Console(stderr=True).print(f"Attached from the configuration: {', '.join(runtime.attached)}")
+            code = await shell.run()
+            await runtime.deliver_now()  # what the last commands caused, before leaving
+        await farewell(service, shell.actor, shell.console)   # after the runtime let go of the guard lock
         return code
+    finally:
+        await service.aclose()             # the runtime leaves it open for the farewell
 
 
 async def _run_guards() -> int:
     """`gpuherd guards --run`: the guard scheduler in the foreground, printing what it does."""
+    import asyncio
     import signal
+
+    from rich.markup import escape
 
     from gpuherd.core.runtime import Runtime
 
     from .render_text import make_console
 
-    service = _service()
+    service = await asyncio.to_thread(_service)
     console = make_console()
     service.hub.subscribe(lambda n: console.print(f"{n.at:%Y-%m-%d %H:%M:%S} {escape(n.text)}", highlight=False))
     stop = asyncio.Event()
@@ -159,12 +512,13 @@ async def _run_guards() -> int:
         loop.add_signal_handler(sig, stop.set)
     async with Runtime(service, tune_collector=True) as runtime:
         scheduler = runtime.scheduler
-        console.print(f"guards running as {runtime.identity} ({scheduler.leadership.describe()}); Ctrl-C stops")  # type: ignore[union-attr]
+        assert scheduler is not None                  # guards=True (the default) makes one
+        console.print(f"guards running as {runtime.identity} ({scheduler.leadership.describe()}); Ctrl-C stops")
         await stop.wait()
     return 0
 
 
-def _db(action: str) -> int:
+def _db(action: str, as_json: bool) -> int:
     from gpuherd.core.config import load_settings
     from gpuherd.core.db import Database, current_revision, head_revision
 
@@ -172,104 +526,129 @@ def _db(action: str) -> int:
     db = Database(settings.resolved_database_url)
     if action == "upgrade":
         db.upgrade()
-    print(f"database revision {current_revision(db.engine) or 'none'} (latest {head_revision()})")
-    return 0
+    current, head = current_revision(db.engine), head_revision()
+    if as_json:
+        _print_json({"revision": current, "head": head, "current": current == head})
+    else:
+        print(f"database revision {current or 'none'} (latest {head})")
+    return OK
 
 
-def _users(args: argparse.Namespace) -> int:
+def _users(args: argparse.Namespace, as_json: bool) -> int:
+    import asyncio
+
     async def run() -> int:
-        service = _service()
+        service = await asyncio.to_thread(_service)
         try:
             actor = service.local_actor("cli")
             if args.action == "set":
                 if not args.principal:
-                    raise GpuherdError("Which user? gpuherd users set <principal> --role member --team ml")
+                    raise InvalidInput("Which user? gpuherd users set <principal> --role member --team ml")
                 user = await service.set_user(actor, args.principal, role=args.role, team=args.team)
-                print(f"{user.principal}: {user.role}, team {user.team}")
+                if as_json:
+                    _print_json(user.model_dump(mode="json"))
+                else:
+                    print(f"{user.principal}: {user.role}, team {user.team}")
             else:
-                for user in await service.users(actor):
+                users = await service.users(actor)
+                if as_json:
+                    _print_json([u.model_dump(mode="json") for u in users])
+                for user in [] if as_json else users:
                     print(f"{user.principal:<32} {user.role:<7} {user.team}")
-            return 0
+            return OK
         finally:
             await service.aclose()
     return asyncio.run(run())
 
 
-def _database_unreachable(exc: BaseException) -> GpuherdError:
+def _database_unreachable(exc: BaseException) -> ConfigError:
     """A database error as one line (its type and first line; never the URL, which may hold a password)."""
     orig = getattr(exc, "orig", None) or exc
     first = (str(orig).strip().splitlines() or [""])[0][:200]
-    return GpuherdError(f"The database cannot be used ({type(orig).__name__}: {first}). "
+    return ConfigError(f"The database cannot be used ({type(orig).__name__}: {first}). "
                         "Check GPUHERD_DATABASE_URL and that the database is up (gpuherd db upgrade migrates it).")
+
+
+def _is_database_error(exc: BaseException) -> bool:
+    """Without importing SQLAlchemy: a process that never loaded it raised none of its errors."""
+    errors = sys.modules.get("sqlalchemy.exc")
+    return errors is not None and isinstance(exc, errors.SQLAlchemyError)
 
 
 def _serve(host: str, port: int) -> int:
     """`gpuherd serve`: blocks until SIGTERM or SIGINT, 0 after a clean shutdown."""
-    from sqlalchemy.exc import SQLAlchemyError
-
     try:
         from .http.server import serve
     except ImportError as exc:
-        raise GpuherdError(f"gpuherd serve needs the server extra ({exc.name} is missing): "
+        raise ConfigError(f"gpuherd serve needs the server extra ({exc.name} is missing): "
                            "pip install 'gpuherd[server]' (./run serve installs it).") from None
-    try:
-        return serve(host, port)
-    except SQLAlchemyError as exc:
-        raise _database_unreachable(exc) from None
+    return serve(host, port)
 
 
 def _slack() -> int:
     """`gpuherd slack`: the Slack surface alone, in Socket Mode, with the guards and notices."""
+    import asyncio
+
     try:
         from .slack.run import run_socket_mode
     except ImportError as exc:
-        raise GpuherdError(f"gpuherd slack needs the slack extra ({exc.name} is missing): "
+        raise ConfigError(f"gpuherd slack needs the slack extra ({exc.name} is missing): "
                            "pip install 'gpuherd[slack]'.") from None
     return asyncio.run(run_socket_mode())
 
 
 def _discord(action: str, guild: int | None) -> int:
     """`gpuherd discord [run|sync|commands]`: the bot alone, or its command registration."""
+    import asyncio
+
     try:
         from .discord import commands, run
     except ImportError as exc:
-        raise GpuherdError(f"gpuherd discord needs the discord extra ({exc.name} is missing): "
+        raise ConfigError(f"gpuherd discord needs the discord extra ({exc.name} is missing): "
                            "pip install 'gpuherd[discord]'.") from None
     if action == "commands":
-        import json
-
-        print(json.dumps(commands.payload(), indent=2, ensure_ascii=False))
-        return 0
+        _print_json(commands.payload())
+        return OK
     if action == "sync":
         from gpuherd.core.config import load_settings
 
         names = asyncio.run(run.sync(load_settings(), guild))
         where = f"server {guild}" if guild else "every server (global commands take up to an hour to appear)"
         print(f"Registered /{', /'.join(names)} in {where}.")
-        return 0
+        return OK
     return asyncio.run(run.run_gateway())
 
 
-def _keys(args: argparse.Namespace) -> int:
+def _keys(args: argparse.Namespace, as_json: bool) -> int:
     """`gpuherd keys create|list|revoke`, as the local admin. A new key goes alone to stdout
-    (`KEY=$(gpuherd keys create --user api:ci)` works); what to do with it goes to stderr."""
-    from sqlalchemy.exc import SQLAlchemyError
+    (`KEY=$(gpuherd keys create --user api:ci)` works); what to do with it goes to stderr.
+    With --json the key is the `key` field of the one object printed."""
+    import asyncio
+
+    from rich.console import Console
+    from rich.markup import escape
 
     async def run() -> int:
-        service = _service()
+        service = await asyncio.to_thread(_service)
         try:
             actor = service.local_actor("cli")
             err = Console(stderr=True)
             if args.keys_action == "create":
                 created = await service.create_key(actor, args.principal, role=args.role, name=args.name)
                 view = created.view
-                print(created.key)
+                if as_json:
+                    _print_json({"key": created.key, "view": view.model_dump(mode="json")})
+                else:
+                    print(created.key)
                 cap = f", capped at {view.role}" if view.role else ""
                 err.print(f"API key {view.id} for {escape(view.principal)}{cap}. It is shown only once: store it "
                           f"now. Send it as `Authorization: Bearer <key>`; `gpuherd keys revoke {view.id}` ends it.",
                           highlight=False)
             elif args.keys_action == "list":
                 views = await service.list_keys(actor, include_revoked=args.all)
+                if as_json:
+                    _print_json([v.model_dump(mode="json") for v in views])
+                    return OK
                 if not views:
                     err.print("No API keys yet: gpuherd keys create --user api:<name>")
                 for v in views:
@@ -279,14 +658,14 @@ def _keys(args: argparse.Namespace) -> int:
                           f"created {v.created_at:%Y-%m-%d %H:%M}  used {used:<16}  {state}")
             else:
                 view = await service.revoke_key(actor, args.key_id)
-                print(f"Revoked API key {view.id} of {view.principal}.")
-            return 0
+                if as_json:
+                    _print_json(view.model_dump(mode="json"))
+                else:
+                    print(f"Revoked API key {view.id} of {view.principal}.")
+            return OK
         finally:
             await service.aclose()
-    try:
-        return asyncio.run(run())
-    except SQLAlchemyError as exc:
-        raise _database_unreachable(exc) from None
+    return asyncio.run(run())
 
 
 def panel_command(host: str, port: int, *, open_browser: bool = False) -> list[str]:
@@ -306,9 +685,9 @@ def _panel(host: str, port: int, *, open_browser: bool) -> int:
     import subprocess
 
     if importlib.util.find_spec("voila") is None or importlib.util.find_spec("ipywidgets") is None:
-        raise GpuherdError("The panel page needs Voila and ipywidgets: pip install 'gpuherd[panel]'.")
+        raise ConfigError("The panel page needs Voila and ipywidgets: pip install 'gpuherd[panel]'.")
     if not 0 < port < 65536:
-        raise GpuherdError(f"--port takes a port number between 1 and 65535, not {port}.")
+        raise InvalidInput(f"--port takes a port number between 1 and 65535, not {port}.")
     shown = f"[{host}]" if ":" in host else host
     print(f"gpuherd panel: http://{shown}:{port}/  (Ctrl-C to stop)", flush=True)
     child = subprocess.Popen(panel_command(host, port, open_browser=open_browser))
@@ -320,23 +699,168 @@ def _panel(host: str, port: int, *, open_browser: bool) -> int:
             child.wait(timeout=10)
         except subprocess.TimeoutExpired:
             child.kill()
-        return 130
+        return INTERRUPTED
 
+
+# --- completion --------------------------------------------------------------------------------
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    found: dict[str, argparse.ArgumentParser] = {}
+    for action in parser._actions:                                  # argparse has no public walk
+        if isinstance(action, argparse._SubParsersAction):
+            found.update(action.choices)
+    return found
+
+
+def _words_of(parser: argparse.ArgumentParser) -> list[str]:
+    """A terminal command's options, the choices of its positionals, its sub-actions and theirs."""
+    words: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                words += [name, *_words_of(child)]
+        elif action.option_strings:
+            words += [o for o in action.option_strings if o.startswith("--")]
+        elif action.choices:
+            words += [str(c) for c in action.choices]
+    return list(dict.fromkeys(w for w in words if w not in ("--help",)))
+
+
+@dataclass(frozen=True)
+class _Completion:
+    globals_: list[str]
+    commands: list[tuple[str, str]]                 # (name, what it does), aliases included
+    words: dict[str, list[str]]                     # command -> what may follow it
+
+
+def _completion_data() -> _Completion:
+    """From the parser and the grammar's registry (imported: a script is printed once)."""
+    from . import grammar
+
+    parser = build_parser()
+    globals_ = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    commands: list[tuple[str, str]] = []
+    words: dict[str, list[str]] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {pseudo.dest: pseudo.help or "" for pseudo in action._choices_actions}
+            for name, sub in action.choices.items():
+                commands.append((name, helps.get(name, "")))
+                words[name] = _words_of(sub)
+    names = [c.name for c in grammar.REGISTRY.all()]
+    for cmd in grammar.REGISTRY.all():
+        options = [f"{o}=" for o in cmd.options if o != "*"]
+        options += [f"{p.option}=" for p in cmd.params if p.option and f"{p.option}=" not in options]
+        positional = [c for p in cmd.params if p.option is None and not p.rest for c in p.choices]
+        if any(p.complete == "command" for p in cmd.params):
+            positional += names
+        if any(p.complete == "period" for p in cmd.params):
+            positional += ["today", "week", "month"]
+        after = [*positional, *options, "--yes", "--no-wait", "--json", "--help"]
+        if cmd.name == "guards":
+            after.insert(0, "--run")
+        for name in (cmd.name, *cmd.aliases):
+            commands.append((name, cmd.summary))
+            words[name] = after
+    return _Completion(globals_, commands, words)
+
+
+def _bash_words(words: Sequence[str]) -> str:
+    return " ".join(words).replace("'", "")
+
+
+def completion_script(shell: str) -> str:
+    """A bash or zsh script completing gpuherd's commands, the /gpu commands and their options."""
+    data = _completion_data()
+    if shell == "bash":
+        cases = "\n".join(f"        {name}) words='{_bash_words(data.words[name])}' ;;" for name, _ in data.commands)
+        top = _bash_words([*data.globals_, *(n for n, _ in data.commands)])
+        return f"""# gpuherd completion for bash. Add to ~/.bashrc:  source <(gpuherd completion bash)
+_gpuherd_complete() {{
+    local cur=${{COMP_WORDS[COMP_CWORD]}} cmd="" words="" i
+    for ((i = 1; i < COMP_CWORD; i++)); do
+        case ${{COMP_WORDS[i]}} in
+            -*) ;;
+            *) cmd=${{COMP_WORDS[i]}}; break ;;
+        esac
+    done
+    case $cmd in
+        "") words='{top}' ;;
+{cases}
+    esac
+    COMPREPLY=($(compgen -W "$words" -- "$cur"))
+    if [[ ${{#COMPREPLY[@]}} -eq 1 && ${{COMPREPLY[0]}} == *= ]]; then
+        compopt -o nospace 2>/dev/null
+    fi
+}}
+complete -F _gpuherd_complete gpuherd
+"""
+    def zq(text: str) -> str:
+        return "'" + text.replace("'", "'\\''") + "'"
+    described = "\n".join(f"        {zq(n + ':' + d.replace(':', ' -'))}" for n, d in data.commands)
+    cases = "\n".join(f"        {n}) opts=({' '.join(zq(w) for w in data.words[n])}) ;;" for n, _ in data.commands)
+    globals_ = " ".join(zq(g) for g in data.globals_)
+    return f"""#compdef gpuherd
+# gpuherd completion for zsh. Add to ~/.zshrc (after compinit):  source <(gpuherd completion zsh)
+_gpuherd() {{
+    local -a commands opts          # not `words`: zsh's own array of the command line
+    local cmd="" i
+    commands=(
+{described}
+    )
+    for (( i = 2; i < CURRENT; i++ )); do
+        [[ ${{words[i]}} == -* ]] && continue
+        cmd=${{words[i]}}
+        break
+    done
+    if [[ -z $cmd ]]; then
+        _describe -t commands 'gpuherd command' commands
+        compadd -- {globals_}
+        return
+    fi
+    case $cmd in
+{cases}
+    esac
+    local w
+    for w in $opts; do
+        if [[ $w == *= ]]; then compadd -S '' -- $w; else compadd -- $w; fi
+    done
+}}
+if (( $+functions[compdef] )); then compdef _gpuherd gpuherd; fi
+"""
+
+
+# --- argv ----------------------------------------------------------------------------------------
 
 def _split_chat_command(argv: list[str]) -> tuple[list[str], str, list[str]] | None:
     """(global options, command, its words) when argv runs a /gpu command one-shot. The words are
     taken verbatim: argparse would read `gpuherd search -o dph` as an unknown option `-o`."""
-    names = {n for c in grammar.REGISTRY.all() for n in (c.name, *c.aliases)}
+    names = {n for c in chat_commands() for n in (c.name, *c.aliases)}
     for i, word in enumerate(argv):
         if word.startswith("-"):
-            continue            # a global option (--yes, --verbose); none of them takes a value
+            continue            # a global option (--yes, --verbose, --json); none of them takes a value
         return (argv[:i], word, argv[i + 1:]) if word in names else None
     return None
+
+
+def _unknown_command(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """The first word when it is no command at all (argparse would list only the terminal ones)."""
+    import difflib
+
+    known = set(_subparsers(parser)) | {n for c in chat_commands() for n in (c.name, *c.aliases)}
+    word = next((w for w in argv if not w.startswith("-")), None)
+    if word is None or word in known:
+        return None
+    close = difflib.get_close_matches(word, sorted(known), n=1)
+    hint = f" Did you mean `gpuherd {close[0]}`?" if close else ""
+    return f"gpuherd: unknown command '{word[:40]}'.{hint} `gpuherd --help` lists the commands."
 
 
 def _setup_logging(verbose: bool) -> None:
     """The log goes to gpuherd.log in the data directory, so a failure's details are kept without
     a traceback landing in the user's terminal; --verbose sends it to stderr instead."""
+    import logging
+
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     if verbose:
         logging.basicConfig(level=logging.INFO, stream=sys.stderr, format=fmt)
@@ -351,60 +875,111 @@ def _setup_logging(verbose: bool) -> None:
         logging.basicConfig(level=logging.ERROR, stream=sys.stderr, format=fmt)
 
 
+def _chat_line(name: str, words: list[str]) -> tuple[str, bool, bool, bool]:
+    """(the /gpu line, --yes, wait, --json) of a one-shot's words: gpuherd's own flags are
+    taken out, the rest is passed as the grammar reads it."""
+    import shlex
+
+    from . import grammar
+
+    yes = any(w in ("--yes", "-y") for w in words)
+    no_wait = "--no-wait" in words
+    as_json = "--json" in words
+    words = [w for w in words if w not in OWN_FLAGS]
+    if grammar.REGISTRY.find(name).free_text:
+        # a search query is read by the query parser, not shlex: pass the words as typed
+        # (`gpuherd search 4090 "<\$0.5"` must not become `search 4090 '<$0.5'`)
+        line = " ".join([name, *words])
+    else:
+        line = " ".join([name, *(shlex.quote(w) for w in words)])
+    return line, yes, not no_wait, as_json
+
+
+def _run(args: argparse.Namespace, chat: tuple[list[str], str, list[str]] | None) -> int:
+    import asyncio
+
+    as_json = bool(args.global_json or getattr(args, "sub_json", False))
+    if as_json and args.cmd in TERMINAL_ONLY:
+        raise InvalidInput(f"--json applies to one-shot commands, db, users and keys; not to `gpuherd {args.cmd}`.")
+    if args.cmd == "shell" and args.server:
+        return asyncio.run(_remote_shell(args.server, args.yes or args.shell_yes))
+    if args.cmd == "shell":
+        return asyncio.run(_shell(args.yes or args.shell_yes, wait=not args.no_wait))
+    commands: dict[str, Callable[[], int]] = {
+        "db": lambda: _db(args.action, as_json),
+        "users": lambda: _users(args, as_json),
+        "serve": lambda: _serve(args.host, args.port),
+        "keys": lambda: _keys(args, as_json),
+        "slack": _slack,
+        "discord": lambda: _discord(args.discord_action, args.guild),
+        "panel": lambda: _panel(args.host, args.port, open_browser=args.open),
+    }
+    if args.cmd in commands:
+        return commands[args.cmd]()
+    assert chat is not None
+    name, words = chat[1], chat[2]
+    if name == "guards" and "--run" in words:
+        if as_json:
+            raise InvalidInput("--json applies to one-shot commands; `gpuherd guards --run` keeps running.")
+        return asyncio.run(_run_guards())
+    if [w for w in words if w not in OWN_FLAGS] in (["--help"], ["-h"]):     # `gpuherd stop --help [--json]`
+        name, words = "help", [name, *(w for w in words if w in OWN_FLAGS)]
+    with _collector_paused():   # start-up: the grammar, the core and the service (built before the loop runs)
+        line, yes, wait, word_json = _chat_line(name, words)
+        service = _service()
+    return asyncio.run(_one_shot(service, line, args.yes or yes, wait and not args.global_no_wait,
+                                 as_json=as_json or word_json))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
     chat = _split_chat_command(argv)
-    args = parser.parse_args(chat[0] + [chat[1]] if chat else argv)
+    if chat is None:
+        unknown = _unknown_command(parser, argv)
+        if unknown:
+            print(f"{parser.format_usage().rstrip()}\n{unknown}", file=sys.stderr)
+            return USAGE
+        args = parser.parse_args(argv)
+    else:
+        args = parser.parse_args(chat[0])
+        args.cmd = chat[1]
+    if args.cmd is None:
+        parser.print_help()
+        return OK
+    if args.cmd == "completion":
+        sys.stdout.write(completion_script(args.shell_name))
+        return OK
     _setup_logging(args.verbose or args.cmd in ("serve", "slack")
                    or (args.cmd == "discord" and args.discord_action == "run"))   # a server logs to stderr (journald, containers)
-    console = Console(stderr=True)
     try:
-        if args.cmd is None:
-            parser.print_help()
-            return 0
-        if args.cmd == "shell" and args.server:
-            return asyncio.run(_remote_shell(args.server, args.yes or args.shell_yes))
-        if args.cmd == "shell":
-            return asyncio.run(_shell(args.yes or args.shell_yes, wait=not args.no_wait))
-        if args.cmd == "db":
-            return _db(args.action)
-        if args.cmd == "guards" and chat is not None and "--run" in chat[2]:
-            return asyncio.run(_run_guards())
-        if args.cmd == "users":
-            return _users(args)
-        if args.cmd == "serve":
-            return _serve(args.host, args.port)
-        if args.cmd == "keys":
-            return _keys(args)
-        if args.cmd == "slack":
-            return _slack()
-        if args.cmd == "discord":
-            return _discord(args.discord_action, args.guild)
-        if args.cmd == "panel":
-            return _panel(args.host, args.port, open_browser=args.open)
-        assert chat is not None
-        words = chat[2]
-        if words in (["--help"], ["-h"]):
-            words = [args.cmd]
-            args.cmd = "help"
-        yes = args.yes or any(w in ("--yes", "-y") for w in words)
-        wait = not (args.global_no_wait or "--no-wait" in words)
-        words = [w for w in words if w not in ("--yes", "-y", "--no-wait")]
-        import shlex
-
-        if grammar.REGISTRY.find(args.cmd).free_text:
-            # a search query is read by the query parser, not shlex: pass the words as typed
-            # (`gpuherd search 4090 "<\$0.5"` must not become `search 4090 '<$0.5'`)
-            line = " ".join([args.cmd, *words])
-        else:
-            line = " ".join([args.cmd, *(shlex.quote(w) for w in words)])
-        return asyncio.run(_one_shot(line, yes, wait))
-    except GpuherdError as exc:
-        console.print(f"[red]{escape(exc.message)}[/red]")
-        return 2
+        return _run(args, chat)
+    except (ConfigError, InvalidInput) as exc:     # the settings, or how gpuherd was called
+        _say_error(exc.message)
+        return USAGE
+    except GpuherdError as exc:                    # refused: not found, not allowed, a provider's no
+        _say_error(exc.message)
+        return FAILED
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
+    except Exception as exc:
+        if _is_database_error(exc):
+            _say_error(_database_unreachable(exc).message)
+            return USAGE
+        import logging
+        import uuid
+
+        ref = uuid.uuid4().hex[:8]
+        logging.getLogger("gpuherd").exception("gpuherd %s failed (ref %s)", args.cmd, ref)
+        _say_error(f"Something went wrong on our side (ref {ref}); the details are in gpuherd.log.")
+        return FAILED
+
+
+def _say_error(message: str) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+
+    Console(stderr=True).print(f"[red]{escape(message)}[/red]", soft_wrap=True)   # one line, never wrapped
 
 
 if __name__ == "__main__":

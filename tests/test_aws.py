@@ -676,6 +676,32 @@ def test_off_means_off_even_with_credentials(monkeypatch):
     assert isinstance(AwsProvider.from_settings(settings(aws="auto")), AwsProvider)
 
 
+def test_auto_without_any_aws_configuration_does_not_load_boto3(tmp_path):
+    """`aws=auto` with no AWS variable and no ~/.aws files: the registry never imports boto3
+    (every start would pay for it), while any one of them, or aws=on, does."""
+    import os
+    import subprocess
+    import sys
+
+    from gpuherd.core.providers.registry import aws_configuration_present
+
+    assert not aws_configuration_present({}, tmp_path)
+    assert aws_configuration_present({"AWS_PROFILE": "ml"}, tmp_path)
+    (tmp_path / ".aws").mkdir()
+    (tmp_path / ".aws" / "config").write_text("[profile sso]\n")
+    assert aws_configuration_present({}, tmp_path)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "GPUHERD_"))}
+    env.update(HOME=str(tmp_path / "nohome"), GPUHERD_HOME=str(tmp_path / "data"))
+    probe = ("import sys; from gpuherd.core.config import load_settings; "
+             "from gpuherd.core.providers.registry import build_registry; "
+             "r = build_registry(load_settings()); print('boto3' in sys.modules, sorted(r.names()))")
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[0] == "False", out
+    on = subprocess.run([sys.executable, "-c", probe], env={**env, "GPUHERD_AWS": "on"},
+                        capture_output=True, text=True, check=True).stdout
+    assert on.split()[0] == "True" and "aws" in on, on
+
+
 def test_missing_boto3_says_which_extra(monkeypatch, caplog):
     monkeypatch.setattr(aws_module, "boto3", None)
     monkeypatch.setattr(aws_module, "_warned", set())

@@ -9,7 +9,6 @@ from datetime import datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..offers import Offer
@@ -142,6 +141,8 @@ class Provider(abc.ABC):
         if not instance.endpoint or not path:
             return True  # nothing to ask: running is all we can know
         url = instance.endpoint.rstrip("/") + "/" + path.lstrip("/")
+        import httpx  # here, not at the top: a start that never probes health does not load it
+
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(HEALTH_TIMEOUT_S), follow_redirects=True) as http:
                 response = await http.get(url)
