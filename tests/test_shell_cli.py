@@ -76,7 +76,7 @@ async def test_exit_stops_reading(service: GpuService) -> None:
 
 async def test_piped_without_yes_does_not_confirm_and_says_how(service: GpuService) -> None:
     shell, console = make_shell(service, "/gpu boot budget max_dph=0.01\n")
-    assert await shell.run() == 0
+    assert await shell.run() == 1                                # not done: the script fails
     out = console.export_text()
     assert "Price above limit" in out
     assert "Needs a yes" in out and "/gpu confirm c_" in out and "--yes" in out
@@ -101,7 +101,7 @@ async def test_destroy_in_a_script_needs_yes(service: GpuService) -> None:
     assert match
     iid = match.group(1)
     shell, console = make_shell(service, f"/gpu destroy {iid}\n")
-    assert await shell.run() == 0
+    assert await shell.run() == 1                                # not done: the script fails
     assert state_of(service, iid) == "running"
     assert "Needs a yes: run `/gpu confirm c_" in console.export_text()
     shell, console = make_shell(service, f"/gpu destroy {iid}\n", yes=True)
@@ -234,3 +234,13 @@ def test_cli_bad_config_names_the_key(cli_env: dict[str, str], tmp_path: Path) -
         assert proc.returncode == 2, proc.stdout + proc.stderr
         assert "GPUHERD_SANDBOX_TIME_SCALE" in proc.stderr and "number" in proc.stderr
         assert not (tmp_path / "cli-home" / "gpuherd.db").exists()   # refused before touching anything
+
+
+def test_cli_one_shot_is_not_echoed_and_a_refused_yes_fails(cli_env: dict[str, str], tmp_path: Path) -> None:
+    status = cli(cli_env, "status", cwd=tmp_path)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "gpu> " not in status.stdout and "0 instances" in status.stdout
+    boot = cli(cli_env, "boot", "budget", "max_dph=0.01", cwd=tmp_path)
+    assert boot.returncode != 0, boot.stdout + boot.stderr      # not done: a script must see it
+    assert "gpu> " not in boot.stdout
+    assert "Needs a yes: run `/gpu confirm c_" in boot.stdout and "Not done." in boot.stdout
