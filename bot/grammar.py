@@ -7,6 +7,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
+import re
 import shlex
 import uuid
 from collections.abc import Awaitable, Callable
@@ -16,6 +17,7 @@ from typing import Any, Literal
 from gpuherd.core.auth import Actor
 from gpuherd.core.errors import GpuherdError, InvalidInput
 from gpuherd.core.models import Role
+from gpuherd.core.names import check_budget_name, check_idempotency_key, check_principal, has_control
 from gpuherd.core.results import BootResult, Confirmation, DestroyResult, ProgressEvent, StartResult
 from gpuherd.core.service import GpuService
 from gpuherd.core.text import (
@@ -76,7 +78,7 @@ class Args:
             return True
         if value.lower() in ("no", "n", "false", "0", "off"):
             return False
-        raise InvalidInput(f"{name}= takes yes or no, not '{value}'.")
+        raise InvalidInput(f"{name}= takes yes or no, not '{clip(value, 20)}'.")
 
 
 ParamKind = Literal["text", "integer", "number", "duration", "choice", "flag"]
@@ -211,6 +213,8 @@ def parse_args(cmd: Command, rest: str) -> Args:
             else:
                 raise InvalidInput(f"`/gpu {cmd.name}` has no option '{clip(word)}'.")
         else:
+            if not word:       # `/gpu status ''` is not `/gpu status`: an empty id names nothing
+                raise InvalidInput(f"An empty argument ('') in `/gpu {cmd.name}` names nothing. Usage: {cmd.usage}")
             args.positional.append(bounded(word, MAX_NAME, f"argument of `/gpu {cmd.name}`"))
     if len(args.positional) > cmd.max_positional:
         extra = args.positional[cmd.max_positional]
@@ -277,12 +281,21 @@ async def dispatch(ctx: Context, line: str) -> Reply:
         args = parse_args(cmd, rest.strip())
         return await cmd.handler(ctx, args)
     except GpuherdError as exc:
-        return replies.error(exc.message, exc.hint)
+        return replies.error(_visible(exc.message), _visible(exc.hint) if exc.hint else None)
     except Exception:
         ref = uuid.uuid4().hex[:8]
         log.exception("command failed (ref %s): %r", ref, line[:200])
         return replies.error(f"Something went wrong on our side (ref {ref}). Check /gpu status before "
                              "trying again; the details are in gpuherd's log.", title="Internal error")
+
+
+def _visible(message: str) -> str:
+    """A refusal as it may reach a terminal: every message quotes input through `clip`, and
+    this is the net under that rule: a control or invisible character that still got into a
+    message (a core message quoting a word as typed) is shown as an escape, never sent."""
+    if not has_control(message.replace("\n", "")):
+        return message
+    return "".join(c if c == "\n" or not has_control(c) else f"\\u{ord(c):04x}" for c in message)
 
 
 # --- help -------------------------------------------------------------------------------------
@@ -355,10 +368,14 @@ async def _boot(ctx: Context, args: Args) -> Reply:
     opts = dict(args.options)
     offer = opts.pop("offer", None)
     provider = opts.pop("provider", None)
+    if offer is not None:
+        offer = _offer_ref(offer, provider)
+    elif provider is not None and not _PROVIDER.fullmatch(provider):
+        raise InvalidInput(f"provider='{clip(provider, 20)}' is not a provider name (e.g. provider=vast).")
     if "confirm" in opts:
         raise InvalidInput("A boot is confirmed by answering its question (the Boot anyway button or "
                            "/gpu confirm <token>), not with confirm=yes.")
-    key = opts.pop("key", None) or ctx.key("boot")
+    key = _idempotency(ctx, opts.pop("key", None), "boot")
     result = await ctx.service.boot(ctx.actor, args.positional[0], offer=offer, provider=provider, overrides=opts,
                                     idempotency_key=key)
     return await _answer(ctx, result)
@@ -397,6 +414,30 @@ async def _cancel(ctx: Context, args: Args) -> Reply:
     return replies.cancelled_reply(await ctx.service.cancel(ctx.actor, args.positional[0]))
 
 
+_PROVIDER = re.compile(r"[a-z][a-z0-9]{0,31}")
+_OFFER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@%+=:-]{0,99}")
+
+
+def _offer_ref(offer: str, provider: str | None) -> str:
+    """`offer=<provider>:<id>` as `/gpu search` shows it, or InvalidInput saying what is wrong
+    with it; a `provider=` that names another provider contradicts it and is refused, not
+    silently overridden by either."""
+    pname, colon, oid = offer.partition(":")
+    if not colon or not _PROVIDER.fullmatch(pname) or not _OFFER_ID.fullmatch(oid):
+        raise InvalidInput(f"offer='{clip(offer)}' should look like <provider>:<id> as /gpu search shows it, "
+                           "e.g. offer=sandbox:sb-0042.")
+    if provider is not None and provider != pname:
+        raise InvalidInput(f"offer={clip(offer)} is a {pname} offer but provider='{clip(provider, 20)}' names "
+                           "another provider: give one or the other.")
+    return offer
+
+
+def _idempotency(ctx: Context, given: str | None, command: str) -> str | None:
+    """`key=` as typed (checked, an empty `key=` included: it is not "no key"), else the
+    delivery's own key."""
+    return ctx.key(command) if given is None else check_idempotency_key(given)
+
+
 def _instance_arg(args: Args, cmd: str) -> str:
     if not args.positional:
         raise InvalidInput(f"Which instance? Usage: /gpu {cmd} <id> (ids look like g-7f3a; /gpu status lists them).")
@@ -408,7 +449,7 @@ def _instance_arg(args: Args, cmd: str) -> str:
                   params=(Param("instance", "the stopped instance", required=True, complete="instance"),))
 async def _start(ctx: Context, args: Args) -> Reply:
     r: StartResult = await ctx.service.start(ctx.actor, _instance_arg(args, "start"),
-                                             idempotency_key=args.options.get("key") or ctx.key("start"))
+                                             idempotency_key=_idempotency(ctx, args.options.get("key"), "start"))
     if r.operation_id and ctx.wait:
         began = ctx.service.clock.monotonic()
         await ctx.follow(r.operation_id)
@@ -423,7 +464,7 @@ async def _start(ctx: Context, args: Args) -> Reply:
                   params=(Param("instance", "the running instance", required=True, complete="instance"),))
 async def _stop(ctx: Context, args: Args) -> Reply:
     r = await ctx.service.stop(ctx.actor, _instance_arg(args, "stop"),
-                               idempotency_key=args.options.get("key") or ctx.key("stop"))
+                               idempotency_key=_idempotency(ctx, args.options.get("key"), "stop"))
     return replies.stop_reply(r)
 
 
@@ -432,7 +473,7 @@ async def _stop(ctx: Context, args: Args) -> Reply:
                   params=(Param("instance", "the instance to destroy", required=True, complete="instance"),))
 async def _destroy(ctx: Context, args: Args) -> Reply:
     r = await ctx.service.destroy(ctx.actor, _instance_arg(args, "destroy"), confirmed=args.flag("confirm"),
-                                  idempotency_key=args.options.get("key") or ctx.key("destroy"))
+                                  idempotency_key=_idempotency(ctx, args.options.get("key"), "destroy"))
     return await _answer(ctx, r)
 
 
@@ -455,6 +496,16 @@ async def _status(ctx: Context, args: Args) -> Reply:
                   "foreground (the shell runs it in the background).")
 async def _guards(ctx: Context, args: Args) -> Reply:
     return replies.guards_reply(await ctx.service.guard_overview(ctx.actor))
+
+
+@REGISTRY.command("providers", summary="Each provider: credentials, last answer and error, price age, balance",
+                  usage="/gpu providers",
+                  details=("Asks every configured provider now (within the provider time limit): whether its "
+                           "credentials work and, where it reports one, its account balance and how long that "
+                           "lasts at what is billed there now. The team is warned once when a balance runs out "
+                           "within a day."))
+async def _providers(ctx: Context, args: Args) -> Reply:
+    return replies.providers_reply(await ctx.service.provider_overview(ctx.actor))
 
 
 @REGISTRY.command("keep", role=Role.MEMBER, summary="Postpone idle shutdown (default 1 h, at most 7 days)",
@@ -487,13 +538,20 @@ async def _costs(ctx: Context, args: Args) -> Reply:
                           Param("instance", "only this instance's events", complete="instance")))
 async def _audit(ctx: Context, args: Args) -> Reply:
     n, iid = 20, None
+    count: str | None = None
     for word in args.positional:
         if word.isascii() and word.isdigit():     # not '²' or '١٠': str.isdigit takes those
-            n = int(word)
+            if count is not None:
+                raise InvalidInput(f"Two counts ('{count}' and '{clip(word, 20)}'): give one. Usage: /gpu audit [n] [id]")
+            count = word
+            n = int(word)                      # at most 128 digits; the service bounds it
         elif word.lower().startswith("g-"):
+            if iid is not None:
+                raise InvalidInput(f"Two instances ('{clip(iid, 20)}' and '{clip(word, 20)}'): give one. "
+                                   "Usage: /gpu audit [n] [id]")
             iid = word
         else:
-            raise InvalidInput(f"'{word}' is neither a count nor an instance id. Usage: /gpu audit [n] [id]")
+            raise InvalidInput(f"'{clip(word)}' is neither a count nor an instance id. Usage: /gpu audit [n] [id]")
     return replies.audit_reply(await ctx.service.audit(ctx.actor, n, iid))
 
 
@@ -516,11 +574,12 @@ async def _budget(ctx: Context, args: Args) -> Reply:
     verb = args.positional[0].lower()
     scopes = [(s, args.options[s]) for s in ("team", "user") if s in args.options]
     if verb not in ("set", "clear"):
-        raise InvalidInput(f"Unknown budget action '{args.positional[0]}': use set or clear.")
+        raise InvalidInput(f"Unknown budget action '{clip(args.positional[0])}': use set or clear.")
     if len(scopes) != 1:
         raise InvalidInput(f"Name exactly one of team=<team> or user=<user>: /gpu budget {verb} team=ml"
                            + (" 500" if verb == "set" else ""))
     scope, name = scopes[0]
+    check_budget_name(scope, name)            # before anything else is said about it
     if verb == "clear":
         return replies.budget_reply(await ctx.service.clear_budget(ctx.actor, scope, name))
     if len(args.positional) < 2:
@@ -544,6 +603,8 @@ async def _budget(ctx: Context, args: Args) -> Reply:
 async def _attach(ctx: Context, args: Args) -> Reply:
     if not args.positional:
         raise InvalidInput("Which machine? Usage: /gpu attach <provider>:<id>, e.g. /gpu attach vast:12345")
+    if "owner" in args.options:
+        check_principal(args.options["owner"], "owner")       # before the provider is asked
     r = await ctx.service.attach(ctx.actor, args.positional[0], template=args.options.get("template"),
                                  idle=args.options.get("idle"), owner=args.options.get("owner"))
     return replies.attach_reply(r)

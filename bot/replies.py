@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 from gpuherd.core.actions import Action as CoreAction
 from gpuherd.core.actions import Op
 from gpuherd.core.money import rate, usd
+from gpuherd.core.provider_health import ProvidersResult
 from gpuherd.core.providers.sandbox import SIMULATED_NOTE
 from gpuherd.core.results import (
     AttachResult,
@@ -175,9 +176,21 @@ def search_reply(r: SearchResult) -> Reply:
     offers = [v.offer for v in r.offers]
     rows = [[o.ref, o.gpu_name, str(o.num_gpus), f"{o.gpu_ram:g}", rate(o.dph), f"{o.reliability:.3f}",
              o.location or "—"] for o in offers]
+    failed = [f.provider for f in r.failures]
+    heard = [p for p in r.providers if p not in failed]
+    if r.offers:
+        text = ""
+    elif failed:
+        # some providers answered with nothing that matches, the others were not heard from:
+        # the missing offers may be theirs, so the query is not necessarily too narrow
+        text = (f"No offer from {', '.join(heard) or 'the providers that answered'} matches; "
+                f"{', '.join(failed)} {'was' if len(failed) == 1 else 'were'} not heard from, so "
+                f"{'its' if len(failed) == 1 else 'their'} offers are missing. Search again in a moment.")
+    else:
+        text = "No offer matches. Loosen the query (e.g. drop a price limit) or try another GPU."
     reply = Reply(
         title=f"{r.total_matches} offer{'s' if r.total_matches != 1 else ''} · {r.description}",
-        text="" if r.offers else "No offer matches. Loosen the query (e.g. drop a price limit) or try another GPU.",
+        text=text, level="warning" if failed and not r.offers else "info",
         tables=[Table(columns=["offer", "gpu", "n", "GB", "$/h", "rel.", "where"], rows=rows,
                       align=["left", "left", "right", "right", "right", "right", "left"])] if rows else [],
         actions=[phrase(a, label=f"Boot {v.offer.gpu_name} {rate(v.offer.dph)}")
@@ -186,7 +199,14 @@ def search_reply(r: SearchResult) -> Reply:
     if r.total_matches > len(r.offers):
         reply = reply.with_note(f"Showing the first {len(r.offers)} of {r.total_matches} in that order; add limit=N for more.")
     for failure in r.failures:
-        reply = reply.with_note(f"⚠ {failure.provider} did not answer: {failure.message}")
+        reply = reply.with_note(f"⚠ Not heard from {failure.provider} (its offers are missing): {failure.message}")
+    unfit: dict[str, list[str]] = {}
+    for v in r.offers:
+        if v.unfit and not v.actions:
+            unfit.setdefault(v.unfit, []).append(v.offer.ref)
+    for why, refs in unfit.items():
+        shown = ", ".join(refs[:3]) + (f" and {len(refs) - 3} more" if len(refs) > 3 else "")
+        reply = reply.with_note(f"No Boot button for {shown}: {why}.")
     ages = ", ".join(f"{name} {duration(r.provider_ages[name])} ago" for name in r.providers
                      if name in r.provider_ages)
     if ages:
@@ -338,7 +358,9 @@ def destroy_reply(r: DestroyResult) -> Reply:
 def keep_reply(r: KeepResult) -> Reply:
     v = r.instance
     return _simulated(Reply(title=f"Keeping {v.id}", level="success",
-                            text=f"{v.id} will not be stopped for idleness before {when(r.until)}.",
+                            text=f"{v.id} will not be destroyed for being stopped before {when(r.until)}."
+                            if v.state.value == "stopped" else
+                            f"{v.id} will not be stopped for idleness before {when(r.until)}.",
                             fields=instance_fields(v)), r.simulated)
 
 
@@ -412,22 +434,76 @@ def budget_line(b: BudgetUse) -> ReplyField:
 
 
 def costs_reply(r: CostReport) -> Reply:
+    """Spend by group, what bills now, run-rate and projection. Rows are rounded to the cent each,
+    so when their rounded sum is not the rounded total a note says so (rather than nudging a row
+    off its own value). Machines billing compute and stopped machines billing storage are two
+    tables: a stopped machine is not "running". Run-rate and month-end projection describe now,
+    so a period that does not include now (a past month) leaves them out."""
     rows = [[who(g.key) if r.group_by.value == "user" else g.key, usd(g.amount)] for g in r.groups]
     tables = [Table(columns=[r.group_by.value, "spend"], rows=rows, align=["left", "right"])] if rows else []
-    if r.running:
-        tables.append(Table(columns=["running", "owner", "state", "$/h", "accrued"],
-                            rows=[[v.id, who(v.owner), v.state.value, rate(v.current_dph), usd(v.accrued)]
-                                  for v in r.running],
-                            align=["left", "left", "left", "right", "right"], caption="Billing now"))
-    fields = [ReplyField(label="spend", value=usd(r.total)),
-              ReplyField(label="run-rate", value=f"{rate(r.run_rate.per_hour)} · {usd(r.run_rate.per_day)}/day"),
-              ReplyField(label="month to date", value=usd(r.month_to_date)),
-              ReplyField(label="month-end projection", value=usd(r.projected_month_end))]
+    for label, caption, views in (
+            ("running", "Billing now · compute", [v for v in r.running if v.state.value != "stopped"]),
+            ("stopped", "Billing now · storage while stopped", [v for v in r.running if v.state.value == "stopped"])):
+        if views:
+            tables.append(Table(columns=[label, "owner", "state", "$/h", "accrued"],
+                                rows=[[v.id, who(v.owner), v.state.value, rate(v.current_dph), usd(v.accrued)]
+                                      for v in views],
+                                align=["left", "left", "left", "right", "right"], caption=caption))
+    fields = [ReplyField(label="spend", value=usd(r.total))]
+    if r.current:
+        fields += [ReplyField(label="run-rate", value=f"{rate(r.run_rate.per_hour)} · {usd(r.run_rate.per_day)}/day"),
+                   ReplyField(label="month to date", value=usd(r.month_to_date)),
+                   ReplyField(label="month-end projection", value=usd(r.projected_month_end))]
     fields += [budget_line(b) for b in r.budgets]
+    fields += [ReplyField(label=f"{b.provider} balance", value=balance_text(b.balance, b.hours_left, b.run_rate)) for b in r.balances]
     reply = Reply(title=f"Costs · {r.period} · by {r.group_by.value}", fields=fields, tables=tables,
                   text="" if rows else "Nothing billed in this period.")
+    cent = Decimal("0.01")
+    shown = sum((g.amount.quantize(cent, rounding="ROUND_HALF_UP") for g in r.groups), Decimal(0))
+    if rows and shown != r.total.quantize(cent, rounding="ROUND_HALF_UP"):
+        reply = reply.with_note(f"Each row is rounded to the cent, so the rows add up to {usd(shown)}; "
+                                f"the spend, summed before rounding, is {usd(r.total)}.")
+    if not r.current:
+        reply = reply.with_note(f"No run-rate or month-end projection: {r.period} is not the current period.")
     if r.running_count > len(r.running):
         reply = reply.with_note(f"Billing now: the costliest {len(r.running)} of {r.running_count} instances.")
+    return _simulated(reply, r.simulated)
+
+
+def balance_text(balance: Decimal, hours_left: Decimal | None, per_hour: Decimal) -> str:
+    """'$25.00 · lasts 31h 15m at $0.800/h' (a provider's account balance, at what bills there)."""
+    if hours_left is None:
+        return usd(balance)
+    if hours_left <= 0:
+        return f"⚠ {usd(balance)} · used up ({rate(per_hour)} billed there)"
+    lasts = duration(int(hours_left * 3600))
+    return f"{'⚠ ' if hours_left <= 24 else ''}{usd(balance)} · lasts {lasts} at {rate(per_hour)}"
+
+
+def _ago(now: datetime, ts: datetime | None) -> str:
+    return f"{duration(max(0, int((now - ts).total_seconds())))} ago" if ts else "never"
+
+
+CREDENTIALS = {"ok": "✓ ok", "failed": "✗ refused", "unknown": "? unknown"}
+
+
+def providers_reply(r: ProvidersResult) -> Reply:
+    rows, notes = [], []
+    for p in r.providers:
+        prices = f"{duration(p.price_age_s)} old" if p.price_age_s is not None else "not fetched yet"
+        balance = balance_text(p.balance.balance, p.balance.hours_left, p.balance.run_rate) if p.balance else "not reported"
+        rows.append([p.display_name, CREDENTIALS[p.credentials], _ago(r.checked_at, p.last_answered_at), prices,
+                     balance])
+        if p.last_error is not None:
+            notes.append(f"⚠ {p.display_name} · last error {_ago(r.checked_at, p.last_error.at)} "
+                         f"({p.last_error.kind}): {p.last_error.message}")
+    trouble = any(p.credentials != "ok" for p in r.providers) or any(
+        p.balance is not None and p.balance.hours_left is not None and p.balance.hours_left <= 24 for p in r.providers)
+    reply = Reply(title=f"Providers · {len(rows)} configured", level="warning" if trouble else "info",
+                  tables=[Table(columns=["provider", "credentials", "answered", "prices", "balance"], rows=rows)]
+                  if rows else [], text="" if rows else "No provider is configured.")
+    for note in notes:
+        reply = reply.with_note(note)
     return _simulated(reply, r.simulated)
 
 
@@ -441,12 +517,64 @@ def instance_cost_reply(r: InstanceCost) -> Reply:
         ReplyField(label="per month at this rate", value=usd(r.hourly.per_month))]), r.simulated)
 
 
+AUDIT_DETAIL_CHARS = 120
+_AUDIT_USD_KEYS = frozenset({"amount", "previous", "limit", "cost", "spent", "price", "total"})
+
+
+def _audit_value(key: str, value: object) -> str:
+    """One audit detail value as words: money as $ (a rate as $/h), seconds as a duration,
+    lists comma-separated, booleans yes/no, timestamps as UTC; never a Python repr."""
+    leaf = key.rsplit(".", 1)[-1]
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_audit_value(key, v) for v in value) or "none"
+    if isinstance(value, dict):  # only reached inside a list; top-level dicts are flattened
+        return " ".join(f"{k}={_audit_value(str(k), v)}" for k, v in value.items())
+    if leaf.endswith("dph") or leaf in _AUDIT_USD_KEYS:
+        try:
+            amount = Decimal(str(value))
+        except ArithmeticError:
+            return str(value)
+        if amount.is_finite():
+            return rate(amount) if leaf.endswith("dph") else usd(amount)
+    if leaf.endswith("_s") and isinstance(value, (int, float)):
+        return duration(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, str) and len(value) >= 19 and value[4] == "-" and "T" in value:
+        try:
+            return when(datetime.fromisoformat(value))
+        except ValueError:
+            return value
+    return str(value)
+
+
+def audit_details(details: dict[str, object]) -> str:
+    """`key=value; key=value`, nested keys dotted (`overrides.max_model_len=4096`), empty values
+    left out, cut at AUDIT_DETAIL_CHARS with an ellipsis."""
+    parts: list[str] = []
+
+    def add(prefix: str, value: object) -> None:
+        if value is None or value == "" or value == [] or value == {}:
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{prefix}.{k}" if prefix else str(k), v)
+            return
+        parts.append(f"{prefix}={_audit_value(prefix, value)}")
+
+    add("", details)
+    text = "; ".join(parts)
+    return text if len(text) <= AUDIT_DETAIL_CHARS else text[:AUDIT_DETAIL_CHARS - 1] + "…"
+
+
 def audit_reply(r: AuditResult) -> Reply:
     rows = []
     for e in r.events:
-        detail = ", ".join(f"{k}={v}" for k, v in e.details.items() if v not in (None, "", {}, []))
+        detail = audit_details(e.details)
         rows.append([e.ts.strftime("%m-%d %H:%M:%S"), who(e.actor), e.source, e.event + ("" if e.ok else " ✗"),
-                     e.instance_id or "", usd(e.cost) if e.cost is not None else "", detail[:80]])
+                     e.instance_id or "", usd(e.cost) if e.cost is not None else "", detail])
     return Reply(title=f"Audit · last {len(rows)} event{'s' if len(rows) != 1 else ''}",
                  tables=[Table(columns=["when", "actor", "via", "event", "instance", "cost", "details"], rows=rows)]
                  if rows else [], text="" if rows else "No events yet.")

@@ -7,7 +7,11 @@ money in front of the provider call.
    nothing; the same key with another template, offer or overrides is refused, saying what it
    was used for.
 3. Budget: at 100 % a member's boot is refused; an admin's asks (a stored confirmation).
-4. The offer: the cheapest that fits (or the one named), priced at the template's disk.
+4. The offer: the cheapest that fits (or the one named), priced at the template's disk. "Fits" is
+   `Template.offer_rejection` (GPU count and RAM, disk, GPU model, provider), the rule search uses
+   for its Boot buttons; a provider that answered no search at all is named with its error
+   (`search.SearchUnanswered`), and a create that fails in an unexpected way still closes the
+   intent as failed (never a `pending` row left behind).
 5. Price: above the template's max $/h the boot asks, stating $/h, $/day and $/month. The yes
    is bound to that price: accepted later, the offer is priced again and a higher price asks
    again with the new figures instead of booting.
@@ -63,7 +67,7 @@ from .providers.base import CreateRequest, Provider, ProviderInstance
 from .providers.registry import ProviderRegistry
 from .results import BootResult, Confirmation, ConfirmReason, InstanceView, Money
 from .retry import provider_call
-from .search import OfferSearch
+from .search import OfferSearch, SearchUnanswered
 from .shared import SharedCalls
 from .sync import InstanceSync
 from .telemetry import TELEMETRY
@@ -234,6 +238,9 @@ class Booting:
             raise NoMatchingOffer(f"No configured provider can boot '{template.name}' "
                                   f"(allowed: {', '.join(sorted(allowed or [])) or 'none configured'}).")
         got = await self.search.gather(names, template.offer_query())
+        if got.failures and not got.fetched:
+            raise SearchUnanswered(got.failures, got.codes, what=f"No offer to boot '{template.name}' on",
+                                   hint="Nothing was started; try again in a moment.")
 
         def fit() -> tuple[object, list[Offer]]:
             chosen = [_priced_for(o, template) for o in got.offers
@@ -252,7 +259,7 @@ class Booting:
         if not fitting:
             failed = f" ({'; '.join(got.failures.values())})" if got.failures else ""
             raise NoMatchingOffer(f"No offer fits '{template.name}' right now: it needs "
-                                  f"{template.constraint_text()}{failed}.")
+                                  f"{template.constraint_text()}; disk {template.disk_gb} GB{failed}.")
         return fitting
 
     async def _create(self, actor: Actor, template: Template, candidates: list[Offer], key: str,
@@ -334,6 +341,12 @@ class Booting:
                 continue
             except GpuherdError as exc:
                 last_error = exc
+                break
+            except Exception:
+                # a bug or a damaged store under the provider: the intent must not stay pending
+                # (and no traceback reaches the user); the log keeps the details
+                log.exception("create of %s on %s failed unexpectedly", instance_id, candidate.provider)
+                last_error = ProviderError(candidate.provider, "create failed unexpectedly; see gpuherd's log")
                 break
             return await self._record(actor, instance_id, candidate, pinst, template, cleaned, confirmed_above, op_id)
         err = last_error or ProviderError(first.provider, "create failed")

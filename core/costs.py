@@ -1,7 +1,12 @@
 """Costs and budgets (SPEC §6, §7): reports for any period grouped by user, team, template or
 provider; per-instance cost analysis; monthly budgets per team and per user. Every figure a
 reply shows (run-rate per day, projection, budget use) is computed here, once, in one scan of
-the month where a report needs several groupings. All database work runs off the loop."""
+the month where a report needs several groupings. All database work runs off the loop.
+
+Month figures (budget use, month to date, the budget check before a boot) come from the ledger's
+maintained roll-up (the month rows of `cost_rollup` plus the open segments), so a boot's budget
+check reads a few rows, not the month's segments. `CostReport.current` says whether the period
+includes now: run-rate and projection describe this month and mean nothing for another period."""
 
 from __future__ import annotations
 
@@ -19,8 +24,9 @@ from .db import Database
 from .errors import InvalidInput, NotFound
 from .ledger import COMPUTE, STORAGE, Ledger, month_of, parse_period
 from .lifecycle import BILLED_AS_COMPUTE, get_instance
-from .models import Budget, Instance, InstanceState, Role
+from .models import Budget, Instance, InstanceState, Role, User
 from .money import from_micros, parse_amount, to_micros, usd
+from .names import check_budget_name
 from .providers.base import Capabilities
 from .results import (
     BudgetResult,
@@ -51,13 +57,15 @@ def current_micros(inst: Instance) -> int:
 
 
 def budget_uses(s: Session, budgets: list[Budget], now: datetime) -> list[BudgetUse]:
-    """This month's spend against each budget, in one scan of the ledger."""
+    """This month's spend against each budget: one statement over the month's roll-up rows and
+    the open segments of just the budgets' teams and users (a boot's check reads its own two)."""
     if not budgets:
         return []
     month = month_of(now)
-    keys = list(dict.fromkeys(b.scope for b in budgets))
-    rows = Ledger.grouped_by(s, month.start, month.end, now, keys)
-    return _uses(budgets, {k: dict(Ledger.rollup(rows, i)) for i, k in enumerate(keys)})
+    teams, users = Ledger.spend_of(s, month.start, month.end, now,
+                                   [b.name for b in budgets if b.scope == BudgetScope.TEAM.value],
+                                   [b.name for b in budgets if b.scope == BudgetScope.USER.value])
+    return _uses(budgets, {BudgetScope.TEAM.value: teams, BudgetScope.USER.value: users})
 
 
 def _uses(budgets: list[Budget], spend: dict[str, dict[str, Decimal]]) -> list[BudgetUse]:
@@ -116,7 +124,7 @@ class Costs:
 
         def work(s: Session) -> CostReport:
             budgets = _visible_budgets(s, actor)
-            # one scan of the month, grouped by everything the report needs
+            # one read of the month's roll-up rows, grouped by everything the report needs
             keys = list(dict.fromkeys([group_by.value, *(b.scope for b in budgets)]))
             month_rows = Ledger.grouped_by(s, month.start, month.end, now, keys)
             groups = (Ledger.rollup(month_rows, 0) if (span.start, span.end) == (month.start, month.end)
@@ -137,7 +145,7 @@ class Costs:
                               running=running, running_count=len(billing), run_rate=Money.of(run_rate), month_to_date=mtd,
                               projected_month_end=Ledger.projection(mtd, run_rate, now), budgets=uses,
                               daily=[DailySpend(day=d, amount=a) for d, a in Ledger.daily(s, span.start, span.end, now)],
-                              simulated=any(v.simulated for v in running))
+                              simulated=any(v.simulated for v in running), current=span.start <= now < span.end)
         return await self.db.run(work)
 
     async def instance_cost(self, actor: Actor, instance_id: str) -> InstanceCost:
@@ -173,8 +181,7 @@ class Costs:
             kind = BudgetScope(scope)
         except ValueError:
             raise InvalidInput(f"Budgets are per team or per user, not '{clip(scope, 20)}'.") from None
-        if not name or len(name) > 128:
-            raise InvalidInput("Name the team or user the budget is for (at most 128 characters).")
+        check_budget_name(kind.value, name)
         try:
             value = parse_amount(amount)
         except ValueError:
@@ -191,6 +198,9 @@ class Costs:
         now = self.clock.now()
 
         def work(s: Session) -> None:
+            if kind is BudgetScope.USER and s.get(User, name) is None:
+                raise NotFound(f"gpuherd does not know the user '{name}': a user budget is for someone who has "
+                               "used gpuherd or was added (gpuherd users set).")
             b = s.execute(select(Budget).where(col(Budget.scope) == kind.value, col(Budget.name) == name)).scalars().first()
             old = from_micros(b.monthly_micros) if b else None
             b = b or Budget(scope=kind.value, name=name, monthly_micros=0, updated_by=actor.principal, updated_at=now)
@@ -209,6 +219,7 @@ class Costs:
 
     async def clear_budget(self, actor: Actor, scope: str, name: str) -> BudgetResult:
         actor.require(Role.ADMIN, "removing budgets")
+        check_budget_name(scope, name)
 
         def work(s: Session) -> None:
             b = s.execute(select(Budget).where(col(Budget.scope) == scope, col(Budget.name) == name)).scalars().first()

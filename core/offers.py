@@ -40,7 +40,7 @@ class Offer(BaseModel):
     gpu_ram: float                    # GB per GPU
     cpu_cores: float = 0
     cpu_ram: float = 0                # GB
-    disk_space: float = 0             # GB available
+    disk_space: float = 0             # GB: the largest disk a machine from this offer can have; 0: not stated
     dph: Decimal                      # USD/hour while running: compute + SEARCH_DISK_GB of disk
     storage_cost: Decimal = Decimal(0)  # USD per GB-month while stopped
     running_storage_cost: Decimal | None = None  # USD per GB-month while running; None = storage_cost

@@ -132,6 +132,7 @@ class OfferView(BaseModel):
     offer: Offer
     fits: list[str] = Field(default_factory=list)          # templates this offer can boot
     actions: list[Action] = Field(default_factory=list)
+    unfit: str | None = None                               # why no template fits (so no Boot action)
 
 
 class SearchResult(BaseModel):
@@ -331,6 +332,17 @@ class DailySpend(BaseModel):
     amount: Decimal
 
 
+class ProviderBalance(BaseModel):
+    """An account balance a provider reports (vast.ai's credit, RunPod's balance), beside what
+    gpuherd bills there now: `hours_left` is balance / run_rate (None while nothing bills there)."""
+
+    provider: str
+    balance: Decimal
+    run_rate: Decimal
+    hours_left: Decimal | None = None
+    checked_at: datetime
+
+
 class CostReport(BaseModel):
     kind: Literal["costs"] = "costs"
     period: str
@@ -346,7 +358,9 @@ class CostReport(BaseModel):
     projected_month_end: Decimal
     budgets: list[BudgetUse]
     daily: list[DailySpend] = Field(default_factory=list)   # spend per UTC day of the period, up to today
+    balances: list[ProviderBalance] = Field(default_factory=list)   # provider credit, where reported
     simulated: bool = False
+    current: bool = True            # the period includes now: run-rate and projection apply to it
 
 
 class InstanceCost(BaseModel):

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from .errors import ProviderError, RateLimited
+from .provider_health import HEALTH
 from .telemetry import TELEMETRY
 
 T = TypeVar("T")
@@ -42,7 +43,8 @@ async def provider_call(provider: object, call: Callable[[], Awaitable[T]], *,
     """One call to a provider, retried here only when its client does not already retry the way
     its official SDK does (retrying twice over would multiply the waits). Each attempt is counted
     in `telemetry.TELEMETRY` by provider and outcome."""
-    call = TELEMETRY.counted(str(getattr(provider, "name", type(provider).__name__)), call)
+    name = str(getattr(provider, "name", type(provider).__name__))
+    call = TELEMETRY.counted(name, HEALTH.watched(name, call))   # and its answer or error (provider_health)
     caps = getattr(provider, "capabilities", None)
     if caps is not None and getattr(caps, "retries_internally", False):
         return await call()

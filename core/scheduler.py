@@ -22,11 +22,13 @@ from .clock import as_utc
 from .guards import Guards, PassReport
 from .leader import Leadership, leadership_for
 from .models import SchedulerState
+from .provider_health import BALANCE_CHECK_S
 from .service import GpuService
 
 log = logging.getLogger(__name__)
 JOB_ID = "guards"
 RECONCILE_ID = "reconcile"
+BALANCE_ID = "balances"
 
 
 class GuardScheduler:
@@ -55,6 +57,9 @@ class GuardScheduler:
         interval = self.service.settings.reconcile_interval_s
         self._scheduler.add_job(self.reconcile_tick, "interval", seconds=interval, id=RECONCILE_ID,
                                 next_run_time=datetime.now(UTC) + timedelta(seconds=min(30.0, interval)),
+                                coalesce=True, max_instances=1, misfire_grace_time=None)
+        self._scheduler.add_job(self.balance_tick, "interval", seconds=BALANCE_CHECK_S, id=BALANCE_ID,
+                                next_run_time=datetime.now(UTC) + timedelta(seconds=min(30.0, BALANCE_CHECK_S)),
                                 coalesce=True, max_instances=1, misfire_grace_time=None)
 
     async def stop(self) -> None:
@@ -144,6 +149,16 @@ class GuardScheduler:
             await self.service.db.run(record)
         except Exception:
             log.exception("reconcile: could not record its state")
+
+    async def balance_tick(self) -> None:
+        """Periodic provider balance check and low-balance warning (provider_health.py), by the
+        guard leader only; each provider is asked within the provider time limit."""
+        if not self.is_leader:
+            return
+        try:
+            await self.service.warn_low_balances()
+        except Exception:  # never kill the scheduler
+            log.exception("balance check failed")
 
     def _lead(self) -> bool:
         held = self.leadership.holds() or self.leadership.try_acquire()

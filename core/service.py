@@ -54,6 +54,7 @@ from .notify import NotifierHub
 from .operations import Operations
 from .outbox import Outbox, SurfaceRoute, TargetKind
 from .power import Power, Tell
+from .provider_health import HEALTH, HealthMonitor, ProvidersResult
 from .providers.base import Capabilities
 from .providers.registry import ProviderRegistry, build_registry
 from .reconcile import Reconciler
@@ -105,6 +106,7 @@ T = TypeVar("T")
 Waited = TypeVar("Waited", BootResult, StartResult)
 
 MAX_PAGE = 500
+COSTS_BALANCE_WAIT_S = 2.0             # a cost report waits this long at most for provider balances
 STATUS_SHARE_S = 1.0                   # how long a shared status page (status(share=True)) is reused
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -168,6 +170,8 @@ class GpuService:
         self._pages: SharedCalls[StatusResult] = SharedCalls(time.monotonic, max_entries=512)
         self.reconciler = Reconciler(settings, db, self.clock, providers, templates, self.lifecycle, self.sync,
                                      self.hub, self.capabilities)
+        HEALTH.clock = self.clock       # provider answers are timed by the service's clock (provider_health.py)
+        self.health = HealthMonitor(db, self.clock, providers, settings.provider_timeout_s)
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None, **kw: Any) -> GpuService:
@@ -193,7 +197,8 @@ class GpuService:
     def providers(self, registry: ProviderRegistry) -> None:
         """Swap the providers everywhere at once (tests and benchmarks build fleets this way)."""
         self._providers = registry
-        for part in (self.offers, self.sync, self.booting, self.operations, self.reconciler, self.power):
+        for part in (self.offers, self.sync, self.booting, self.operations, self.reconciler, self.power,
+                     self.health):
             part.providers = registry
 
     @property
@@ -533,7 +538,21 @@ class GpuService:
     async def costs(self, actor: Actor, period: str | None = None, by: str | None = None) -> CostReport:
         """Spend in a period by group, running instances, budgets, run-rate, projection."""
         report = await self.costs_.report(actor, period, by)
-        return report.model_copy(update={"simulated": report.simulated or self.simulated})
+        balances = await self.health.balances(wait_s=COSTS_BALANCE_WAIT_S)
+        return report.model_copy(update={"simulated": report.simulated or self.simulated, "balances": balances})
+
+    # --- providers (provider_health.py) ---------------------------------------------------
+    async def provider_overview(self, actor: Actor) -> ProvidersResult:
+        """Every configured provider: whether its credentials work, when it last answered and
+        its last error, how old its prices are, its balance and how long that lasts."""
+        return await self.health.overview(actor)
+
+    async def warn_low_balances(self) -> list[str]:
+        """Check every balance now; warn once for each that runs out within a day at its
+        run-rate (the guard leader runs this every few minutes). Returns the warnings sent."""
+        drafts = await self.health.warn_low_balances(self.lifecycle.notify)
+        await self.hub.published(drafts, self.clock.now())
+        return [d.text for d in drafts if d.to_admins]
 
     async def statistics(self, actor: Actor) -> StatisticsResult:
         """Fleet statistics: counts by state, average $/h of the active instances, the

@@ -64,8 +64,8 @@ for _names, _secs in (
 
 # Number, then (unit, number)*, then an optional unit: unambiguous, so matching is linear. The old
 # `(?:\d+(?:\.\d+)?[a-z]*)+` could split a run of digits every way: 30 digits and a `!` took minutes.
-_DURATION_TEXT = re.compile(r"\d+(?:\.\d+)?(?:[a-z]+\d+(?:\.\d+)?)*[a-z]*")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([a-z]*)")
+_DURATION_TEXT = re.compile(r"\d+(?:\.\d+)?(?:[a-z]+\d+(?:\.\d+)?)*[a-z]*", re.ASCII)   # ASCII digits only: \d takes "١" and "５" too
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([a-z]*)", re.ASCII)
 _DURATION_EXAMPLES = "like 45m, 2h, 1h30m, 90s or 1d"
 
 
@@ -482,14 +482,21 @@ class Template(BaseModel):
         return data
 
     def offer_rejection(self, offer: Offer) -> str | None:
-        """Why `offer` does not fit this template, or None when it does. Price is not checked
-        here: a boot above max_dph asks for confirmation (price guard) rather than failing."""
+        """Why `offer` does not fit this template, or None when it does: the one fit rule, used
+        by a boot to accept an offer (named or picked) and by search to decide which templates
+        an offer's Boot buttons may name, so a button never names a boot that must fail. Price
+        is not checked here: a boot above max_dph asks for confirmation (price guard) rather
+        than failing. Disk: an offer whose largest disk (`disk_space`) is smaller than the
+        template's `disk_gb` cannot hold it; `disk_space` 0 means the provider sets no limit in
+        its offers (RunPod: the disk is chosen at create)."""
         if self.providers is not None and offer.provider not in self.providers:
             return f"provider {offer.provider} is not one of {', '.join(self.providers)}"
         if offer.num_gpus != self.num_gpus:
             return f"{offer.num_gpus} GPUs, the template needs {self.num_gpus}"
         if offer.gpu_ram + GPU_RAM_TOLERANCE_GB < self.min_gpu_ram:
             return f"{offer.gpu_ram:g} GB per GPU, the template needs {self.min_gpu_ram:g} GB"
+        if 0 < offer.disk_space < self.disk_gb:
+            return f"at most {offer.disk_space:g} GB of disk, the template needs {self.disk_gb} GB"
         if self.gpu_names is not None and _norm_gpu(offer.gpu_name) not in {
                 _norm_gpu(g) for g in self.gpu_names}:
             return f"GPU {offer.gpu_name} is not one of {', '.join(self.gpu_names)}"
@@ -628,7 +635,7 @@ def _int(lo: int, hi: int, *, gb: bool = False) -> Callable[[str], int]:
         t = text.strip().lower().replace("_", "")
         if gb:
             t = re.sub(r"\s*(gb|g|gib)$", "", t)
-        if not re.fullmatch(r"\+?\d{1,12}", t):
+        if not re.fullmatch(r"\+?[0-9]{1,12}", t):      # ASCII digits: \d takes "٤" too
             raise _Bad
         value = int(t)
         if not lo <= value <= hi:
@@ -642,7 +649,7 @@ def _float(lo: float, hi: float) -> Callable[[str], float]:
         t = text.strip()
         percent = t.endswith("%")
         t = t.removesuffix("%").strip()
-        if not re.fullmatch(r"\+?(\d+(\.\d*)?|\.\d+)", t):
+        if not re.fullmatch(r"\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)", t):
             raise _Bad
         value = float(t) / (100 if percent else 1)
         if not (math.isfinite(value) and lo <= value <= hi):
@@ -654,7 +661,7 @@ def _float(lo: float, hi: float) -> Callable[[str], float]:
 def _usd_per_hour(lo_exclusive: Decimal, hi: Decimal) -> Callable[[str], Decimal]:
     def parse(text: str) -> Decimal:
         t = re.sub(r"\s*/\s*(h|hr|hour)$", "", text.strip().lower()).lstrip("$").strip()
-        if not re.fullmatch(r"\+?(\d+(\.\d*)?|\.\d+)", t):
+        if not re.fullmatch(r"\+?([0-9]+(\.[0-9]*)?|\.[0-9]+)", t):
             raise _Bad
         try:
             value = Decimal(t)
@@ -1054,6 +1061,9 @@ class TemplateCatalog:
                     parent = resolve(parent_name, (*chain, parent_name))
                 elif parent_name in builtins:
                     parent = builtins[parent_name]
+                elif parent_name == name:
+                    raise fail(name, f"extends: a template cannot extend itself ('{name}' is not a built-in "
+                                     "template it could replace)")
                 else:
                     options = sorted({*tables, *builtins} - {name})
                     suggestion = _suggest(parent_name, options)

@@ -4,7 +4,12 @@
 none), ownership (a member acts on their own machines only; an admin on any), state, and what
 the provider can do (no Destroy where the provider cannot destroy, no Start where it cannot
 start). The service enforces the same rules when the action comes back (`allowed`), so a
-button that should not have been there is refused anyway."""
+button that should not have been there is refused anyway.
+
+What the provider last said (`status_message`) and the endpoint are shown only while the
+provider may still have the machine: a destroyed (or destroying) row keeps the last words it
+heard, often "running", and showing them would tell a reader a gone machine still runs. A
+failed or lost row keeps its message, which is the reason (see `shown_message`)."""
 
 from __future__ import annotations
 
@@ -27,6 +32,17 @@ from .providers.base import Capabilities
 from .results import GuardInfo, InstanceView
 
 UP = (InstanceState.RUNNING, InstanceState.LOADING, InstanceState.PROVISIONING, InstanceState.STARTING)
+GONE = (InstanceState.DESTROYING, InstanceState.DESTROYED)   # what the provider said no longer holds
+
+
+def shown_message(state: InstanceState, message: str | None) -> str | None:
+    """The status message a reader sees: for a destroyed machine the fact, not the provider's
+    stale last words; a failed boot's or a lost machine's message is its reason and stays."""
+    if state is InstanceState.DESTROYED:
+        return "destroyed; nothing is billed any more"
+    if state is InstanceState.DESTROYING:
+        return "being destroyed"
+    return message
 
 
 def allowed(actor: Actor, inst: Instance, op: Op, caps: Capabilities) -> str | None:
@@ -106,10 +122,11 @@ def _view(inst: Instance, now: datetime, accrued: Decimal, operation_id: str | N
         uptime_s=int((now - started).total_seconds()) if up and started else None,
         idle_for_s=int((now - last).total_seconds()) if up and last else None,
         keep_until=keep if keep and keep > now else None,
-        endpoint=inst.endpoint, ready=inst.ready_at is not None and state is InstanceState.RUNNING,
+        endpoint=None if state in GONE or state.is_final else inst.endpoint,
+        ready=inst.ready_at is not None and state is InstanceState.RUNNING,
         created_at=as_utc(inst.created_at),
         stopped_at=as_utc(inst.stopped_at) if inst.stopped_at and state is InstanceState.STOPPED else None,
-        message=inst.status_message, simulated=inst.simulated,
+        message=shown_message(state, inst.status_message), simulated=inst.simulated,
         next_action=nxt.text if nxt else None, next_action_at=nxt.at if nxt else None,
         guards=[GuardInfo(name=g.name, armed=g.armed, detail=g.detail) for g in gp.guards],
         guard_error=inst.guard_error, activity=inst.activity_status, activity_detail=inst.activity_detail,

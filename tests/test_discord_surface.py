@@ -448,6 +448,7 @@ def _every_command(iid: str, stopped: str) -> list[tuple[str, dict[str, Any], st
         ("budget", {"action": "set", "amount": 250.0, "team": "ml"}, "250"),
         ("attach", {"machine": "sandbox:sb-404"}, "sb-404"),
         ("reconcile", {}, "econcil"),
+        ("providers", {}, "rovider"),
         ("boot", {"template": "budget", "provider": "sandbox"}, "Booted g-"),
     ]
 

@@ -125,6 +125,8 @@ async def test_every_command_parses_and_answers_with_the_right_reply(service: Gp
     r = await ok("/gpu costs week by=template", title="Costs · ", simulated=True)
     assert "by template" in r.title and any(t.caption == "Billing now" for t in r.tables)
     r = await ok(f"/gpu costs {iid}", title=f"Cost of {iid}")
+    r = await ok("/gpu providers", title="Providers · 1 configured")
+    assert r.tables[0].rows[0][:2] == ["Sandbox (simulated)", "✓ ok"]
 
     r = await ok(f"/gpu stop {iid}", title=f"Stopped {iid}", level="success")
     assert "Session:" in r.text and instance_state(service, iid) == "stopped"

@@ -864,3 +864,68 @@ async def test_faults_under_latency_stay_in_call_order(clock):
         return ["timeout" if isinstance(r, ProviderTimeout) else "ok" for r in results]
 
     assert await outcomes(0.01) == await outcomes(0.0)
+
+
+# ---------------------------------------------------------------------------- fit, config, damage
+
+
+@pytest.mark.parametrize("seed", range(0, 40))
+def test_every_builtin_template_has_offers_within_its_limits(seed):
+    """Each seed's catalogue can boot every built-in: offers that pass the boot's fit rule
+    (GPU count and RAM, disk) and, where the template has a price limit, are within it."""
+    from gpuherd.core.templates import BUILTIN_TEMPLATES
+
+    offers = [o for o in SandboxProvider(seed=seed)._offers_at(T0)]
+    for template in BUILTIN_TEMPLATES:
+        fitting = [o for o in offers if template.offer_rejection(o) is None]
+        assert all(o.disk_space >= template.disk_gb for o in fitting)
+        affordable = [o for o in fitting
+                      if template.max_dph is None or o.dph_for(template.disk_gb) <= template.max_dph]
+        assert len(affordable) >= 3, (seed, template.name)   # a boot tries up to three
+
+
+@pytest.mark.parametrize("spec", ["timeout=1.5", "gremlins=0.1", "timeout=lots", "timeout", "timeout=nan",
+                                  "timeout=0.7,capacity=0.7"])
+def test_bad_faults_are_a_config_error_naming_the_setting(spec):
+    from gpuherd.core.errors import ConfigError
+    from gpuherd.core.providers.sandbox import SandboxFaultsError
+
+    with pytest.raises(SandboxFaultsError) as info:
+        SandboxProvider(faults=spec)
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, ValueError)
+    assert info.value.message.startswith("GPUHERD_SANDBOX_FAULTS (or `sandbox_faults` in config.toml): ")
+    assert "\n" not in info.value.message
+
+
+def test_bad_faults_env_gives_one_line_and_exit_2(monkeypatch, capsys):
+    from gpuherd.bot import cli
+
+    monkeypatch.setenv("GPUHERD_SANDBOX_FAULTS", "timeout=1.5")
+    assert cli.main(["search", "h100"]) == 2
+    out = capsys.readouterr()
+    text = " ".join((out.out + out.err).split())   # the console wraps long lines
+    assert "GPUHERD_SANDBOX_FAULTS" in text and "probability 1.5 is outside 0..1" in text
+    assert "Traceback" not in text and "ValueError" not in text
+
+
+async def test_state_file_that_is_not_text_is_reported(state_file, clock):
+    state_file.write_bytes(b"\xff\xfe\x00garbage\x9c")
+    with pytest.raises(ProviderError) as info:
+        await SandboxProvider(state_file, clock=clock).create(request())
+    assert str(state_file) in info.value.message and "not text" in info.value.message
+
+
+async def test_state_directory_in_the_way_is_reported(state_file, clock):
+    state_file.with_name(state_file.name + ".d").write_text("a file where the directory goes")
+    with pytest.raises(ProviderError) as info:
+        await SandboxProvider(state_file, clock=clock).create(request())
+    assert str(state_file) in info.value.message
+
+
+async def test_machine_record_missing_fields_is_reported(state_file, clock):
+    sandbox = SandboxProvider(state_file, clock=clock)
+    pid = (await sandbox.create(request())).provider_id
+    (machines_dir(state_file) / f"{pid}.json").write_text(json.dumps({"provider_id": pid}))
+    with pytest.raises(ProviderError) as info:
+        await sandbox.get(pid)
+    assert "damaged machine record" in info.value.message and str(state_file) in info.value.message

@@ -484,3 +484,93 @@ async def test_status_says_when_a_provider_could_not_be_asked(service, admin, sa
     assert any("states may be out of date" in n for n in status_reply(status).notes)
     assert (await service.status(admin)).stale == []
     assert r.instance.id == status.instances[0].id
+
+
+# --- the sandbox's built-ins, destroyed rows, damaged state, audit words -------------------------
+
+@pytest.mark.parametrize("seed", [7, 42])
+async def test_every_builtin_template_boots_on_the_sandbox(service, admin, clock, tmp_path, seed):
+    """The issue: llama-3.1-70b picked 50 GB offers for its 120 GB disk and failed. Every
+    built-in must boot, on the fixture's seed and on the default one (42)."""
+    from gpuherd.core.providers.registry import ProviderRegistry
+    from gpuherd.core.providers.sandbox import SandboxProvider
+
+    sandbox = SandboxProvider(tmp_path / f"sandbox-{seed}.json", seed=seed, time_scale=0, clock=clock)
+    service.providers = ProviderRegistry({"sandbox": sandbox})
+    booted = {}
+    for template in service.templates.all():
+        if template.source != "builtin":
+            continue
+        r = await _boot(service, admin, template.name)
+        assert r.ready and r.instance.state == "running", (template.name, r.instance.message)
+        assert r.offer is not None and r.offer.disk_space >= template.disk_gb
+        assert r.offer.num_gpus == template.num_gpus == r.instance.num_gpus
+        booted[template.name] = r.instance.id
+    assert set(booted) == {"budget", "research", "high_performance", "llava-34b", "llama-3.1-70b"}
+    with service.db.session() as s:
+        states = {i.template: i.state for i in s.exec(select(Instance)).scalars()}
+    assert states == {name: "running" for name in booted}   # no failed or pending leftovers
+
+
+async def test_a_destroyed_instance_never_shows_as_running(service, admin):
+    from gpuherd.bot.replies import instance_fields, status_reply
+
+    r = await _boot(service, admin)
+    assert "running" in (r.instance.message or "") and r.instance.endpoint
+    done = await service.destroy(admin, r.instance.id, confirmed=True)
+    assert isinstance(done, DestroyResult)
+    views = [done.instance,
+             (await service.status(admin, r.instance.id, include_ended=True)).instances[0],
+             *(await service.status(admin, include_ended=True)).instances]
+    for v in views:
+        assert v.state == "destroyed" and not v.ready and v.endpoint is None
+        assert "running" not in (v.message or "")
+        shown = " ".join(f"{f.label} {f.value}" for f in instance_fields(v))
+        assert "provider says running" not in shown and "running (simulated)" not in shown
+    listing = status_reply(await service.status(admin, include_ended=True))
+    assert all("running" not in cell for row in listing.tables[0].rows for cell in row)
+
+
+@pytest.mark.parametrize("damage", ["binary", "directory"])
+@pytest.mark.parametrize("detach", [False, True])
+async def test_damaged_sandbox_state_during_a_boot_leaves_no_pending_row(service, admin, tmp_path, damage, detach):
+    from gpuherd.core.providers.sandbox import SandboxProvider
+
+    sandbox = service.providers.get("sandbox")
+    assert isinstance(sandbox, SandboxProvider) and sandbox.state_path is not None
+    if damage == "binary":
+        sandbox.state_path.write_bytes(b"\x80\x81 not a state file \xff")
+    else:
+        sandbox.state_path.with_name(sandbox.state_path.name + ".d").write_text("in the way")
+    if detach:
+        r = await service.boot(admin, "budget", detach=True)
+        assert isinstance(r, BootResult) and r.operation_id
+        await service.booting.drain()
+        status = (await service.status(admin, include_ended=True)).instances
+        assert [v.state for v in status] == ["failed"] and str(sandbox.state_path) in (status[0].message or "")
+    else:
+        with pytest.raises(ProviderError) as info:
+            await service.boot(admin, "budget")
+        assert str(sandbox.state_path) in info.value.message
+    with service.db.session() as s:
+        states = [i.state for i in s.exec(select(Instance)).scalars()]
+    assert states == ["failed"]
+
+
+async def test_audit_reply_prints_details_readably(service, admin, clock):
+    from gpuherd.bot.replies import audit_reply
+
+    r = await _boot(service, admin, overrides={"max_model_len": "4096"})
+    clock.advance(timedelta(minutes=90))
+    await service.stop(admin, r.instance.id)
+    await service.set_budget(admin, "team", "default", "50")
+    reply = audit_reply(await service.audit(admin, 10))
+    details = {row[3]: row[6] for row in reply.tables[0].rows}
+    boot, stop, budget = details["boot"], details["stop"], details["budget.set"]
+    for text in details.values():
+        assert not any(ch in text for ch in "{}[]'\""), text   # no dict/list/str reprs
+    from gpuherd.core.money import rate
+    assert "overrides.max_model_len=4096" in boot and f"dph={rate(r.instance.dph)}" in boot
+    assert boot.startswith("dph=$0.") and "template=budget" in boot
+    assert stop == "session_s=1h 30m"
+    assert "amount=$50.00" in budget and "scope=team" in budget

@@ -522,6 +522,8 @@ SCRIPT: list[tuple[str, str, str]] = [
     ("admin", "/gpu budget raise team=ml 500", "error"),
     ("admin", "/gpu reconcile", "ok"),
     ("admin", "/gpu reconcile now", "error"),
+    ("admin", "/gpu providers", "ok"),
+    ("admin", "/gpu providers now", "error"),
     ("admin", "/gpu attach sandbox:{stranger} idle=2h owner=slack:U2", "ok"),
     ("admin", "/gpu attach", "error"),
     ("admin", "/gpu attach sandbox:nosuch", "error"),

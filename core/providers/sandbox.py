@@ -44,6 +44,12 @@ A file in the old single-file format (version 1) at `state_path` is migrated on 
 both the old and the new lock: its records are written out one per file, the counter carried over,
 and the old file renamed to `<state_path>.migrated`.
 
+Damage: a state file, machine file or directory that cannot be read or holds a record the
+sandbox cannot use is a ProviderError naming the file (or the state directory), raised before
+anything changes, never an OSError/KeyError from deep inside: a boot then closes its intent
+as failed instead of leaving it pending. A bad `faults` string is a `SandboxFaultsError`, a
+ConfigError (the CLI prints one line and exits 2) that is also the ValueError it always was.
+
 The event loop never does file I/O or waits on a lock: every async method draws its fault, awaits
 its simulated latency, then runs its storage work (and, for list(), the views of every record) on
 one worker thread the provider owns. One worker, first in first out, keeps concurrent calls of one
@@ -60,6 +66,7 @@ import abc
 import asyncio
 import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -82,8 +89,10 @@ except ImportError:  # pragma: no cover - Windows
     HAS_FLOCK = False
 
 from ..clock import Clock, as_utc, epoch
+from ..config import CONFIG_FILE, ENV_PREFIX
 from ..errors import (
     CapacityError,
+    ConfigError,
     ProviderError,
     ProviderStateError,
     ProviderTimeout,
@@ -93,6 +102,8 @@ from ..errors import (
 from ..offers import Offer, quote
 from ..query import OfferQuery
 from .base import Capabilities, CreateRequest, Provider, ProviderInstance, ProviderState
+
+log = logging.getLogger(__name__)
 
 SIMULATED_NOTE = "Simulated: sandbox provider — no real machines, no real charges."
 
@@ -158,11 +169,26 @@ _NUM_GPUS = (1, 1, 1, 2, 4, 8)
 _MILLI = Decimal("0.001")
 
 
+class SandboxFaultsError(ConfigError, ValueError):
+    """A `faults` string the sandbox cannot use. A ConfigError, so the CLI and servers print its
+    one-line message naming the setting; a ValueError, for code that builds a sandbox by hand."""
+
+
+FAULTS_SETTING = f"{ENV_PREFIX}SANDBOX_FAULTS (or `sandbox_faults` in {CONFIG_FILE})"
+
+
 def parse_faults(spec: str) -> dict[str, float]:
     """'capacity=0.2, timeout=0.1' -> {'capacity': 0.2, 'timeout': 0.1}.
 
-    Raises ValueError naming unknown fault kinds, bad numbers, or probabilities outside 0..1 or
-    summing to more than 1."""
+    Raises SandboxFaultsError (a ValueError) naming the setting and the unknown fault kinds, bad
+    numbers, or probabilities outside 0..1 or summing to more than 1."""
+    try:
+        return _parse_faults(spec)
+    except ValueError as exc:
+        raise SandboxFaultsError(f"{FAULTS_SETTING}: {exc}.") from None
+
+
+def _parse_faults(spec: str) -> dict[str, float]:
     rates: dict[str, float] = {}
     unknown: list[str] = []
     for part in (spec or "").split(","):
@@ -172,15 +198,15 @@ def parse_faults(spec: str) -> dict[str, float]:
         name, sep, value = part.partition("=")
         name = name.strip().lower().replace("-", "_")
         if not sep:
-            raise ValueError(f"sandbox fault {part!r} needs a probability, e.g. {name}=0.1")
+            raise ValueError(f"sandbox fault '{part[:40]}' needs a probability, e.g. {name[:40]}=0.1")
         if name not in FAULT_KINDS:
             unknown.append(name)
             continue
         try:
             rate = float(value)
         except ValueError:
-            raise ValueError(f"sandbox fault {name}: {value.strip()!r} is not a number") from None
-        if not 0.0 <= rate <= 1.0:
+            raise ValueError(f"sandbox fault {name}: '{value.strip()[:40]}' is not a number") from None
+        if not (math.isfinite(rate) and 0.0 <= rate <= 1.0):
             raise ValueError(f"sandbox fault {name}: probability {rate} is outside 0..1")
         rates[name] = rate
     if unknown:
@@ -419,10 +445,35 @@ class SandboxProvider(Provider):
     # ------------------------------------------------------------------ storage
 
     async def _io(self, work: Callable[[], _T]) -> _T:
-        """Run `work` (storage I/O, locks, views) on the provider's worker thread."""
+        """Run `work` (storage I/O, locks, views) on the provider's worker thread. A file that
+        cannot be read or a record missing what the sandbox needs is a ProviderError naming
+        where (see "Damage" in the module docstring)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpuherd-sandbox")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+        except TimeoutError:
+            raise
+        except OSError as exc:
+            where = exc.filename or self._where()
+            log.warning("sandbox state %s unusable", where, exc_info=True)
+            raise ProviderError(NAME, f"cannot use the sandbox state {where} ({exc.strerror or exc})",
+                                hint="check its permissions, or delete it to start the sandbox afresh") from None
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("sandbox state %s damaged", self._where(), exc_info=True)
+            raise ProviderError(NAME, f"the sandbox state in {self._where()} holds a damaged machine record "
+                                      f"({type(exc).__name__}: {str(exc)[:120]})",
+                                hint="delete the damaged machine file, or the directory to start afresh") from None
+
+    def _where(self) -> str:
+        """The state directory, for messages."""
+        return str(self._store.root) if isinstance(self._store, _DirectoryStore) else "in memory"
+
+    # a simulated account credit (USD) for trying the low-balance warning; None: no balance, as most clouds
+    balance_usd: Decimal | None = None
+
+    async def balance(self) -> Decimal | None:
+        return self.balance_usd
 
     async def aclose(self) -> None:
         """Let the worker thread go once the work already queued is done."""
@@ -823,11 +874,14 @@ class _DirectoryStore(_Store):
 
     def _migrate(self) -> None:
         path = self.legacy
-        text = path.read_text(encoding="utf-8")
         try:
+            text = path.read_text(encoding="utf-8")
             state: Any = json.loads(text) if text.strip() else _empty_state()
         except json.JSONDecodeError as exc:
             raise ProviderError(NAME, f"state file {path} is not valid JSON ({exc.msg})",
+                                hint="delete it to start the sandbox afresh") from None
+        except UnicodeDecodeError:
+            raise ProviderError(NAME, f"state file {path} is not text (not valid UTF-8)",
                                 hint="delete it to start the sandbox afresh") from None
         instances = state.get("instances") if isinstance(state, dict) else None
         if not isinstance(instances, dict):
