@@ -47,7 +47,7 @@ from gpuherd.core.config import Settings
 from gpuherd.core.db import Database
 from gpuherd.core.guard_plan import replan
 from gpuherd.core.ids import new_instance_id
-from gpuherd.core.ledger import COMPUTE, STORAGE, split_at_months
+from gpuherd.core.ledger import COMPUTE, STORAGE, Ledger, split_at_months
 from gpuherd.core.models import BillingSegment, Instance, InstanceState
 from gpuherd.core.notify import NotifierHub
 from gpuherd.core.providers.registry import ProviderRegistry
@@ -261,6 +261,8 @@ def _clone_all(svc: GpuService, sandbox: SandboxProvider, n: int, rng: random.Ra
         s.add_all(new_rows)
         s.flush()
         s.add_all(segments)
+        s.flush()
+        Ledger.rebuild_rollup(s)   # segments written in bulk, not through Ledger.close
         s.commit()
     return counts
 

@@ -50,7 +50,7 @@ from gpuherd.core.config import Settings
 from gpuherd.core.db import Database
 from gpuherd.core.guard_plan import replan
 from gpuherd.core.guards import PASS_BATCH, Guards
-from gpuherd.core.ledger import COMPUTE, STORAGE
+from gpuherd.core.ledger import COMPUTE, STORAGE, Ledger
 from gpuherd.core.models import BillingSegment, Instance, InstanceState
 from gpuherd.core.notify import NotifierHub
 from gpuherd.core.providers.registry import ProviderRegistry
@@ -160,6 +160,8 @@ def build(svc: GpuService, sandbox: SandboxProvider, n: int, rng: random.Random)
         s.add_all(rows)
         s.flush()
         s.add_all(segments)
+        s.flush()
+        Ledger.rebuild_rollup(s)   # segments written in bulk, not through Ledger.close
         s.commit()
     return counts
 

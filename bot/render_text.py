@@ -15,10 +15,12 @@ Decisions:
   terminal may show a long one over two rows, but a copy gives the whole command).
 * A field value with a word too long for the space beside its label (an endpoint URL) is put
   on a line of its own below the label, unbroken, for the same reason.
-* Piped output is read by scripts and logs: 160 columns instead of the default 80."""
+* Piped output is read by scripts and logs: 160 columns instead of the default 80, unless
+  COLUMNS is set (the README transcripts are made with COLUMNS=80)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from rich import box
@@ -43,7 +45,7 @@ ACTION_GAP = "  "
 # first). Unlisted columns are 50. The first column of every table always stays.
 KEEP: dict[str, int] = {
     "state": 90, "spend": 90, "does": 90, "takes": 90, "$/h": 85, "event": 85, "gpu": 80,
-    "next": 75, "next action": 75, "at": 70, "instance": 70, "details": 65, "template": 60,
+    "next": 75, "next action": 75, "at": 70, "instance": 70, "details": 65, "template": 78,
     "model": 60, "actor": 60, "accrued": 55, "GPU RAM": 55, "max $/h": 50, "owner": 50, "GB": 50,
     "cost": 45, "n": 40, "GPUs": 40, "rel.": 35, "idle": 30, "where": 30, "label": 30,
     "uptime": 25, "from": 20, "via": 20,
@@ -97,6 +99,13 @@ def layout(t: Table_, width: int) -> Layout:
         keep.remove(i)
         dropped.append(i)
         total, wrap = need(keep)
+    # back-fill: a wide column dropped late may have made room for narrower ones dropped before it
+    for i in sorted(dropped, key=lambda i: (-KEEP.get(t.columns[i], 50), i)):
+        trial = sorted([*keep, i])
+        t_total, t_wrap = need(trial)
+        if t_total <= width:
+            keep, total, wrap = trial, t_total, t_wrap
+            dropped.remove(i)
     if len(keep) == 1 and n > 1:
         return Layout(keep=list(range(n)), widths=widths, wrap_last=False, dropped=[], stacked=True)
     return Layout(keep=keep, widths=widths, wrap_last=wrap and total <= width,
@@ -255,10 +264,13 @@ def renderable(reply: Reply, width: int | None = None) -> RenderableType:
 
 
 def make_console(stderr: bool = False) -> Console:
-    """Piped output is read by scripts and logs: keep rows on one line instead of 80 columns."""
+    """Piped output is read by scripts and logs: keep rows on one line instead of 80 columns,
+    unless COLUMNS says how wide the reader is (the README's transcripts are made at 80)."""
     console = Console(stderr=stderr)
     if not console.is_terminal:
-        console = Console(stderr=stderr, width=160)
+        columns = os.environ.get("COLUMNS", "")
+        width = int(columns) if columns.isascii() and columns.isdigit() and 20 <= int(columns) <= 1000 else 160
+        console = Console(stderr=stderr, width=width)
     return console
 
 

@@ -76,7 +76,7 @@ _BOOTED = re.compile(r"^Booted (g-[0-9a-f]+) \((\S+)\)", re.M)
 def _env(home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("GPUHERD_", "AWS_", "VAST_", "RUNPOD_", "SURF_", "SLACK_", "DISCORD_"))}
-    env.update({"GPUHERD_HOME": str(home), "GPUHERD_SANDBOX_TIME_SCALE": "0", "COLUMNS": "100",
+    env.update({"GPUHERD_HOME": str(home), "GPUHERD_SANDBOX_TIME_SCALE": "0", "COLUMNS": "80",
                 "GPUHERD_LOCAL_USER": "alice", "NO_COLOR": "1", "TERM": "dumb"})
     return env
 

@@ -123,7 +123,7 @@ async def test_every_command_parses_and_answers_with_the_right_reply(service: Gp
     assert r.tables and r.tables[0].rows[0][0] == iid and r.tables[0].rows[0][3] == "warn (stop in 5 min)"
     assert (await ok("/gpu status --guards", title="Guards")).tables[0].rows == r.tables[0].rows
     r = await ok("/gpu costs week by=template", title="Costs · ", simulated=True)
-    assert "by template" in r.title and any(t.caption == "Billing now" for t in r.tables)
+    assert "by template" in r.title and any(t.caption == "Billing now · compute" for t in r.tables)
     r = await ok(f"/gpu costs {iid}", title=f"Cost of {iid}")
     r = await ok("/gpu providers", title="Providers · 1 configured")
     assert r.tables[0].rows[0][:2] == ["Sandbox (simulated)", "✓ ok"]

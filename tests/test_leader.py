@@ -21,12 +21,12 @@ from conftest import PG_SKIP, PG_URL
 from sqlalchemy import create_engine, text
 
 from gpuherd.core.leader import (
-    guards_held_elsewhere,
     GUARDS_LOCK_KEY,
     FileLeadership,
     Leadership,
     PostgresAdvisoryLeadership,
     derive_key,
+    guards_held_elsewhere,
     leadership_for,
 )
 

@@ -129,9 +129,15 @@ async def test_first_render_and_the_pickers_change_the_widgets(panel: GpuPanel, 
     doubles = [r for r in panel.offer_rows if r.offer.num_gpus == 2]
     assert singles and doubles and all(r.boot is not None for r in singles) and all(r.boot is None for r in doubles)
     panel.template.value = "llama-3.1-70b"
-    assert all((r.boot is not None) == (r.offer.num_gpus == 2) for r in panel.offer_rows)
+    # core's fit rule decides (two GPUs, and a disk that holds the template's 120 GB)
+    assert all((r.boot is not None) == ("llama-3.1-70b" in r.offer_view.fits) for r in panel.offer_rows)
+    assert all(r.offer.num_gpus == 2 for r in panel.offer_rows if r.boot is not None)
     single = next(r for r in panel.offer_rows if r.offer.num_gpus == 1)
     assert "does not fit llama-3.1-70b" in single.box.children[1].value
+    panel.query.value = "x2 limit=40"
+    await panel.settle()
+    assert any(r.boot is not None for r in panel.offer_rows)          # two-GPU offers with the disk
+    assert all((r.boot is not None) == ("llama-3.1-70b" in r.offer_view.fits) for r in panel.offer_rows)
 
     # sorting: reliability descending, GPU RAM ascending, location
     panel.sort.value = "reliability"
