@@ -23,6 +23,23 @@ from gpuherd.core.service import GpuService
 from gpuherd.core.templates import TemplateCatalog
 
 PG_URL = os.environ.get("GPUHERD_TEST_POSTGRES_URL")
+
+
+def gpuherd_cmd() -> list[str]:
+    """The installed `gpuherd` script beside this interpreter (what a user runs), else the module."""
+    import sys
+
+    script = Path(sys.executable).with_name("gpuherd")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gpuherd.bot.cli"]
+
+
+def cli_environment(home: Path) -> dict[str, str]:
+    """The environment for a real `gpuherd` subprocess: this one without gpuherd's settings, a
+    fresh data directory, instant sandbox boots, fast polling and wide piped output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUHERD_")}
+    env.update(GPUHERD_HOME=str(home), GPUHERD_SANDBOX_TIME_SCALE="0", GPUHERD_POLL_INTERVAL_S="0.05",
+               COLUMNS="160")
+    return env
 PG_SKIP = "PostgreSQL tests need GPUHERD_TEST_POSTGRES_URL (CI sets it; see DEVELOPERS.md)"
 START = datetime(2026, 11, 10, 9, 0, tzinfo=UTC)   # a Tuesday
 PROVIDER_ENV = {"VAST_API_KEY", "VAST_URL", "RUNPOD_API_KEY", "RUNPOD_API_BASE_URL", "SURF_API_TOKEN"}

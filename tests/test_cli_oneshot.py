@@ -16,22 +16,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import cli_environment, gpuherd_cmd
 
 from gpuherd.bot.cli import GUARDS_HINT
 from gpuherd.bot.grammar import REGISTRY
 
 
-def gpuherd_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("gpuherd")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gpuherd.bot.cli"]
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("GPUHERD_")}
-    base.update(GPUHERD_HOME=str(tmp_path / "home"), GPUHERD_SANDBOX_TIME_SCALE="0",
-                GPUHERD_POLL_INTERVAL_S="0.05", COLUMNS="160")
-    return base
+    return cli_environment(tmp_path / "home")
 
 
 def run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import cli_environment, gpuherd_cmd
 from rich.console import Console
 
 from gpuherd.bot.grammar import REGISTRY
@@ -168,17 +167,9 @@ async def test_other_peoples_actions_are_announced_own_are_not(service: GpuServi
 # --- the real CLI -------------------------------------------------------------------------------
 
 
-def gpuherd_cmd() -> list[str]:
-    script = Path(sys.executable).with_name("gpuherd")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gpuherd.bot.cli"]
-
-
 @pytest.fixture
 def cli_env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUHERD_")}
-    env.update(GPUHERD_HOME=str(tmp_path / "cli-home"), GPUHERD_SANDBOX_TIME_SCALE="0",
-               GPUHERD_POLL_INTERVAL_S="0.05", COLUMNS="160")
-    return env
+    return cli_environment(tmp_path / "cli-home")
 
 
 def cli(env: dict[str, str], *args: str, stdin: str | None = None, cwd: Path | None = None,
