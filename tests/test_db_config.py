@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from conftest import gpuherd_cmd
 from sqlmodel import SQLModel
 
 from gpuherd.core import models  # noqa: F401
@@ -89,16 +90,10 @@ def test_unusable_database_url_is_a_config_error():
 
 import os  # noqa: E402
 import subprocess  # noqa: E402
-import sys  # noqa: E402
 
 from sqlalchemy.engine import make_url  # noqa: E402
 
 from gpuherd.core.templates import TemplateCatalog  # noqa: E402
-
-
-def _gpuherd() -> list[str]:
-    script = Path(sys.executable).with_name("gpuherd")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "gpuherd.bot.cli"]
 
 
 def _start(tmp_path: Path, **env: str) -> tuple[int, str]:
@@ -106,7 +101,7 @@ def _start(tmp_path: Path, **env: str) -> tuple[int, str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("GPUHERD_")}
     clean.update(GPUHERD_HOME=str(tmp_path / "home"), GPUHERD_SANDBOX_TIME_SCALE="0", COLUMNS="80")
     clean.update(env)
-    proc = subprocess.run([*_gpuherd(), "status"], capture_output=True, text=True, env=clean, timeout=60,
+    proc = subprocess.run([*gpuherd_cmd(), "status"], capture_output=True, text=True, env=clean, timeout=60,
                           cwd=tmp_path)
     return proc.returncode, proc.stdout + proc.stderr
 
