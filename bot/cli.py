@@ -44,7 +44,8 @@ Decisions (start-up cost: the issue measured `--help` at 1.0-1.2 s of CPU, a one
   before argparse sees it, so `gpuherd search -o dph` reaches the query parser verbatim.
 - A one-shot builds the service like `GpuService.from_settings`, except that a database whose
   stored revision already is the newest migration's is not handed to alembic: alembic (its
-  import alone ~0.15 s) loads only when there is something to migrate (`_open_service`).
+  import alone ~0.15 s) loads only when there is something to migrate (`core.db.Database.at_head`,
+  used by `GpuService.from_settings`).
 - The cyclic garbage collector is off while a one-shot starts up (imports, the service):
   10-15 % of its CPU went to collections that found almost nothing. It is back on before the
   command runs; serving commands keep their own set-up (`core/collector.py`).
@@ -71,7 +72,6 @@ from gpuherd.core.errors import ConfigError, GpuherdError, InvalidInput
 if TYPE_CHECKING:
     from gpuherd.bot.replies import Reply
     from gpuherd.core.config import Settings
-    from gpuherd.core.db import Database
     from gpuherd.core.results import ProgressEvent
     from gpuherd.core.service import GpuService
 
@@ -246,72 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- building the service ----------------------------------------------------------------------
 
-def _known_head(versions: Path) -> str | None:
-    """The newest migration's id, read from the migration files without alembic: each must name
-    exactly one `revision`, and exactly one revision may be no file's `down_revision`. None
-    when anything does not fit that (then alembic decides)."""
-    import re
-
-    files = sorted(versions.glob("*.py"))
-    revisions: set[str] = set()
-    downs: set[str] = set()
-    for path in files:
-        if path.name.startswith("_"):
-            continue
-        text = path.read_text(encoding="utf-8")
-        revs = re.findall(r"""^revision\s*(?::[^=\n]*)?=\s*['"]([^'"]+)['"]""", text, re.M)
-        down = re.findall(r"^down_revision\s*(?::[^=\n]*)?=\s*(.+)$", text, re.M)
-        if len(revs) != 1 or len(down) != 1:
-            return None
-        revisions.add(revs[0])
-        downs.update(re.findall(r"""['"]([^'"]+)['"]""", down[0]))
-    heads = revisions - downs
-    return heads.pop() if len(heads) == 1 else None
-
-
-def _stored_revision(db: Database) -> str | None:
-    """The revision the database records, with one query (None: no table yet, or unreadable)."""
-    from sqlalchemy import text
-    from sqlalchemy.exc import SQLAlchemyError
-
-    try:
-        with db.engine.connect() as conn:
-            rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
-    except SQLAlchemyError:
-        return None
-    return rows[0] if len(rows) == 1 else None
-
-
-def _at_head(db: Database) -> bool:
-    from gpuherd.core.db import MIGRATIONS
-
-    try:
-        head = _known_head(MIGRATIONS / "versions")
-    except OSError:
-        return False
-    return head is not None and _stored_revision(db) == head
-
-
-def _open_service(settings: Settings | None = None) -> GpuService:
-    """`GpuService.from_settings` without alembic when there is nothing to migrate (see the
-    module docstring): otherwise the same steps, in the same order."""
-    from gpuherd.core.config import load_settings
-    from gpuherd.core.db import Database
-    from gpuherd.core.providers.registry import build_registry
-    from gpuherd.core.service import GpuService
-    from gpuherd.core.templates import TemplateCatalog
-
-    settings = settings or load_settings()
-    settings.home.mkdir(parents=True, exist_ok=True)
-    db = Database(settings.resolved_database_url)
-    if not _at_head(db):
-        db.upgrade()
-    templates = TemplateCatalog.load(settings.resolved_templates_file)
-    return GpuService(settings, db, build_registry(settings), templates)
-
-
 def _service() -> GpuService:
-    return _open_service()
+    from gpuherd.core.service import GpuService
+
+    return GpuService.from_settings()
 
 
 class _Recorder:

@@ -179,7 +179,7 @@ class GpuService:
         settings = settings or load_settings()
         settings.home.mkdir(parents=True, exist_ok=True)
         db = Database(settings.resolved_database_url)
-        if settings.is_embedded_sqlite or not db.is_current():
+        if not db.at_head():        # a quick look first: alembic loads only when there is work
             db.upgrade()
         templates = TemplateCatalog.load(settings.resolved_templates_file)
         return cls(settings, db, build_registry(settings), templates, **kw)

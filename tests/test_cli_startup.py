@@ -17,7 +17,7 @@ import pytest
 
 from gpuherd.bot import cli
 from gpuherd.bot.grammar import REGISTRY
-from gpuherd.core.db import MIGRATIONS, head_revision
+from gpuherd.core.db import MIGRATIONS, head_revision, known_head
 
 HEAVY = ("sqlalchemy", "sqlmodel", "alembic", "pydantic", "httpx", "boto3", "gpuherd.core.service",
          "gpuherd.bot.grammar")
@@ -82,15 +82,15 @@ def test_only_a_database_at_the_head_skips_alembic(tmp_path: Path) -> None:
     path = tmp_path / "gpuherd.db"
     db = Database(f"sqlite:///{path}")
     try:
-        assert not cli._at_head(db)                              # no tables at all
+        assert not db.at_head()                              # no tables at all
         db.upgrade()
-        assert cli._at_head(db)
+        assert db.at_head()
         with sqlite3.connect(path) as conn:
             conn.execute("UPDATE alembic_version SET version_num = '0001'")
-        assert not cli._at_head(db)
+        assert not db.at_head()
         with sqlite3.connect(path) as conn:
             conn.execute("DELETE FROM alembic_version")
-        assert not cli._at_head(db)
+        assert not db.at_head()
     finally:
         db.dispose()
 
@@ -113,18 +113,18 @@ def test_a_decorator_the_scan_cannot_read_falls_back() -> None:
 
 
 def test_the_known_head_matches_alembic(tmp_path: Path) -> None:
-    assert cli._known_head(MIGRATIONS / "versions") == head_revision()
+    assert known_head(MIGRATIONS / "versions") == head_revision()
     versions = tmp_path / "versions"
     versions.mkdir()
     (versions / "a.py").write_text("revision = 'a'\ndown_revision = None\n")
     (versions / "b.py").write_text("revision: str = \"b\"\ndown_revision: str | None = 'a'\n")
-    assert cli._known_head(versions) == "b"
+    assert known_head(versions) == "b"
     (versions / "c.py").write_text("revision = 'c'\ndown_revision = 'a'\n")          # two heads
-    assert cli._known_head(versions) is None
+    assert known_head(versions) is None
     (versions / "c.py").write_text("revision = 'c'\ndown_revision = ('a', 'b')\n")   # a merge
-    assert cli._known_head(versions) == "c"
+    assert known_head(versions) == "c"
     (versions / "d.py").write_text("REVISION = compute()\n")                          # unreadable
-    assert cli._known_head(versions) is None
+    assert known_head(versions) is None
 
 
 def test_help_lists_each_command_once(tmp_path: Path) -> None:
