@@ -61,8 +61,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -70,20 +69,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from gpuherd.core.errors import ConfigError, GpuherdError, InvalidInput
 
 if TYPE_CHECKING:
-    from gpuherd.bot.replies import Reply
-    from gpuherd.core.config import Settings
-    from gpuherd.core.results import ProgressEvent
     from gpuherd.core.service import GpuService
 
-OK, FAILED, USAGE, UNCONFIRMED, INTERRUPTED = 0, 1, 2, 3, 130
+from .oneshot import FAILED, INTERRUPTED, OK, USAGE, _collector_paused, _one_shot, _print_json
+
 EXIT_CODES = ("exit codes: 0 done; 1 refused or failed (the command answered with an error); 2 bad usage,\n"
               "  bad settings or an unusable database; 3 a yes was needed and not given (nothing done;\n"
               "  confirm with the token shown or use --yes); 130 interrupted.")
 OWN_FLAGS = ("--yes", "-y", "--no-wait", "--json")        # gpuherd's flags among a one-shot's words
 TERMINAL_ONLY = ("shell", "serve", "slack", "discord", "panel", "completion")   # no --json: not one-shots
-GUARDS_HINT = ("No gpuherd process is guarding this machine: its idle stop and the budget caps will not act "
-               "until one runs. Start one with `gpuherd guards --run` (or `gpuherd serve`, or keep "
-               "`gpuherd shell` open).")
 
 
 # --- the chat commands, without importing the grammar ------------------------------------------
@@ -250,144 +244,6 @@ def _service() -> GpuService:
     from gpuherd.core.service import GpuService
 
     return GpuService.from_settings()
-
-
-class _Recorder:
-    """The service as a command sees it, keeping what each awaited call returned (or raised), in
-    order: the result models `--json` prints, and what tells a declined question (the last
-    answer is a Confirmation) from a done or failed command. Everything else passes through."""
-
-    def __init__(self, service: GpuService) -> None:
-        self._service = service
-        self.outcomes: list[object] = []
-
-    def __getattr__(self, name: str) -> Any:
-        import inspect
-
-        attr = getattr(self._service, name)
-        if not inspect.iscoroutinefunction(attr):
-            return attr
-
-        async def recorded(*args: Any, **kwargs: Any) -> Any:
-            try:
-                result = await attr(*args, **kwargs)
-            except BaseException as exc:
-                self.outcomes.append(exc)
-                raise
-            self.outcomes.append(result)
-            return result
-        return recorded
-
-    def models(self) -> list[Any]:
-        from pydantic import BaseModel
-
-        found: list[BaseModel] = []
-        for outcome in self.outcomes:
-            items = outcome if isinstance(outcome, list | tuple) else [outcome]
-            found += [m for m in items if isinstance(m, BaseModel)]
-        return found
-
-    def unanswered_question(self) -> bool:
-        from gpuherd.core.results import Confirmation
-
-        return bool(self.outcomes) and isinstance(self.outcomes[-1], Confirmation)
-
-    def machine_running(self) -> bool:
-        """A boot or start went through: a machine now needs the guards."""
-        from gpuherd.core.results import BootResult, StartResult
-
-        return any(isinstance(o, BootResult | StartResult) for o in self.outcomes)
-
-
-def _as_json(models: Sequence[Any]) -> list[dict[str, Any]]:
-    return [{"model": type(m).__name__, "data": m.model_dump(mode="json")} for m in models]
-
-
-def _print_json(payload: object) -> None:
-    import json
-
-    sys.stdout.write(json.dumps(payload, indent=2, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
-
-
-# --- one-shots ---------------------------------------------------------------------------------
-
-@contextmanager
-def _collector_paused() -> Iterator[None]:
-    """No cyclic garbage collection while a one-shot starts up: imports and the service's
-    construction allocate hundreds of thousands of objects and almost no garbage, and CPython's
-    collector would walk them again and again (10-15 % of a one-shot's CPU). Back on after."""
-    import gc
-
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
-
-
-async def _one_shot(service: GpuService, line: str, yes: bool, wait: bool = True, *,
-                    as_json: bool = False) -> int:
-    """One /gpu line through the shell's path (or the grammar's, for --json) and its exit code."""
-    from typing import cast
-
-    recorder = _Recorder(service)
-    try:
-        if as_json:
-            code = await _run_json(cast("GpuService", recorder), recorder, line, yes, wait)
-        else:
-            from .shell import Shell
-
-            shell = Shell(cast("GpuService", recorder), yes=yes, interactive=False, wait=wait)
-            shell.actor = service.local_actor("cli")
-            await shell.run_line(line)
-            code = (UNCONFIRMED if recorder.unanswered_question()
-                    else FAILED if shell.errors else OK)
-        if recorder.machine_running():
-            await _warn_if_unguarded(service.settings)
-        return code
-    finally:
-        await service.aclose()
-
-
-async def _run_json(service: GpuService, recorder: _Recorder, line: str, yes: bool, wait: bool) -> int:
-    """The command through the grammar, as the shell runs it, its models printed as JSON."""
-    from . import grammar
-
-    def progress(event: ProgressEvent) -> None:
-        print(f"… {event.text}", file=sys.stderr, flush=True)
-
-    ctx = grammar.Context(service=service, actor=service.local_actor("cli"), progress=progress, wait=wait)
-    reply: Reply = await grammar.dispatch(ctx, line)
-    asked = 0
-    while yes and reply.confirmation is not None and reply.level != "error" and asked < 3:
-        asked += 1          # a yes re-checks the price: a price that rose again asks again (bounded)
-        reply = await grammar.dispatch(ctx, reply.confirmation.command)
-    code = (FAILED if reply.level == "error" else UNCONFIRMED if recorder.unanswered_question() else OK)
-    if code == UNCONFIRMED and reply.confirmation is not None:
-        print(f"Needs a yes: run `{reply.confirmation.command}`, or add --yes.", file=sys.stderr)
-    _print_json({"command": line, "exit_code": code, "results": _as_json(recorder.models()),
-                 "reply": reply.model_dump(mode="json")})
-    return code
-
-
-async def _warn_if_unguarded(settings: Settings) -> None:
-    """After a one-shot boot or start: say so when no process runs the guards (see the module
-    docstring). The lock probe is blocking (a file lock or a PostgreSQL session): off the loop."""
-    import asyncio
-    import logging
-
-    from gpuherd.core.leader import guards_held_elsewhere
-
-    try:
-        held = await asyncio.to_thread(guards_held_elsewhere, settings.resolved_database_url, settings.home)
-    except Exception:              # the probe is advice: a failure to probe must not fail the boot
-        logging.getLogger("gpuherd").warning("could not check for a guard process", exc_info=True)
-        return
-    if not held:
-        print(GUARDS_HINT, file=sys.stderr, flush=True)
 
 
 async def _remote_shell(url: str, yes: bool) -> int:
@@ -640,132 +496,12 @@ def _panel(host: str, port: int, *, open_browser: bool) -> int:
         return INTERRUPTED
 
 
-# --- completion --------------------------------------------------------------------------------
-
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     found: dict[str, argparse.ArgumentParser] = {}
     for action in parser._actions:                                  # argparse has no public walk
         if isinstance(action, argparse._SubParsersAction):
             found.update(action.choices)
     return found
-
-
-def _words_of(parser: argparse.ArgumentParser) -> list[str]:
-    """A terminal command's options, the choices of its positionals, its sub-actions and theirs."""
-    words: list[str] = []
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for name, child in action.choices.items():
-                words += [name, *_words_of(child)]
-        elif action.option_strings:
-            words += [o for o in action.option_strings if o.startswith("--")]
-        elif action.choices:
-            words += [str(c) for c in action.choices]
-    return list(dict.fromkeys(w for w in words if w not in ("--help",)))
-
-
-@dataclass(frozen=True)
-class _Completion:
-    globals_: list[str]
-    commands: list[tuple[str, str]]                 # (name, what it does), aliases included
-    words: dict[str, list[str]]                     # command -> what may follow it
-
-
-def _completion_data() -> _Completion:
-    """From the parser and the grammar's registry (imported: a script is printed once)."""
-    from . import grammar
-
-    parser = build_parser()
-    globals_ = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
-    commands: list[tuple[str, str]] = []
-    words: dict[str, list[str]] = {}
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            helps = {pseudo.dest: pseudo.help or "" for pseudo in action._choices_actions}
-            for name, sub in action.choices.items():
-                commands.append((name, helps.get(name, "")))
-                words[name] = _words_of(sub)
-    names = [c.name for c in grammar.REGISTRY.all()]
-    for cmd in grammar.REGISTRY.all():
-        options = [f"{o}=" for o in cmd.options if o != "*"]
-        options += [f"{p.option}=" for p in cmd.params if p.option and f"{p.option}=" not in options]
-        positional = [c for p in cmd.params if p.option is None and not p.rest for c in p.choices]
-        if any(p.complete == "command" for p in cmd.params):
-            positional += names
-        if any(p.complete == "period" for p in cmd.params):
-            positional += ["today", "week", "month"]
-        after = [*positional, *options, "--yes", "--no-wait", "--json", "--help"]
-        if cmd.name == "guards":
-            after.insert(0, "--run")
-        for name in (cmd.name, *cmd.aliases):
-            commands.append((name, cmd.summary))
-            words[name] = after
-    return _Completion(globals_, commands, words)
-
-
-def _bash_words(words: Sequence[str]) -> str:
-    return " ".join(words).replace("'", "")
-
-
-def completion_script(shell: str) -> str:
-    """A bash or zsh script completing gpuherd's commands, the /gpu commands and their options."""
-    data = _completion_data()
-    if shell == "bash":
-        cases = "\n".join(f"        {name}) words='{_bash_words(data.words[name])}' ;;" for name, _ in data.commands)
-        top = _bash_words([*data.globals_, *(n for n, _ in data.commands)])
-        return f"""# gpuherd completion for bash. Add to ~/.bashrc:  source <(gpuherd completion bash)
-_gpuherd_complete() {{
-    local cur=${{COMP_WORDS[COMP_CWORD]}} cmd="" words="" i
-    for ((i = 1; i < COMP_CWORD; i++)); do
-        case ${{COMP_WORDS[i]}} in
-            -*) ;;
-            *) cmd=${{COMP_WORDS[i]}}; break ;;
-        esac
-    done
-    case $cmd in
-        "") words='{top}' ;;
-{cases}
-    esac
-    COMPREPLY=($(compgen -W "$words" -- "$cur"))
-    if [[ ${{#COMPREPLY[@]}} -eq 1 && ${{COMPREPLY[0]}} == *= ]]; then
-        compopt -o nospace 2>/dev/null
-    fi
-}}
-complete -F _gpuherd_complete gpuherd
-"""
-    def zq(text: str) -> str:
-        return "'" + text.replace("'", "'\\''") + "'"
-    described = "\n".join(f"        {zq(n + ':' + d.replace(':', ' -'))}" for n, d in data.commands)
-    cases = "\n".join(f"        {n}) opts=({' '.join(zq(w) for w in data.words[n])}) ;;" for n, _ in data.commands)
-    globals_ = " ".join(zq(g) for g in data.globals_)
-    return f"""#compdef gpuherd
-# gpuherd completion for zsh. Add to ~/.zshrc (after compinit):  source <(gpuherd completion zsh)
-_gpuherd() {{
-    local -a commands opts          # not `words`: zsh's own array of the command line
-    local cmd="" i
-    commands=(
-{described}
-    )
-    for (( i = 2; i < CURRENT; i++ )); do
-        [[ ${{words[i]}} == -* ]] && continue
-        cmd=${{words[i]}}
-        break
-    done
-    if [[ -z $cmd ]]; then
-        _describe -t commands 'gpuherd command' commands
-        compadd -- {globals_}
-        return
-    fi
-    case $cmd in
-{cases}
-    esac
-    local w
-    for w in $opts; do
-        if [[ $w == *= ]]; then compadd -S '' -- $w; else compadd -- $w; fi
-    done
-}}
-if (( $+functions[compdef] )); then compdef _gpuherd gpuherd; fi
-"""
 
 
 # --- argv ----------------------------------------------------------------------------------------
@@ -886,6 +622,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return OK
     if args.cmd == "completion":
+        from .completion import completion_script
+
         sys.stdout.write(completion_script(args.shell_name))
         return OK
     _setup_logging(args.verbose or args.cmd in ("serve", "slack")

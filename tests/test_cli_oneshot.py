@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from conftest import cli_environment, gpuherd_cmd
 
-from gpuherd.bot.cli import GUARDS_HINT
+from gpuherd.bot.oneshot import GUARDS_HINT
 from gpuherd.bot.grammar import REGISTRY
 
 
