@@ -42,10 +42,9 @@ Decisions (start-up cost: the issue measured `--help` at 1.0-1.2 s of CPU, a one
 - The chat commands are not argparse subparsers (that listed each command twice in `--help`,
   once as a subparser and once in the epilog): the epilog lists them once, and argv is split
   before argparse sees it, so `gpuherd search -o dph` reaches the query parser verbatim.
-- A one-shot builds the service like `GpuService.from_settings`, except that a database whose
-  stored revision already is the newest migration's is not handed to alembic: alembic (its
-  import alone ~0.15 s) loads only when there is something to migrate (`core.db.Database.at_head`,
-  used by `GpuService.from_settings`).
+- A one-shot builds the service with `GpuService.from_settings`, which hands the database to
+  alembic (its import alone ~0.15 s) only when its stored revision is not the newest
+  migration's (`core.db.Database.at_head`).
 - The cyclic garbage collector is off while a one-shot starts up (imports, the service):
   10-15 % of its CPU went to collections that found almost nothing. It is back on before the
   command runs; serving commands keep their own set-up (`core/collector.py`).
