@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from conftest import cli_environment, gpuherd_cmd
 
-from gpuherd.bot.oneshot import GUARDS_HINT
 from gpuherd.bot.grammar import REGISTRY
+from gpuherd.bot.oneshot import GUARDS_HINT
 
 
 @pytest.fixture
