@@ -80,7 +80,7 @@ def loopback() -> httpx.AsyncHTTPTransport:
 
 @pytest.fixture
 async def vast(fake: FakeVast, sleeps: Sleeps) -> AsyncIterator[VastProvider]:
-    provider = VastProvider(KEY, base_url=fake.url, timeout_s=0.3, backoff_s=0.01, sleep=sleeps,
+    provider = VastProvider(KEY, base_url=fake.url, timeout_s=1.0, backoff_s=0.01, sleep=sleeps,
                             transport=loopback())
     try:
         yield provider
@@ -465,7 +465,7 @@ async def test_create_is_never_repeated_after_it_may_have_reached_vast(vast: Vas
     if kind == "server_error":
         fake.respond("create", Response(503, {"detail": "Service Unavailable"}), times=3)
     else:
-        fake.fault("create", kind, times=3, hang_s=1.0)
+        fake.fault("create", kind, times=3, hang_s=2.5)   # past the fixture's 1 s timeout
     expected = ProviderTimeout if kind == "timeout" else ProviderUnavailable
     with pytest.raises(expected) as err:
         await vast.create(request)
