@@ -50,6 +50,7 @@ from .clock import as_utc, epoch, from_epoch
 from .errors import InvalidInput
 from .models import BillingSegment, CostRollup, Instance
 from .money import MICRO
+from .text import clip
 
 GroupBy = Literal["user", "team", "template", "provider", "instance", "kind"]
 GROUP_COLUMNS = {
@@ -115,7 +116,7 @@ def parse_period(text: str | None, now: datetime) -> Period:
     m = re.fullmatch(r"(\d{4})-(\d{2})", key)
     if m and 1 <= int(m.group(2)) <= 12 and 2000 <= int(m.group(1)) <= 2999:
         return month_of(now.replace(year=int(m.group(1)), month=int(m.group(2)), day=1))
-    raise InvalidInput(f"Unknown period '{text}': use today, week, month or a month like 2026-11.")
+    raise InvalidInput(f"Unknown period '{clip(text or '')}': use today, week, month or a month like 2026-11.")
 
 
 def _clipped_micros_expr(start_ts: int, end_ts: int, now_ts: int) -> ColumnElement[int]:

@@ -146,3 +146,20 @@ def test_groups_that_billed_nothing_are_left_out_and_a_total_is_always_a_figure(
         dec = month_of(T0 + timedelta(days=31))
         assert Ledger.total(s, dec.start, dec.end, now) == Decimal(0)
         assert Ledger.grouped(s, dec.start, dec.end, now, "team") == []
+
+
+def test_an_unknown_period_is_quoted_clipped_and_without_control_characters() -> None:
+    """The period is quoted back by the ledger itself, so every surface (chat, HTTP) gets a short
+    message with no escape sequence in it, not only the ones with a net of their own."""
+    from datetime import UTC, datetime
+
+    import pytest
+
+    from gpuherd.core.errors import InvalidInput
+    from gpuherd.core.ledger import parse_period
+
+    now = datetime(2026, 11, 20, tzinfo=UTC)
+    with pytest.raises(InvalidInput) as err:
+        parse_period("\x1b[2J" + "y" * 10_000, now)
+    assert "\x1b" not in err.value.message and len(err.value.message) < 200
+    assert "use today, week, month" in err.value.message
