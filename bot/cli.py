@@ -59,6 +59,7 @@ Decisions (start-up cost: the issue measured `--help` at 1.0-1.2 s of CPU, a one
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ from gpuherd.core.errors import ConfigError, GpuherdError, InvalidInput
 if TYPE_CHECKING:
     from gpuherd.core.service import GpuService
 
-from .oneshot import FAILED, INTERRUPTED, OK, USAGE, _collector_paused, _one_shot, _print_json
+from .oneshot import FAILED, INTERRUPTED, OK, USAGE, _one_shot, _print_json, starting_up
 
 EXIT_CODES = ("exit codes: 0 done; 1 refused or failed (the command answered with an error); 2 bad usage,\n"
               "  bad settings or an unusable database; 3 a yes was needed and not given (nothing done;\n"
@@ -597,9 +598,11 @@ def _run(args: argparse.Namespace, chat: tuple[list[str], str, list[str]] | None
         return asyncio.run(_run_guards())
     if [w for w in words if w not in OWN_FLAGS] in (["--help"], ["-h"]):     # `gpuherd stop --help [--json]`
         name, words = "help", [name, *(w for w in words if w in OWN_FLAGS)]
-    with _collector_paused():   # start-up: the grammar, the core and the service (built before the loop runs)
+    with starting_up():   # the grammar, the core, the service and the renderer (before the loop runs)
         line, yes, wait, word_json = _chat_line(name, words)
         service = _service()
+        if not (as_json or word_json):       # it prints through the shell's renderer
+            importlib.import_module("gpuherd.bot.shell")
     return asyncio.run(_one_shot(service, line, args.yes or yes, wait and not args.global_no_wait,
                                  as_json=as_json or word_json))
 
@@ -625,8 +628,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         sys.stdout.write(completion_script(args.shell_name))
         return OK
-    _setup_logging(args.verbose or args.cmd in ("serve", "slack")
-                   or (args.cmd == "discord" and args.discord_action == "run"))   # a server logs to stderr (journald, containers)
+    with starting_up():        # the settings' modules load here
+        _setup_logging(args.verbose or args.cmd in ("serve", "slack")
+                       or (args.cmd == "discord" and args.discord_action == "run"))   # a server logs to stderr (journald, containers)
     try:
         return _run(args, chat)
     except (ConfigError, InvalidInput) as exc:     # the settings, or how gpuherd was called

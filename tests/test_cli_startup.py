@@ -136,3 +136,31 @@ def test_help_lists_each_command_once(tmp_path: Path) -> None:
     for name in ("shell", "db", "users", "keys", "serve", "completion"):
         assert name in listed
     assert "{shell,db" not in out                      # argparse's brace list of every subparser
+
+
+# main() under a collector watch: how many full (generation 2) collections ran, whether what
+# start-up built was frozen, and whether the collector is back on at the end.
+GC_RUNNER = """
+import gc, json, sys
+full = []
+gc.callbacks.append(lambda phase, info: full.append(1) if phase == "start" and info["generation"] == 2 else None)
+from gpuherd.bot.cli import main
+code = main(sys.argv[1:])
+sys.stderr.write('\\nRESULT ' + json.dumps({"code": code, "full": len(full), "frozen": gc.get_freeze_count(),
+                                           "enabled": gc.isenabled()}) + '\\n')
+"""
+
+
+def test_a_one_shot_starts_without_a_full_collection_and_freezes_what_start_up_built(tmp_path: Path) -> None:
+    """A full collection walks every object start-up made (20 ms and more of a 0.5 s one-shot):
+    start-up runs with the collector off, then freezes its objects and turns it back on."""
+    home = tmp_path / "home"
+    run_main(home, "status")                                     # create and migrate first
+    done = subprocess.run([sys.executable, "-c", GC_RUNNER, "status"], capture_output=True, text=True,
+                          env=env_for(home), timeout=120)
+    match = re.search(r"^RESULT (.*)$", done.stderr, re.M)
+    assert match, done.stderr
+    result = json.loads(match.group(1))
+    assert result["code"] == 0 and "0 instances" in done.stdout
+    assert result["full"] == 0, f"{result['full']} full collections during a one-shot"
+    assert result["frozen"] > 50_000 and result["enabled"] is True
