@@ -44,7 +44,7 @@ from .providers.base import Capabilities, ProviderInstance, ProviderState
 from .providers.registry import ProviderRegistry
 from .results import AttachResult, ProviderFailure, ReconcileResult, UnmanagedView
 from .retry import provider_call
-from .sync import InstanceSync
+from .sync import InstanceSync, Refresh
 from .templates import Template, TemplateCatalog, parse_duration
 from .text import clip
 from .views import build_views
@@ -83,7 +83,19 @@ class Reconciler:
         names = [n for n in self.providers.names() if self.providers.get(n).capabilities.can_list]
         live = await self.db.run(lambda s: list(s.execute(select(Instance).where(
             col(Instance.state).not_in(FINAL_STATES))).scalars()))
-        synced = await self.sync.refresh(live, list_providers=names, fresh=True)
+        try:
+            return await self._run(actor, names, live)
+        finally:
+            await self.db.release(live)       # every tracked row, freed off the loop
+
+    async def _run(self, actor: Actor | None, names: list[str], live: list[Instance]) -> ReconcileResult:
+        synced = await self.sync.refresh(live, list_providers=names, fresh=True, keep_rows=False)
+        try:
+            return await self._settle(actor, names, synced)
+        finally:
+            await self.db.release(synced.rows, synced.views, synced.listed)
+
+    async def _settle(self, actor: Actor | None, names: list[str], synced: Refresh) -> ReconcileResult:
         result = ReconcileResult(providers=names,
                                  failed=[ProviderFailure(provider=p, message=m) for p, m in synced.failed.items()],
                                  lost=list(synced.lost), checked={n: len(v) for n, v in synced.listed.items()})

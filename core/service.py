@@ -472,16 +472,17 @@ class GpuService:
         `mine` keeps the asker's own (an App Home, the notebook's Instances tab), and its run-rate
         is theirs too.
         `share` (an API polled by dashboards and panels): the same page asked by the same person
-        within `STATUS_SHARE_S` is built once and answered to all of them; any change made
-        through this service forgets the shared pages, another replica's change shows within
-        that window."""
+        within `STATUS_SHARE_S` is built once and answered to all of them, and for as long
+        again it is still answered at once while one rebuild runs (no poller waits for it); any
+        change made through this service forgets the shared pages, another replica's change
+        shows within twice that window."""
         actor.require(Role.VIEWER, "viewing status")
         if share and instance_id is None:
             key = (actor.principal, actor.role, actor.team, include_ended, refresh, limit, cursor, mine)
             return await self._pages.get(key, lambda: self._status(actor, None, include_ended=include_ended,
                                                                    refresh=refresh, limit=limit, cursor=cursor,
                                                                    mine=mine),
-                                         STATUS_SHARE_S)
+                                         STATUS_SHARE_S, stale=STATUS_SHARE_S)
         return await self._status(actor, instance_id, include_ended=include_ended, refresh=refresh, limit=limit,
                                   cursor=cursor, mine=mine)
 

@@ -34,3 +34,31 @@ async def test_pages_are_per_person(service, admin, member):
     theirs = await service.status(admin, share=True)
     assert mine is not theirs
     assert all(a.op.value not in ("stop", "destroy") for v in mine.instances for a in v.actions)
+
+
+async def test_a_stale_page_is_answered_while_it_is_rebuilt_but_never_after_a_change(service, admin, monkeypatch):
+    """Past STATUS_SHARE_S the last page is still answered at once (pollers never all wait for
+    the rebuild) while one rebuild runs; a change through the façade is seen at once regardless."""
+    from gpuherd.core.service import STATUS_SHARE_S
+
+    now = [0.0]
+    monkeypatch.setattr(service._pages, "_monotonic", lambda: now[0])   # pages age on real time otherwise
+    booted = await service.boot(admin, "budget", wait=True)
+    first = await service.status(admin, share=True)
+    builds = []
+    hold = asyncio.Event()
+    original = service._status
+
+    async def slow(*a, **kw):
+        builds.append(1)
+        await hold.wait()
+        return await original(*a, **kw)
+    monkeypatch.setattr(service, "_status", slow)
+    now[0] += STATUS_SHARE_S * 1.5
+    stale = await asyncio.wait_for(asyncio.gather(*(service.status(admin, share=True) for _ in range(10))), 1)
+    await asyncio.sleep(0)                                           # the background rebuild starts
+    assert all(p is first for p in stale) and len(builds) == 1      # one rebuild, nobody waited for it
+    await service.stop(admin, booted.instance.id)                    # a change while it runs
+    hold.set()
+    after = await service.status(admin, share=True)
+    assert after.instances[0].state.value == "stopped" and len(builds) == 2
