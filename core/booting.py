@@ -407,7 +407,10 @@ class Booting:
                                     actions=[act(Op.STATUS, inst.id)])
                 self.lifecycle.notify(s, now, draft)
                 s.commit()
-            view = self._views(s, [inst], actor)[0]
+            # recorded here: billing began at `now` and its one open operation is known, so the
+            # view needs neither of build_views' queries (a burst of boots spent 9 % on them)
+            view = (fresh_view(inst, now, op_id, actor, self.providers.capabilities()) if mine and op_id
+                    else self._views(s, [inst], actor)[0])
             note = (f"Above the {rate(confirmed_above)} limit; confirmed by {actor.name}"
                     if confirmed_above is not None else None)
             return BootResult(instance=view, offer=offer, operation_id=op_id, ready=view.ready, price_note=note,

@@ -165,14 +165,13 @@ class Lifecycle:
         claimed = s.execute(update(Instance).where(
             col(Instance.id) == instance_id, col(Instance.provider_id).is_(None))
             .values(provider_id=pinst.provider_id))
-        inst = s.get(Instance, instance_id)
+        inst = s.get(Instance, instance_id, populate_existing=True)    # as the update left it
         if inst is None:
             raise NotFound(f"The boot record {instance_id} vanished.")
         if rowcount(claimed) != 1:
             s.rollback()
             s.refresh(inst)
             return inst, False
-        s.refresh(inst)
         inst.status_message = None
         inst.destroyed_at = None
         inst.provider = offer.provider

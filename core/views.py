@@ -96,9 +96,9 @@ def build_views(s: Session, rows: Sequence[Instance], now: datetime, actor: Acto
 
 def fresh_view(inst: Instance, now: datetime, operation_id: str, actor: Actor | None,
                caps: dict[str, Capabilities]) -> InstanceView:
-    """The view of an intent written in this unit of work: it has no billing segment yet and its
-    one open operation is known, so neither of `build_views`' queries is needed (a burst of boots
-    answers each 202 sooner)."""
+    """The view of a row written in this unit of work (an intent, or a machine just recorded):
+    nothing has accrued yet and its one open operation is known, so neither of `build_views`'
+    queries is needed (a burst of boots answers each 202, and records each machine, sooner)."""
     return _view(inst, now, Decimal(0), operation_id, actor, caps.get(inst.provider, Capabilities()))
 
 
