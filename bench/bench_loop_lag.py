@@ -271,9 +271,10 @@ async def load_delay(fleet: Fleet, url: str, home: Path, latency: float, *, lead
                 or sched._lock.locked()):
             await asyncio.sleep(0.05)
         wall = time.perf_counter() - began
+        led = sched.is_leader              # stopping releases the lock (and is_leader with it)
         await sched.stop()
     await sandbox.aclose()
-    if not sched.is_leader:
+    if not led:
         raise SystemExit("the scheduler never took the guard lock")
     delays = sorted(stops[p] - d for p, d in deadlines.items() if p in stops)
     if len(delays) != DUE:
