@@ -76,6 +76,7 @@ from .text import clip
 from .views import build_views, fresh_view
 
 log = logging.getLogger(__name__)
+ID_ATTEMPTS = 5          # intents retried when a concurrent boot took the same short id
 BOOT_CANDIDATES = 3                    # offers tried in turn when one is taken (capacity error)
 MAX_KEY = 200
 
@@ -279,15 +280,20 @@ class Booting:
             op_id = op.id
             s.commit()
             return inst, op_id, view
-        try:
-            instance, op_id, view = await self.db.run(intent)
-        except IntegrityError:
-            # the same key at the same moment (a double click): the first boot answers both
-            if detach:
+        for _ in range(ID_ATTEMPTS):
+            try:
+                instance, op_id, view = await self.db.run(intent)
+                break
+            except IntegrityError:
                 replay = await self.db.run(lambda s: self._replay(s, actor, key, fingerprint))
-                if replay is not None:
-                    return replay
-            return await self._wait_for_first(actor, key, fingerprint)
+                if replay is None:
+                    # no row holds this key: a concurrent boot took the same short instance id
+                    # between our check and our insert (seen with 10,000 rows and 100 boots at once)
+                    continue
+                # the same key at the same moment (a double click): the first boot answers both
+                return replay if detach else await self._wait_for_first(actor, key, fingerprint)
+        else:
+            raise Conflict("No free instance id was found; try the boot again.")
         if op_id is not None and view is not None:
             self.operations.changed()
             task = asyncio.create_task(self._order(actor, instance.id, op_id, template, candidates, cleaned, key,
