@@ -218,6 +218,11 @@ class HealthMonitor:
         self._providers = registry
         self._shared.clear()
 
+    async def aclose(self) -> None:
+        """Stop a check still in flight (a cost report stops waiting for balances after
+        COSTS_BALANCE_WAIT_S; the check goes on, shared, until the service closes)."""
+        await self._shared.aclose()
+
     async def _check_one(self, name: str, provider: Provider) -> Checked:
         async def ask() -> Decimal | None:
             balance = await provider.balance()

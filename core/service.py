@@ -186,6 +186,7 @@ class GpuService:
 
     async def aclose(self) -> None:
         await self.booting.drain()
+        await self.health.aclose()          # before the providers it may still be asking
         await self.providers.aclose()
         await asyncio.to_thread(self.db.dispose)
 

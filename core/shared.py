@@ -78,3 +78,14 @@ class SharedCalls(Generic[T]):
         self._cache.clear()
         self._in_flight.clear()
         self._generation += 1
+
+    async def aclose(self) -> None:
+        """Forget everything and cancel the fetches in flight, waiting until they have stopped: a
+        fetch that outlived its callers (one gave up on a time limit) must not go on against
+        clients its owner is about to close."""
+        flights = list(self._in_flight.values())
+        self.clear()
+        for flight in flights:
+            flight.cancel()
+        if flights:
+            await asyncio.gather(*flights, return_exceptions=True)

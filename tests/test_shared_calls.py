@@ -100,3 +100,15 @@ async def test_clear_forgets_every_key_and_every_flight() -> None:
     src.release.set()
     assert await flight == 2
     assert await shared.get("a", src, 10.0) == 3 and await shared.get("b", src, 10.0) == 4
+
+
+async def test_aclose_cancels_a_fetch_its_callers_gave_up_on() -> None:
+    clock, src = Clock(), Source()
+    shared: SharedCalls[int] = SharedCalls(clock)
+    src.release.clear()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(shared.get("k", src, 1.0), 0.01)   # the caller gives up; the fetch goes on
+    flight = next(iter(shared._in_flight.values()))
+    assert not flight.done()
+    await asyncio.wait_for(shared.aclose(), 1)
+    assert flight.cancelled() and not shared._in_flight

@@ -62,3 +62,24 @@ async def test_a_stale_page_is_answered_while_it_is_rebuilt_but_never_after_a_ch
     hold.set()
     after = await service.status(admin, share=True)
     assert after.instances[0].state.value == "stopped" and len(builds) == 2
+
+
+async def test_a_balance_check_a_cost_report_stopped_waiting_for_ends_with_the_service(service, admin,
+                                                                                     monkeypatch):
+    """`/gpu costs` waits COSTS_BALANCE_WAIT_S at most for provider balances; the check goes on,
+    shared, and closing the service cancels it before the providers are closed."""
+    import gpuherd.core.service as service_module
+
+    stopped = asyncio.Event()
+
+    async def hanging(*_a, **_kw):
+        try:
+            await asyncio.Event().wait()
+        finally:
+            stopped.set()
+    monkeypatch.setattr(service.health, "_check_all", hanging)
+    monkeypatch.setattr(service_module, "COSTS_BALANCE_WAIT_S", 0.05)
+    report = await asyncio.wait_for(service.costs(admin), 2)
+    assert report.balances == [] and not stopped.is_set()      # answered without them; still asking
+    await asyncio.wait_for(service.aclose(), 5)
+    assert stopped.is_set()
