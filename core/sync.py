@@ -44,7 +44,7 @@ class Refresh:
 
 
 # states whose rows the providers are not asked about; compared as stored strings because a
-# reconcile calls this for every tracked row on the loop (an enum per row cost ~10 ms at 10,000)
+# reconcile calls this for every tracked row (an enum per row cost ~10 ms at 10,000)
 _UNSYNCED = frozenset(st.value for st in InstanceState if st.is_final or st is InstanceState.PENDING)
 
 
