@@ -46,15 +46,13 @@ class Timing:
                 f"cpu median {statistics.median(self.cpu):6.3f} s  min {min(self.cpu):6.3f} s")
 
 
-PYCACHE: Path | None = None      # set by main(): the children's bytecode cache, in the bench's temp dir
-
-
 def _env(home: Path) -> dict[str, str]:
+    """The child's environment: its data directory `home`, and the bytecode cache every run
+    shares, beside the homes in the bench's temporary folder."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("GPUHERD_") and k not in ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX")}
-    env.update(GPUHERD_HOME=str(home), GPUHERD_SANDBOX_TIME_SCALE="0", COLUMNS="120")
-    if PYCACHE is not None:
-        env["PYTHONPYCACHEPREFIX"] = str(PYCACHE)
+    env.update(GPUHERD_HOME=str(home), GPUHERD_SANDBOX_TIME_SCALE="0", COLUMNS="120",
+               PYTHONPYCACHEPREFIX=str(home.parent / "pycache"))
     return env
 
 
@@ -100,9 +98,7 @@ def main() -> int:
         commands.insert(1, ("vastai --help (official CLI)", [str(vastai), "--help"]))
     else:
         print(f"(no {vastai}: the vastai comparison is skipped)")
-    global PYCACHE
     root = Path(tempfile.mkdtemp(prefix="gpuherd-bench-startup-"))
-    PYCACHE = root / "pycache"
     try:
         run_once([gpuherd, "status"], _env(root / "warm-up"))      # fill the bytecode cache
         if not opts.cold:

@@ -21,12 +21,6 @@ class SharedCalls(Generic[T]):
         self._max = max_entries
         self._generation = 0       # bumped by forget/clear: a fetch begun before is not kept
 
-    def cached(self, key: Hashable, ttl: float) -> T | None:
-        hit = self._cache.get(key)
-        if hit is not None and self._monotonic() - hit[0] < ttl:
-            return hit[1]
-        return None
-
     async def get(self, key: Hashable, fetch: Callable[[], Awaitable[T]], ttl: float, *,
                   stale: float = 0.0) -> T:
         """The result for `key`: reused while younger than `ttl`; for `stale` seconds more it is
